@@ -1,0 +1,134 @@
+// Activities served by a host agent on its own task queue (`host-<name>`). Each is a thin,
+// idempotent call into the hypervisor driver: safe to retry after a timeout or an agent
+// restart. Inputs and outputs are small (ids, sizes, checksums, progress), never data.
+import { Context, ApplicationFailure, CancelledFailure } from '@temporalio/activity';
+import type { HypervisorDriver, IncomingTarget, RollbackResult } from '../drivers/driver.js';
+import type { HostConfig } from '../common/host-config.js';
+import { hostTaskQueue } from '../common/names.js';
+import type { CutoverResult, HostInfo, MigrationPolicy, ProgressSample, VerifyReport, VmInfo, VmSpec } from '../common/types.js';
+
+export interface HostActivityDeps {
+  host: HostConfig;
+  driver: HypervisorDriver;
+}
+
+async function heartbeatWhile<T>(work: Promise<T>, detail: () => unknown, everyMs = 1000): Promise<T> {
+  const ctx = Context.current();
+  const timer = setInterval(() => ctx.heartbeat(detail()), everyMs);
+  try {
+    return await Promise.race([work, ctx.cancelled.then(() => { throw new CancelledFailure('activity cancelled'); })]);
+  } finally {
+    clearInterval(timer);
+  }
+}
+
+export function createHostActivities({ host, driver }: HostActivityDeps) {
+  const nonRetryable = (e: unknown, type: string): never => {
+    throw ApplicationFailure.create({ message: (e as Error).message, type, nonRetryable: true });
+  };
+
+  return {
+    async hostInfo(): Promise<HostInfo> {
+      const vms = await driver.list();
+      const used = vms.filter((v) => v.state !== 'stopped' && v.state !== 'failed' && v.state !== 'migrated').reduce((a, v) => a + v.spec.memoryBytes, 0);
+      return {
+        name: host.name,
+        taskQueue: hostTaskQueue(host.name),
+        memoryCapacityBytes: host.memoryCapacityBytes,
+        memoryUsedBytes: used,
+        storageRoots: host.storageRoots,
+        dataPlane: host.dataPlane,
+        vms: vms.map((v) => ({ name: v.name, state: v.state, epoch: v.epoch, migrationId: v.migrationId, memoryBytes: v.spec.memoryBytes })),
+      };
+    },
+
+    async listVms(): Promise<VmInfo[]> {
+      return driver.list();
+    },
+
+    async inspectVm(p: { vm: string }): Promise<VmInfo | null> {
+      return (await driver.get(p.vm)) ?? null;
+    },
+
+    async createVm(p: { spec: VmSpec }): Promise<VmInfo> {
+      try { return await driver.create(p.spec); } catch (e) { return nonRetryable(e, 'CreateRefused'); }
+    },
+
+    async destroyVm(p: { vm: string; deleteStorage: boolean }): Promise<{ destroyed: boolean }> {
+      return driver.destroy(p.vm, { deleteStorage: p.deleteStorage });
+    },
+
+    async verifyVm(p: { vm: string }): Promise<VerifyReport> {
+      return driver.verify(p.vm);
+    },
+
+    async prepareIncoming(p: { migrationId: string; spec: VmSpec; sourceHost: string }): Promise<IncomingTarget> {
+      try { return await driver.prepareIncoming(p.spec, p.migrationId, p.sourceHost); } catch (e) { return nonRetryable(e, 'DestinationRefused'); }
+    },
+
+    /**
+     * Runs alongside pre-copy: heartbeats the destination's receive progress. If this host's
+     * agent dies the heartbeat stops and the workflow learns it lost control of the destination.
+     */
+    async superviseIncoming(p: { migrationId: string; vm: string }): Promise<{ state: string }> {
+      const ctx = Context.current();
+      for (;;) {
+        const st = await driver.incomingStatus(p.vm, p.migrationId);
+        ctx.heartbeat(st);
+        if (st.state === 'failed' || st.state === 'unreachable' || !st.exists) {
+          throw ApplicationFailure.create({ message: `destination ${host.name}: incoming VM ${st.state}${st.error ? `: ${st.error}` : ''}`, type: 'DestinationFailed', nonRetryable: true });
+        }
+        if (st.state === 'running') return { state: st.state };
+        try { await ctx.sleep(500); } catch { return { state: 'supervision-cancelled' }; }
+      }
+    },
+
+    async abortIncoming(p: { migrationId: string; vm: string }): Promise<{ aborted: boolean; running: boolean }> {
+      return driver.abortIncoming(p.vm, p.migrationId);
+    },
+
+    async startOutgoing(p: { migrationId: string; vm: string; target: IncomingTarget; policy: MigrationPolicy }): Promise<void> {
+      try { await driver.startOutgoing(p.vm, p.migrationId, p.target, p.policy); } catch (e) { nonRetryable(e, 'SourceRefused'); }
+    },
+
+    /** Waits for the next pre-copy round to finish and returns its sample. */
+    async awaitProgress(p: { migrationId: string; vm: string; afterRound: number }): Promise<ProgressSample> {
+      const ctx = Context.current();
+      const deadline = Date.now() + 20_000;
+      for (;;) {
+        const s = await driver.outgoingProgress(p.vm, p.migrationId, p.afterRound, 1000);
+        ctx.heartbeat({ round: s.round, bytesSent: s.bytesSent });
+        if (s.round > p.afterRound || s.state === 'failed' || Date.now() > deadline) return s;
+        if (ctx.cancellationSignal.aborted) throw new CancelledFailure('activity cancelled');
+      }
+    },
+
+    async setOutgoingPolicy(p: { migrationId: string; vm: string; throttle?: number; maxBandwidth?: number }): Promise<void> {
+      await driver.setOutgoingPolicy(p.vm, p.migrationId, { throttle: p.throttle, maxBandwidth: p.maxBandwidth });
+    },
+
+    async cutover(p: { migrationId: string; vm: string; destination: string; verify: MigrationPolicy['verify'] }): Promise<CutoverResult> {
+      return heartbeatWhile(driver.cutover(p.vm, p.migrationId, p.destination, p.verify), () => ({ phase: 'cutover' }));
+    },
+
+    async rollbackOutgoing(p: { migrationId: string; vm: string }): Promise<RollbackResult> {
+      return driver.rollbackOutgoing(p.vm, p.migrationId);
+    },
+
+    /** Removes the source copy after a completed cutover; refuses to touch a VM that runs here. */
+    async releaseSource(p: { migrationId: string; vm: string; deleteStorage: boolean }): Promise<{ destroyed: boolean }> {
+      const info = await driver.get(p.vm);
+      if (!info) return { destroyed: false };
+      if (info.state === 'running') {
+        throw ApplicationFailure.create({ message: `refusing to remove VM ${p.vm} from ${host.name}: it is running here`, type: 'SourceStillRunning', nonRetryable: true });
+      }
+      return driver.destroy(p.vm, { deleteStorage: p.deleteStorage });
+    },
+
+    async guestWrite(p: { vm: string }): Promise<{ diskWrites: number }> {
+      return driver.guestWrite(p.vm);
+    },
+  };
+}
+
+export type HostActivities = ReturnType<typeof createHostActivities>;

@@ -1,0 +1,279 @@
+#!/usr/bin/env node
+// vmferry CLI: a thin layer over client/ and lab/. Exit codes (README, "Exit codes"):
+//   0 ok / migration completed   2 bad input (nothing changed)   3 migration rolled back
+//   4 migration failed           1 anything else (e.g. Temporal unreachable)
+import { Command, CommanderError, InvalidArgumentError } from 'commander';
+import cliProgress from 'cli-progress';
+import { VmferryClient, UsageError, type MigrationStatus } from '../client/index.js';
+import { Prober } from '../client/probe.js';
+import { labDown, labStatus, labUp, labDir } from '../lab/lab.js';
+import { formatBytes, parseSize } from '../common/sizes.js';
+import type { MigrationPolicy, MigrationResult } from '../common/types.js';
+
+export const EXIT = { ok: 0, error: 1, usage: 2, rolledBack: 3, failed: 4 } as const;
+
+const out = (o: unknown): void => { process.stdout.write(JSON.stringify(o, null, 2) + '\n'); };
+const intArg = (name: string) => (v: string): number => {
+  const n = Number(v);
+  if (!Number.isInteger(n) || n < 0) throw new InvalidArgumentError(`${name} must be a whole number`);
+  return n;
+};
+const durationArg = (v: string): number => {
+  const m = /^(\d+(?:\.\d+)?)(ms|s|m)?$/.exec(v);
+  if (!m) throw new InvalidArgumentError(`bad duration "${v}" (e.g. 500ms, 5s, 2m)`);
+  return Number(m[1]) * (m[2] === 'm' ? 60_000 : m[2] === 'ms' ? 1 : 1000);
+};
+
+async function withClient<T>(fn: (c: VmferryClient) => Promise<T>): Promise<T> {
+  const c = await VmferryClient.connect({ labDir: program.opts().lab as string | undefined });
+  try { return await fn(c); } finally { await c.close(); }
+}
+
+function outcomeExit(outcome: string): number {
+  return outcome === 'completed' ? EXIT.ok : outcome === 'rolled-back' ? EXIT.rolledBack : outcome === 'running' ? EXIT.ok : EXIT.failed;
+}
+
+export function resultJson(r: MigrationResult | MigrationStatus): Record<string, unknown> {
+  return {
+    id: r.id, type: r.type, vm: r.vm, from: r.from, to: r.to, outcome: r.outcome, reason: r.reason,
+    durationMs: r.durationMs, downtimeMs: r.downtimeMs, rounds: r.rounds, bytesTransferred: r.bytesTransferred,
+    decisions: r.decisions, ...('phase' in r ? { phase: r.phase } : {}), ...('uiUrl' in r && r.uiUrl ? { uiUrl: r.uiUrl } : {}),
+  };
+}
+
+function printResult(r: MigrationResult, uiUrl?: string): void {
+  console.log(`${r.outcome === 'completed' ? '✔' : '✘'} ${r.type} migration ${r.id}: ${r.outcome} — ${r.reason}`);
+  console.log(`  ${r.vm}: ${r.from} → ${r.to}; total ${r.durationMs} ms, downtime ${r.downtimeMs} ms, ${r.rounds} rounds, ${formatBytes(r.bytesTransferred)} sent`);
+  for (const d of r.decisions) console.log(`  decision at round ${d.round}: ${d.action} — ${d.reason}`);
+  if (uiUrl) console.log(`  Temporal UI: ${uiUrl}`);
+}
+
+/** Follows a migration: a progress bar on a terminal, a line a second otherwise. */
+export async function follow(c: VmferryClient, id: string, memoryBytes: number, quiet: boolean): Promise<MigrationResult> {
+  const done = c.awaitMigration(id);
+  if (quiet) return done;
+  const tty = process.stderr.isTTY;
+  const bar = tty ? new cliProgress.SingleBar({ format: ' {phase} |{bar}| round {round} · {sent} · {dirty} dirty pages · {rate}/s', stream: process.stderr, hideCursor: true }, cliProgress.Presets.shades_classic) : null;
+  bar?.start(memoryBytes, 0, { phase: 'starting', round: 0, sent: '0 B', dirty: 0, rate: '0 B' });
+  let finished = false;
+  void done.finally(() => { finished = true; });
+  let lastLine = '';
+  while (!finished) {
+    await Promise.race([done.catch(() => undefined), new Promise((r) => setTimeout(r, tty ? 200 : 1000))]);
+    if (finished) break;
+    const p = await c.progress(id).catch(() => null);
+    if (!p) continue;
+    const fields = { phase: p.phase.padEnd(20), round: p.round, sent: formatBytes(p.bytesTransferred), dirty: p.dirtyPages, rate: formatBytes(p.rateBytesPerSec) };
+    if (bar) bar.update(Math.min(memoryBytes, p.bytesTransferred), fields);
+    else {
+      const line = `${p.phase} round ${p.round} sent ${fields.sent} dirty ${p.dirtyPages} pages rate ${fields.rate}/s${p.throttle ? ` throttle ${p.throttle}` : ''}`;
+      if (line !== lastLine) process.stderr.write(line + '\n');
+      lastLine = line;
+    }
+  }
+  bar?.stop();
+  return done;
+}
+
+export const program = new Command();
+program.name('vmferry').description('Move running VMs between hosts without stopping them, with always a way back.')
+  .option('--lab <dir>', 'lab folder (default: .lab, or $VMFERRY_LAB)')
+  .exitOverride()
+  .configureOutput({ writeErr: (s) => process.stderr.write(s) });
+
+// ---- lab ----
+const lab = program.command('lab').description('the local lab: Temporal dev server, orchestrator worker, host agents');
+lab.command('up').description('start whatever is missing (idempotent)')
+  .option('--hosts <names>', 'comma-separated host names', (v) => v.split(',').map((s) => s.trim()).filter(Boolean))
+  .option('--detach', 'return once everything is up (default: stay in the foreground; Ctrl-C stops the lab)')
+  .option('--json', 'print the status as JSON')
+  .action(async (o: { hosts?: string[]; detach?: boolean; json?: boolean }) => {
+    const dir = program.opts().lab as string | undefined;
+    const st = await labUp({ dir, hosts: o.hosts, log: o.json ? undefined : (m) => console.error(m) });
+    if (o.json) out(st);
+    else {
+      console.log(`lab up in ${st.dir}`);
+      console.log(`  temporal  ${st.temporal.address}${st.temporal.uiUrl ? `  UI ${st.temporal.uiUrl}` : ''}${st.temporal.pid ? `  pid ${st.temporal.pid}` : ''}`);
+      console.log(`  worker    pid ${st.worker.pid}`);
+      for (const h of st.hosts) console.log(`  ${h.name.padEnd(9)} pid ${h.pid}  queue ${h.taskQueue}  data plane ${h.dataPlane.host}:${h.dataPlane.port}`);
+    }
+    if (o.detach) return;
+    console.error('lab running; Ctrl-C stops it');
+    await new Promise<void>((resolve) => {
+      for (const s of ['SIGINT', 'SIGTERM'] as const) process.once(s, () => resolve());
+    });
+    console.error('stopping lab…');
+    await labDown(dir);
+  });
+lab.command('down').description('stop everything the lab started')
+  .option('--purge', 'also delete the lab folder (Temporal history included)')
+  .action(async (o: { purge?: boolean }) => {
+    await labDown(program.opts().lab as string | undefined, { purge: o.purge });
+    console.log(`lab down (${labDir(program.opts().lab as string | undefined)})`);
+  });
+lab.command('status').description('what runs, with pids').option('--json', 'JSON output')
+  .action((o: { json?: boolean }) => {
+    const st = labStatus(program.opts().lab as string | undefined);
+    const view = {
+      dir: st.dir,
+      temporal: { address: st.temporal.address, uiUrl: st.temporal.uiUrl, pid: st.temporal.pid, managed: st.temporal.managed, up: st.temporal.up },
+      worker: st.worker,
+      hosts: st.hosts.map((h) => ({ name: h.name, pid: h.pid, up: h.up, taskQueue: h.taskQueue, dataPlane: h.dataPlane, vms: h.vms })),
+    };
+    if (o.json) return out(view);
+    console.log(`lab ${st.dir}`);
+    console.log(`  temporal  ${view.temporal.address} ${view.temporal.up ? 'up' : 'DOWN'}${view.temporal.pid ? ` pid ${view.temporal.pid}` : ''}${view.temporal.uiUrl ? ` UI ${view.temporal.uiUrl}` : ''}`);
+    console.log(`  worker    ${view.worker.up ? 'up' : 'DOWN'} pid ${view.worker.pid ?? '-'}`);
+    for (const h of view.hosts) console.log(`  ${h.name.padEnd(9)} ${h.up ? 'up' : 'DOWN'} pid ${h.pid ?? '-'} ${h.taskQueue} data plane ${h.dataPlane.host}:${h.dataPlane.port} VMs ${h.vms}`);
+  });
+
+// ---- host ----
+const host = program.command('host').description('hosts');
+host.command('info <host>').description('capacity, storage roots, VMs').option('--json', 'JSON output')
+  .action(async (name: string, o: { json?: boolean }) => withClient(async (c) => {
+    const i = await c.hostInfo(name);
+    if (o.json) return out(i);
+    console.log(`${i.name}: ${formatBytes(i.memoryUsedBytes)} of ${formatBytes(i.memoryCapacityBytes)} memory in use; queue ${i.taskQueue}; data plane ${i.dataPlane.host}:${i.dataPlane.port}`);
+    for (const r of i.storageRoots) console.log(`  storage ${r.name.padEnd(8)} ${r.shared ? 'shared' : 'local '} ${r.path}`);
+    for (const v of i.vms) console.log(`  vm ${v.name} ${v.state} epoch ${v.epoch}`);
+  }));
+
+// ---- vm ----
+const vm = program.command('vm').description('virtual machines');
+vm.command('create <name>').description('create and boot a VM (simulator) with a guest workload')
+  .requiredOption('--host <host>', 'host to create it on')
+  .requiredOption('--memory <size>', 'guest memory, e.g. 256MiB')
+  .requiredOption('--disk <size>', 'size of each virtual disk, e.g. 64MiB')
+  .option('--disks <n>', 'number of disks', intArg('--disks'), 1)
+  .option('--storage <root>', 'storage root for its files', 'shared')
+  .option('--dirty-rate <size/s>', 'guest memory dirtying rate', '4MiB/s')
+  .option('--write-rate <size/s>', 'guest disk write rate', '256KiB/s')
+  .option('--fill <fraction>', 'fraction of memory written at boot (rest stays zero)', (v) => { const n = Number(v); if (!(n >= 0 && n <= 1)) throw new InvalidArgumentError('--fill must be between 0 and 1'); return n; }, 0.5)
+  .option('--json', 'JSON output')
+  .action(async (name: string, o: { host: string; memory: string; disk: string; disks: number; storage: string; dirtyRate: string; writeRate: string; fill: number; json?: boolean }) => withClient(async (c) => {
+    const v = await c.createVm({ name, host: o.host, memory: o.memory, disk: o.disk, disks: o.disks, storage: o.storage, dirtyRate: o.dirtyRate, writeRate: o.writeRate, fill: o.fill });
+    if (o.json) return out({ name: v.name, host: v.host, state: v.state, pid: v.pid, memoryBytes: v.spec.memoryBytes, probe: v.spec.probe });
+    console.log(`VM ${v.name} ${v.state} on ${v.host} (pid ${v.pid}); probe ${v.spec.probe.address}:${v.spec.probe.port}`);
+  }));
+vm.command('list').description('VMs on all known hosts').option('--json', 'JSON output')
+  .action(async (o: { json?: boolean }) => withClient(async (c) => {
+    const vms = await c.listVms();
+    if (o.json) return out(vms.map((v) => ({ name: v.name, host: v.host, state: v.state, epoch: v.epoch, memoryBytes: v.memoryBytes, migrationId: v.migrationId })));
+    if (!vms.length) console.log('no VMs');
+    for (const v of vms) console.log(`${v.name.padEnd(16)} ${v.host.padEnd(10)} ${v.state.padEnd(9)} ${formatBytes(v.memoryBytes)}${v.migrationId ? `  migrating (${v.migrationId})` : ''}`);
+  }));
+vm.command('verify <name>').description("check the guest's memory and disks against its own ledger").option('--json', 'JSON output')
+  .action(async (name: string, o: { json?: boolean }) => withClient(async (c) => {
+    const r = await c.verifyVm(name);
+    if (o.json) out(r);
+    else {
+      console.log(`${r.ok ? '✔' : '✘'} VM ${r.vm} on ${r.host} (${r.state})`);
+      for (const ch of r.checks) console.log(`  ${ch.ok ? 'ok ' : 'BAD'} ${ch.name}: ${ch.detail}`);
+    }
+    if (!r.ok) process.exitCode = EXIT.failed;
+  }));
+vm.command('probe <name>').description('UDP echo probe of the VM, like a ping that follows it')
+  .option('--duration <d>', 'how long', durationArg, 3000)
+  .option('--interval <d>', 'probe interval', durationArg, 10)
+  .option('--json', 'JSON output')
+  .action(async (name: string, o: { duration: number; interval: number; json?: boolean }) => withClient(async (c) => {
+    const v = await c.vmSpec(name);
+    if (!v) throw new UsageError(`no VM named ${name}`);
+    const p = new Prober(v.spec.probe, o.interval).start();
+    await new Promise((r) => setTimeout(r, o.duration));
+    const s = await p.stop();
+    if (o.json) return out({ vm: name, host: v.host, ...s });
+    console.log(`${name} on ${v.host}: ${s.received}/${s.sent} replies, ${s.lost} lost, ${s.late} late, longest gap ${s.maxGapMs} ms`);
+    if (s.received === 0) process.exitCode = EXIT.failed;
+  }));
+vm.command('destroy <name>').description('stop a VM and delete its files')
+  .action(async (name: string) => withClient(async (c) => {
+    const r = await c.destroyVm(name);
+    console.log(`VM ${name} destroyed on ${r.host}`);
+  }));
+
+// ---- migrate ----
+function policyFrom(o: Record<string, unknown>): Partial<MigrationPolicy> {
+  const p: Partial<MigrationPolicy> = {};
+  if (o.downtimeLimit !== undefined) p.downtimeLimitMs = o.downtimeLimit as number;
+  if (o.maxBandwidth !== undefined) p.maxBandwidth = parseSize(String(o.maxBandwidth).replace(/\/s$/i, ''), 'bandwidth');
+  if (o.maxRounds !== undefined) p.maxRounds = o.maxRounds as number;
+  if (o.autoConverge === false) p.autoConverge = false;
+  if (o.convergenceTimeout !== undefined) p.convergenceTimeoutMsPerGiB = o.convergenceTimeout as number;
+  if (o.verify !== undefined) p.verify = o.verify as MigrationPolicy['verify'];
+  return p;
+}
+
+const migrate = program.command('migrate').description('start a migration');
+migrate.command('live <vm>').description('live migration: memory and state move, storage shared by both hosts')
+  .requiredOption('--to <host>', 'destination host')
+  .option('--wait', 'wait for the outcome, showing progress')
+  .option('--json', 'JSON output')
+  .option('--downtime-limit <ms>', 'maximum pause, ms (default 300)', intArg('--downtime-limit'))
+  .option('--max-bandwidth <size/s>', 'cap on the memory stream (default: none)')
+  .option('--max-rounds <n>', 'pre-copy round limit (default 30)', intArg('--max-rounds'))
+  .option('--no-auto-converge', 'never throttle the guest; roll back instead when pre-copy cannot converge')
+  .option('--convergence-timeout <ms>', 'pre-copy time limit per GiB of memory, ms (default 120000)', intArg('--convergence-timeout'))
+  .option('--verify <mode>', 'cutover check: digest (per-page CRC table) or full (CRC of all memory)', (v) => { if (v !== 'digest' && v !== 'full') throw new InvalidArgumentError('--verify is digest or full'); return v; })
+  .action(async (vmName: string, o: Record<string, unknown>) => withClient(async (c) => {
+    const policy = policyFrom(o);
+    const m = await c.startMigration({ type: 'live', vm: vmName, to: o.to as string, policy });
+    if (!o.wait) {
+      if (o.json) return out({ id: m.id, type: 'live', vm: vmName, from: m.from, to: m.to, outcome: 'running', uiUrl: c.workflowUrl(m.id) });
+      console.log(`started ${m.id}: ${vmName} ${m.from} → ${m.to}${c.workflowUrl(m.id) ? `\n  Temporal UI: ${c.workflowUrl(m.id)}` : ''}`);
+      return;
+    }
+    const spec = await c.vmSpec(vmName).catch(() => null);
+    const r = await follow(c, m.id, spec?.spec.memoryBytes ?? 1, !!o.json);
+    if (o.json) out({ ...resultJson(r), uiUrl: c.workflowUrl(r.id) });
+    else printResult(r, c.workflowUrl(r.id));
+    process.exitCode = outcomeExit(r.outcome);
+  }));
+
+// ---- migration ----
+const migration = program.command('migration').description('inspect and control migrations');
+migration.command('status <id>').option('--json', 'JSON output').option('--wait', 'wait for the outcome')
+  .action(async (id: string, o: { json?: boolean; wait?: boolean }) => withClient(async (c) => {
+    let s = await c.migrationStatus(id);
+    if (o.wait && s.outcome === 'running') { await c.awaitMigration(id).catch(() => undefined); s = await c.migrationStatus(id); }
+    if (o.json) out(resultJson(s));
+    else {
+      console.log(`${s.id}: ${s.type} ${s.vm} ${s.from} → ${s.to}: ${s.outcome} (phase ${s.phase})${s.reason ? ` — ${s.reason}` : ''}`);
+      if (s.outcome === 'running') console.log(`  round ${s.rounds}, ${formatBytes(s.bytesTransferred)} sent`);
+      else console.log(`  total ${s.durationMs} ms, downtime ${s.downtimeMs} ms, ${s.rounds} rounds, ${formatBytes(s.bytesTransferred)} sent`);
+      if (s.uiUrl) console.log(`  Temporal UI: ${s.uiUrl}`);
+    }
+    process.exitCode = outcomeExit(s.outcome);
+  }));
+migration.command('cancel <id>').description('cancel: rolls back unless the destination already runs the VM')
+  .action(async (id: string) => withClient(async (c) => {
+    await c.cancelMigration(id);
+    console.log(`cancel requested for ${id}`);
+  }));
+migration.command('list').option('--json', 'JSON output')
+  .action(async (o: { json?: boolean }) => withClient(async (c) => {
+    const l = await c.listMigrations();
+    if (o.json) return out(l);
+    if (!l.length) console.log('no migrations');
+    for (const m of l) console.log(`${m.id.padEnd(36)} ${m.type.padEnd(6)} ${m.vm.padEnd(12)} ${m.from} → ${m.to}  ${m.outcome.padEnd(11)} ${m.phase}`);
+  }));
+
+export async function main(argv: string[]): Promise<number> {
+  try {
+    await program.parseAsync(argv, { from: 'user' });
+    return typeof process.exitCode === 'number' ? process.exitCode : EXIT.ok;
+  } catch (e) {
+    if (e instanceof CommanderError) {
+      if (e.code === 'commander.helpDisplayed' || e.code === 'commander.version' || e.code === 'commander.help') return EXIT.ok;
+      return EXIT.usage; // commander already printed the message
+    }
+    const err = e as Error;
+    process.stderr.write(`error: ${err.message}\n`);
+    if (e instanceof UsageError || err.name === 'UsageError') return EXIT.usage;
+    return EXIT.error;
+  }
+}
+
+if (import.meta.url === `file://${process.argv[1]}` || process.argv[1]?.endsWith('cli/main.ts')) {
+  main(process.argv.slice(2)).then((code) => process.exit(code));
+}

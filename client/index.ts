@@ -1,0 +1,281 @@
+// Typed client functions: what the CLI is a thin layer over, and what scripts import.
+//   const c = await VmferryClient.connect();
+//   const { id } = await c.startMigration({ type: 'live', vm: 'web1', to: 'hostB' });
+//   const result = await c.awaitMigration(id);
+import crypto from 'node:crypto';
+import { z } from 'zod';
+import { Client, Connection, WorkflowNotFoundError, type WorkflowHandle } from '@temporalio/client';
+import { temporalConfig } from '../common/temporal.js';
+import { ORCHESTRATOR_TASK_QUEUE, migrationIdFor } from '../common/names.js';
+import { VmName, SourceHost, DestinationHost, MigrationType as MigrationTypeKey, MigrationPhase, MigrationOutcome } from '../common/search-attributes.js';
+import { parseRate, parseSize } from '../common/sizes.js';
+import type { HostInfo, MigrationPhaseProgress, MigrationPolicy, MigrationResult, MigrationType, Outcome, VerifyReport, VmInfo, VmSpec } from '../common/types.js';
+import type { HostReply, HostRequest } from '../workflows/admin.js';
+import { labDir, readLab } from '../lab/lab.js';
+
+export class UsageError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = 'UsageError';
+  }
+}
+
+const NAME = /^[a-z][a-z0-9-]{0,62}$/i;
+export const vmNameSchema = z.string().regex(NAME, 'VM names are letters, digits and dashes, starting with a letter (at most 63)');
+const sizeSchema = (what: string, min: number, max: number) =>
+  z.union([z.number(), z.string()]).transform((v, ctx) => {
+    try {
+      const n = typeof v === 'number' ? v : parseSize(v, what);
+      if (n < min || n > max) { ctx.addIssue({ code: z.ZodIssueCode.custom, message: `${what} ${v} is out of range (${min}..${max} bytes)` }); return z.NEVER; }
+      return n;
+    } catch (e) { ctx.addIssue({ code: z.ZodIssueCode.custom, message: (e as Error).message }); return z.NEVER; }
+  });
+
+export const createVmSchema = z.object({
+  name: vmNameSchema,
+  host: z.string().min(1, 'a host is required'),
+  memory: sizeSchema('memory size', 1 << 20, 64 * 2 ** 30),
+  disk: sizeSchema('disk size', 1 << 20, 2 ** 40),
+  disks: z.number().int().min(1).max(8).default(1),
+  storage: z.string().default('shared'),
+  dirtyRate: z.union([z.number(), z.string()]).default('4MiB').transform((v) => (typeof v === 'number' ? v : parseRate(v, 'dirty rate'))),
+  writeRate: z.union([z.number(), z.string()]).default('256KiB').transform((v) => (typeof v === 'number' ? v : parseRate(v, 'write rate'))),
+  fill: z.number().min(0).max(1).default(0.5),
+});
+export type CreateVmInput = z.input<typeof createVmSchema>;
+
+export const policySchema = z.object({
+  downtimeLimitMs: z.number().int().min(1).max(60_000),
+  maxBandwidth: z.number().int().min(0),
+  maxRounds: z.number().int().min(1).max(10_000),
+  convergenceTimeoutMsPerGiB: z.number().int().min(1000),
+  autoConverge: z.boolean(),
+  throttleInitial: z.number().min(0).max(0.99),
+  throttleIncrement: z.number().min(0.01).max(0.99),
+  throttleMax: z.number().min(0).max(0.99),
+  verify: z.enum(['digest', 'full']),
+}).partial().strict();
+
+export const startMigrationSchema = z.object({
+  type: z.enum(['live']),
+  vm: vmNameSchema,
+  to: z.string().min(1, 'a destination host is required'),
+  policy: policySchema.optional(),
+});
+export type StartMigrationInput = z.input<typeof startMigrationSchema>;
+
+export interface MigrationStatus extends Omit<MigrationResult, 'outcome'> {
+  outcome: Outcome;
+  phase: string;
+  progress?: MigrationPhaseProgress;
+  uiUrl?: string;
+}
+
+/** Stable per-VM probe address on loopback (127.77.x.y): it moves with the VM. */
+export function probeAddressFor(name: string): { address: string; port: number } {
+  const h = crypto.createHash('sha1').update(name).digest();
+  return { address: `127.77.${h[0]! % 256}.${1 + (h[1]! % 254)}`, port: 20000 + (h.readUInt16LE(2) % 20000) };
+}
+
+function zodMessage(e: z.ZodError): string {
+  return e.issues.map((i) => (i.path.length ? `${i.path.join('.')}: ${i.message}` : i.message)).join('; ');
+}
+
+export function parseOrThrow<S extends z.ZodTypeAny>(schema: S, value: unknown): z.output<S> {
+  const r = schema.safeParse(value);
+  if (!r.success) throw new UsageError(zodMessage(r.error));
+  return r.data;
+}
+
+export class VmferryClient {
+  private constructor(readonly client: Client, readonly connection: Connection, readonly namespace: string, readonly knownHosts: string[], readonly uiUrl: string | null) {}
+
+  /** Connects through envconfig; inside a lab, its address and hosts are the defaults. */
+  static async connect(opts: { labDir?: string; hosts?: string[] } = {}): Promise<VmferryClient> {
+    const lab = readLab(labDir(opts.labDir));
+    const { connectionOptions, namespace } = temporalConfig(lab?.temporal.address);
+    const connection = await Connection.connect({ ...connectionOptions, connectTimeout: 5000 }).catch((e: Error) => {
+      throw new Error(`cannot reach Temporal at ${connectionOptions.address}: ${e.message} (is the lab up? \`vmferry lab up\`)`);
+    });
+    const hosts = opts.hosts ?? (process.env.VMFERRY_HOSTS ? process.env.VMFERRY_HOSTS.split(',') : lab?.hosts.map((h) => h.name) ?? []);
+    return new VmferryClient(new Client({ connection, namespace }), connection, namespace, hosts, lab?.temporal.uiUrl ?? null);
+  }
+
+  async close(): Promise<void> {
+    await this.connection.close();
+  }
+
+  workflowUrl(id: string): string | undefined {
+    return this.uiUrl ? `${this.uiUrl}/namespaces/${this.namespace}/workflows/${encodeURIComponent(id)}` : undefined;
+  }
+
+  private requireHost(host: string): void {
+    if (this.knownHosts.length && !this.knownHosts.includes(host)) throw new UsageError(`unknown host "${host}" (known hosts: ${this.knownHosts.join(', ')})`);
+  }
+
+  private async hostRequest<T extends HostReply>(req: HostRequest): Promise<T> {
+    this.requireHost(req.host);
+    return (await this.client.workflow.execute('hostRequest', {
+      taskQueue: ORCHESTRATOR_TASK_QUEUE,
+      workflowId: `host-request-${req.op}-${req.host}-${crypto.randomUUID()}`,
+      args: [req],
+      workflowExecutionTimeout: '5 minutes',
+    })) as T;
+  }
+
+  hostInfo(host: string): Promise<HostInfo> {
+    return this.hostRequest<HostInfo>({ op: 'hostInfo', host });
+  }
+
+  async inventory(hosts = this.knownHosts): Promise<Array<{ host: string; ok: boolean; info?: HostInfo; error?: string }>> {
+    return (await this.client.workflow.execute('inventory', {
+      taskQueue: ORCHESTRATOR_TASK_QUEUE,
+      workflowId: `inventory-${crypto.randomUUID()}`,
+      args: [hosts],
+      workflowExecutionTimeout: '2 minutes',
+    })) as Array<{ host: string; ok: boolean; info?: HostInfo; error?: string }>;
+  }
+
+  async listVms(): Promise<Array<{ name: string; host: string; state: string; epoch: number; memoryBytes: number; migrationId?: string }>> {
+    const inv = await this.inventory();
+    const out = [];
+    for (const h of inv) for (const v of h.info?.vms ?? []) out.push({ ...v, host: h.host });
+    return out;
+  }
+
+  /** Where a VM runs now (the host where it is running, else wherever it is found). */
+  async locateVm(name: string): Promise<{ host: string; state: string } | null> {
+    const vms = (await this.listVms()).filter((v) => v.name === name);
+    const running = vms.find((v) => v.state === 'running');
+    return running ?? vms[0] ?? null;
+  }
+
+  async createVm(input: CreateVmInput): Promise<VmInfo> {
+    const c = parseOrThrow(createVmSchema, input);
+    this.requireHost(c.host);
+    const info = await this.hostInfo(c.host);
+    if (!info.storageRoots.some((r) => r.name === c.storage)) throw new UsageError(`host ${c.host} has no storage root "${c.storage}" (it has: ${info.storageRoots.map((r) => r.name).join(', ')})`);
+    if (await this.locateVm(c.name)) throw new UsageError(`a VM named ${c.name} already exists`);
+    const spec: VmSpec = {
+      name: c.name,
+      driver: 'sim',
+      memoryBytes: c.memory,
+      disks: Array.from({ length: c.disks }, (_, i) => ({ id: `disk${i}`, sizeBytes: c.disk, root: c.storage })),
+      dirtyRate: c.dirtyRate,
+      writeRate: c.writeRate,
+      fill: c.fill,
+      probe: probeAddressFor(c.name),
+    };
+    return this.hostRequest<VmInfo>({ op: 'createVm', host: c.host, spec });
+  }
+
+  async destroyVm(name: string): Promise<{ destroyed: boolean; host?: string }> {
+    const at = await this.locateVm(name);
+    if (!at) throw new UsageError(`no VM named ${name}`);
+    return { ...(await this.hostRequest<{ destroyed: boolean }>({ op: 'destroyVm', host: at.host, vm: name, deleteStorage: true })), host: at.host };
+  }
+
+  async verifyVm(name: string): Promise<VerifyReport> {
+    const at = await this.locateVm(name);
+    if (!at) throw new UsageError(`no VM named ${name}`);
+    return this.hostRequest<VerifyReport>({ op: 'verifyVm', host: at.host, vm: name });
+  }
+
+  async vmSpec(name: string): Promise<VmInfo | null> {
+    const at = await this.locateVm(name);
+    if (!at) return null;
+    const vms = await this.hostRequest<VmInfo[]>({ op: 'listVms', host: at.host });
+    return vms.find((v) => v.name === name) ?? null;
+  }
+
+  /** Validates, refuses a second migration of the same VM, and starts the workflow. */
+  async startMigration(input: StartMigrationInput): Promise<{ id: string; from: string; to: string }> {
+    const m = parseOrThrow(startMigrationSchema, input);
+    this.requireHost(m.to);
+    const at = await this.locateVm(m.vm);
+    if (!at) throw new UsageError(`no VM named ${m.vm}${this.knownHosts.length ? ` on hosts ${this.knownHosts.join(', ')}` : ''}`);
+    if (at.host === m.to) throw new UsageError(`VM ${m.vm} already runs on ${m.to}: source and destination are the same host`);
+    if (at.state !== 'running') throw new UsageError(`VM ${m.vm} is ${at.state} on ${at.host}, not running`);
+    const running = await this.findRunningMigration(m.vm);
+    if (running) throw new UsageError(`VM ${m.vm} is already migrating (${running}); only one migration per VM at a time`);
+    const id = migrationIdFor(m.type, m.vm, `${Date.now().toString(36)}${crypto.randomBytes(2).toString('hex')}`);
+    await this.client.workflow.start('liveMigration', {
+      taskQueue: ORCHESTRATOR_TASK_QUEUE,
+      workflowId: id,
+      args: [{ migrationId: id, vm: m.vm, from: at.host, to: m.to, policy: m.policy as Partial<MigrationPolicy> | undefined }],
+      typedSearchAttributes: [
+        { key: VmName, value: m.vm },
+        { key: SourceHost, value: at.host },
+        { key: DestinationHost, value: m.to },
+        { key: MigrationTypeKey, value: m.type },
+        { key: MigrationPhase, value: 'starting' },
+        { key: MigrationOutcome, value: 'running' },
+      ],
+      staticSummary: `${m.type} migration of ${m.vm}: ${at.host} → ${m.to}`,
+    });
+    return { id, from: at.host, to: m.to };
+  }
+
+  async findRunningMigration(vm: string): Promise<string | null> {
+    for await (const w of this.client.workflow.list({ query: `VmName = '${vm}' AND ExecutionStatus = 'Running'` })) return w.workflowId;
+    return null;
+  }
+
+  private handle(id: string): WorkflowHandle {
+    return this.client.workflow.getHandle(id);
+  }
+
+  async awaitMigration(id: string): Promise<MigrationResult> {
+    return (await this.handle(id).result()) as MigrationResult;
+  }
+
+  async progress(id: string): Promise<MigrationPhaseProgress> {
+    return this.handle(id).query<MigrationPhaseProgress>('progress');
+  }
+
+  async migrationStatus(id: string): Promise<MigrationStatus> {
+    let d;
+    try { d = await this.handle(id).describe(); } catch (e) {
+      if (e instanceof WorkflowNotFoundError) throw new UsageError(`no migration with id ${id}`);
+      throw e;
+    }
+    const sa = d.typedSearchAttributes;
+    const base = {
+      id,
+      type: (sa.get(MigrationTypeKey) ?? 'live') as MigrationType,
+      vm: sa.get(VmName) ?? '',
+      from: sa.get(SourceHost) ?? '',
+      to: sa.get(DestinationHost) ?? '',
+      uiUrl: this.workflowUrl(id),
+    };
+    if (d.status.name === 'RUNNING') {
+      const p = await this.progress(id).catch(() => undefined);
+      return { ...base, outcome: 'running', phase: p?.phase ?? sa.get(MigrationPhase) ?? 'starting', reason: '', durationMs: Date.now() - d.startTime.getTime(), downtimeMs: 0, rounds: p?.round ?? 0, bytesTransferred: p?.bytesTransferred ?? 0, decisions: p?.decisions ?? [], progress: p };
+    }
+    if (d.status.name === 'COMPLETED') {
+      const r = await this.awaitMigration(id);
+      return { ...r, phase: sa.get(MigrationPhase) ?? 'done', uiUrl: base.uiUrl };
+    }
+    return { ...base, outcome: 'failed', phase: sa.get(MigrationPhase) ?? 'unknown', reason: `workflow ${d.status.name.toLowerCase()}`, durationMs: (d.closeTime?.getTime() ?? Date.now()) - d.startTime.getTime(), downtimeMs: 0, rounds: 0, bytesTransferred: 0, decisions: [] };
+  }
+
+  async cancelMigration(id: string): Promise<void> {
+    await this.migrationStatus(id);
+    await this.handle(id).cancel();
+  }
+
+  async listMigrations(limit = 50): Promise<Array<{ id: string; vm: string; type: string; from: string; to: string; phase: string; outcome: string; startTime: Date }>> {
+    const out = [];
+    for await (const w of this.client.workflow.list({ query: `MigrationType IS NOT NULL` })) {
+      const sa = w.typedSearchAttributes;
+      out.push({ id: w.workflowId, vm: sa.get(VmName) ?? '', type: sa.get(MigrationTypeKey) ?? '', from: sa.get(SourceHost) ?? '', to: sa.get(DestinationHost) ?? '', phase: sa.get(MigrationPhase) ?? '', outcome: sa.get(MigrationOutcome) ?? '', startTime: w.startTime });
+      if (out.length >= limit) break;
+    }
+    return out;
+  }
+
+  /** Test hook: one guest disk write through the fencing check on a given host. */
+  guestWrite(host: string, vm: string): Promise<{ diskWrites: number }> {
+    return this.hostRequest<{ diskWrites: number }>({ op: 'guestWrite', host, vm });
+  }
+}

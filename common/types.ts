@@ -1,0 +1,179 @@
+// Types shared by workflows, activities, drivers, client and CLI.
+// Everything here crosses Temporal payloads, so it carries ids, sizes, checksums and
+// progress only — never pages or blocks (see docs/ARCHITECTURE.md, "Data never rides the workflow").
+
+export const PAGE_SIZE = 4096;
+export const BLOCK_SIZE = 4096;
+
+export type MigrationType = 'live' | 'storage' | 'shared-nothing';
+export type Outcome = 'running' | 'completed' | 'rolled-back' | 'failed';
+
+export interface DiskSpec {
+  id: string;
+  sizeBytes: number;
+  /** Storage root name on the host ("shared", "local", ...). */
+  root: string;
+}
+
+export interface VmSpec {
+  name: string;
+  driver: 'sim';
+  memoryBytes: number;
+  disks: DiskSpec[];
+  /** Guest workload: bytes of memory dirtied per second. */
+  dirtyRate: number;
+  /** Guest workload: bytes written to disk per second. */
+  writeRate: number;
+  /** Fraction of guest data pages written at boot (the rest stays zero). */
+  fill: number;
+  /** Stable loopback address the guest answers UDP echo probes on; it moves with the VM. */
+  probe: { address: string; port: number };
+}
+
+export type VmState = 'running' | 'paused' | 'incoming' | 'migrated' | 'stopped' | 'failed';
+
+export interface VmInfo {
+  name: string;
+  host: string;
+  state: VmState;
+  pid: number;
+  epoch: number;
+  spec: VmSpec;
+  /** Migration this VM takes part in, if any (source or destination side). */
+  migrationId?: string;
+}
+
+export interface StorageRoot {
+  name: string;
+  path: string;
+  shared: boolean;
+}
+
+export interface HostInfo {
+  name: string;
+  taskQueue: string;
+  memoryCapacityBytes: number;
+  memoryUsedBytes: number;
+  storageRoots: StorageRoot[];
+  dataPlane: { host: string; port: number };
+  vms: Array<Pick<VmInfo, 'name' | 'state' | 'epoch' | 'migrationId'> & { memoryBytes: number }>;
+}
+
+export interface MigrationPolicy {
+  /** Maximum tolerated pause (hypervisor clock), ms. */
+  downtimeLimitMs: number;
+  /** Bytes/s cap on the memory stream; 0 = unlimited. */
+  maxBandwidth: number;
+  /** Hard stop on pre-copy rounds. */
+  maxRounds: number;
+  /** Pre-copy gives up after this many ms per GiB of guest memory (minimum 10 s). */
+  convergenceTimeoutMsPerGiB: number;
+  /** Throttle the guest progressively when the dirty rate outruns the link. */
+  autoConverge: boolean;
+  /** Throttle steps (fraction of guest CPU taken away), first step then increments. */
+  throttleInitial: number;
+  throttleIncrement: number;
+  throttleMax: number;
+  /** 'digest' compares per-page CRC tables at cutover; 'full' also CRCs the whole memory on both ends. */
+  verify: 'digest' | 'full';
+}
+
+export const DEFAULT_POLICY: MigrationPolicy = {
+  downtimeLimitMs: 300,
+  maxBandwidth: 0,
+  maxRounds: 30,
+  convergenceTimeoutMsPerGiB: 120_000,
+  autoConverge: true,
+  throttleInitial: 0.2,
+  throttleIncrement: 0.1,
+  throttleMax: 0.99,
+  verify: 'digest',
+};
+
+/** One sample of an outgoing memory job, taken at the end of a pre-copy round. */
+export interface ProgressSample {
+  round: number;
+  /** ms since the job started (source clock). */
+  elapsedMs: number;
+  bytesSent: number;
+  pagesSent: number;
+  /** Pages dirty right now (what cutover would still have to send). */
+  dirtyPages: number;
+  /** Guest dirtying rate measured over the last round, bytes/s. */
+  dirtyRate: number;
+  /** Link rate measured over the last round, bytes/s. */
+  bandwidth: number;
+  throttle: number;
+  /** Estimated downtime if we cut over now, ms. */
+  expectedDowntimeMs: number;
+  state: 'precopy' | 'failed';
+  error?: string;
+}
+
+export interface CutoverResult {
+  pausedAt: number;
+  resumedAt: number;
+  downtimeMs: number;
+  finalPages: number;
+  bytesSent: number;
+  sourceDigest: number;
+  destinationDigest: number;
+  sourceFullCrc?: number;
+  destinationFullCrc?: number;
+  epoch: number;
+  deviceState: DeviceStateSummary;
+}
+
+export interface DeviceStateSummary {
+  vcpuTicks: number;
+  memWrites: number;
+  diskWrites: number;
+}
+
+export interface VerifyReport {
+  ok: boolean;
+  vm: string;
+  host: string;
+  state: VmState;
+  checks: Array<{ name: string; ok: boolean; detail: string }>;
+}
+
+export interface LiveMigrationInput {
+  migrationId: string;
+  vm: string;
+  from: string;
+  to: string;
+  policy?: Partial<MigrationPolicy>;
+}
+
+export interface MigrationPhaseProgress {
+  phase: string;
+  round: number;
+  bytesTransferred: number;
+  dirtyPages: number;
+  rateBytesPerSec: number;
+  throttle: number;
+  decisions: DecisionRecord[];
+}
+
+export interface DecisionRecord {
+  round: number;
+  action: string;
+  reason: string;
+}
+
+export interface MigrationResult {
+  id: string;
+  type: MigrationType;
+  vm: string;
+  from: string;
+  to: string;
+  outcome: Exclude<Outcome, 'running'>;
+  reason: string;
+  durationMs: number;
+  downtimeMs: number;
+  rounds: number;
+  bytesTransferred: number;
+  decisions: DecisionRecord[];
+  cutover?: CutoverResult;
+}

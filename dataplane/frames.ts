@@ -1,0 +1,176 @@
+// Wire format of the data plane. Every frame is
+//   u8 type | u8 flags | u16 reserved | u32 body length | u32 CRC-32 of body | body
+// Page frames carry an index table then the non-zero pages; control frames carry JSON.
+// The reader validates sizes and checksums before anything reaches guest memory or disks.
+import zlib from 'node:zlib';
+import type { Socket } from 'node:net';
+
+export const HEADER = 12;
+export const MAX_BODY = 16 << 20;
+export const ZERO_FLAG = 0x8000_0000;
+
+export enum FrameType {
+  Hello = 1,
+  Welcome = 2,
+  Pages = 3,
+  Device = 4,
+  Verified = 5,
+  Go = 6,
+  Resumed = 7,
+  Error = 8,
+  Blocks = 9,
+  Done = 10,
+  RoundEnd = 11,
+}
+
+export interface Frame {
+  type: FrameType;
+  body: Buffer;
+}
+
+export const crc32: (data: Buffer | Uint8Array, value?: number) => number = (zlib as unknown as {
+  crc32: (data: Buffer | Uint8Array, value?: number) => number;
+}).crc32;
+
+export function header(type: FrameType, body: Buffer | number, crc: number): Buffer {
+  const h = Buffer.allocUnsafe(HEADER);
+  h.writeUInt8(type, 0);
+  h.writeUInt8(0, 1);
+  h.writeUInt16LE(0, 2);
+  h.writeUInt32LE(typeof body === 'number' ? body : body.length, 4);
+  h.writeUInt32LE(crc >>> 0, 8);
+  return h;
+}
+
+export function jsonFrame(type: FrameType, value: unknown): Buffer {
+  const body = Buffer.from(JSON.stringify(value));
+  return Buffer.concat([header(type, body, crc32(body)), body]);
+}
+
+export function parseJson<T>(frame: Frame): T {
+  return JSON.parse(frame.body.toString('utf8')) as T;
+}
+
+export class ProtocolError extends Error {}
+
+/** Incremental frame parser; feed() returns every complete, checksum-verified frame. */
+export class FrameReader {
+  private chunks: Buffer[] = [];
+  private buffered = 0;
+
+  feed(chunk: Buffer): Frame[] {
+    this.chunks.push(chunk);
+    this.buffered += chunk.length;
+    const out: Frame[] = [];
+    for (;;) {
+      if (this.buffered < HEADER) break;
+      const head = this.peek(HEADER);
+      const type = head.readUInt8(0);
+      const len = head.readUInt32LE(4);
+      const crc = head.readUInt32LE(8);
+      if (!(type in FrameType)) throw new ProtocolError(`unknown frame type ${type}`);
+      if (len > MAX_BODY) throw new ProtocolError(`frame body of ${len} bytes exceeds the ${MAX_BODY} limit`);
+      if (this.buffered < HEADER + len) break;
+      const all = this.take(HEADER + len);
+      const body = all.subarray(HEADER);
+      // Page frames checksum their index table here; each page carries its own CRC in that
+      // table, which the receiver checks as it copies the page (one pass over the data).
+      let covered = body;
+      if (type === FrameType.Pages || type === FrameType.Blocks) {
+        if (body.length < 4) throw new ProtocolError('page frame without an index');
+        const n = body.readUInt32LE(0);
+        if (4 + n * 8 > body.length) throw new ProtocolError('page frame index exceeds the frame');
+        covered = body.subarray(0, 4 + n * 8);
+      }
+      if ((crc32(covered) >>> 0) !== crc) throw new ProtocolError(`checksum mismatch on frame type ${FrameType[type]}`);
+      out.push({ type, body });
+    }
+    return out;
+  }
+
+  /** Bytes received but not yet framed (handed over with a socket). */
+  rest(): Buffer {
+    return Buffer.concat(this.chunks);
+  }
+
+  private peek(n: number): Buffer {
+    if (this.chunks[0]!.length >= n) return this.chunks[0]!.subarray(0, n);
+    return Buffer.concat(this.chunks).subarray(0, n);
+  }
+
+  private take(n: number): Buffer {
+    let first = this.chunks[0]!;
+    if (first.length < n) {
+      first = Buffer.concat(this.chunks);
+      this.chunks = [first];
+    }
+    const out = first.subarray(0, n);
+    if (first.length === n) this.chunks.shift();
+    else this.chunks[0] = first.subarray(n);
+    this.buffered -= n;
+    return out;
+  }
+}
+
+/** Writes with back-pressure: resolves once the socket can take more. */
+export function writeAll(sock: Socket, bufs: Buffer[]): Promise<void> | void {
+  let ok = true;
+  for (const b of bufs) ok = sock.write(b) && ok;
+  if (ok) return;
+  return new Promise<void>((resolve, reject) => {
+    const onDrain = (): void => { sock.off('close', onClose); resolve(); };
+    const onClose = (): void => { sock.off('drain', onDrain); reject(new Error('data-plane connection closed')); };
+    sock.once('drain', onDrain);
+    sock.once('close', onClose);
+  });
+}
+
+/** Pulls frames off a socket one at a time (for request/response phases). */
+export class FrameChannel {
+  private reader = new FrameReader();
+  private queue: Frame[] = [];
+  private waiters: Array<{ resolve: (f: Frame) => void; reject: (e: Error) => void }> = [];
+  private failure: Error | null = null;
+  onFrame?: (f: Frame) => boolean;
+
+  constructor(readonly sock: Socket, initial?: Buffer) {
+    sock.on('data', (c: Buffer) => this.push(c));
+    sock.on('error', (e) => this.fail(e));
+    sock.on('close', () => this.fail(new Error('data-plane connection closed')));
+    if (initial && initial.length) queueMicrotask(() => this.push(initial));
+  }
+
+  private push(chunk: Buffer): void {
+    let frames: Frame[];
+    try { frames = this.reader.feed(chunk); } catch (e) { this.fail(e as Error); this.sock.destroy(); return; }
+    for (const f of frames) {
+      if (this.onFrame?.(f)) continue;
+      const w = this.waiters.shift();
+      if (w) w.resolve(f); else this.queue.push(f);
+    }
+  }
+
+  private fail(e: Error): void {
+    if (this.failure) return;
+    this.failure = e;
+    for (const w of this.waiters.splice(0)) w.reject(e);
+  }
+
+  next(timeoutMs = 30_000): Promise<Frame> {
+    const f = this.queue.shift();
+    if (f) return Promise.resolve(f);
+    if (this.failure) return Promise.reject(this.failure);
+    return new Promise<Frame>((resolve, reject) => {
+      const t = setTimeout(() => { this.waiters = this.waiters.filter((w) => w.resolve !== res); reject(new Error(`no data-plane reply within ${timeoutMs} ms`)); }, timeoutMs);
+      const res = (fr: Frame): void => { clearTimeout(t); resolve(fr); };
+      this.waiters.push({ resolve: res, reject: (e) => { clearTimeout(t); reject(e); } });
+    });
+  }
+
+  async expect<T>(type: FrameType, timeoutMs?: number): Promise<T> {
+    const f = await this.next(timeoutMs);
+    if (f.type === FrameType.Error) throw new Error(`peer: ${parseJson<{ message: string }>(f).message}`);
+    if (f.type !== type) throw new ProtocolError(`expected ${FrameType[type]}, got ${FrameType[f.type]}`);
+    return parseJson<T>(f);
+  }
+}

@@ -1,0 +1,49 @@
+// The one interface every hypervisor honours. It is shaped around migration *jobs* (as QEMU's
+// migrate / drive-mirror are), not around "send these pages", so the simulator and QEMU both
+// fit: the destination prepares an incoming VM and says where to send; the source runs the
+// job, reports progress, takes policy changes, and performs the cutover on command.
+import type { CutoverResult, MigrationPolicy, ProgressSample, VerifyReport, VmInfo, VmSpec } from '../common/types.js';
+
+export interface IncomingTarget {
+  endpoint: { host: string; port: number };
+  /** One-time grant the source presents on the data plane. */
+  token: string;
+}
+
+export interface IncomingStatus {
+  exists: boolean;
+  state: string;
+  bytesReceived: number;
+  error?: string;
+}
+
+export interface RollbackResult {
+  /** Where the VM runs after the rollback, decided by the ownership record, never guessed. */
+  runsOn: 'source' | 'destination';
+  state: string;
+  epoch: number;
+}
+
+export interface HypervisorDriver {
+  readonly kind: string;
+  list(): Promise<VmInfo[]>;
+  get(name: string): Promise<VmInfo | undefined>;
+  create(spec: VmSpec): Promise<VmInfo>;
+  /** Idempotent. deleteStorage also removes the VM's files from this host's storage roots. */
+  destroy(name: string, opts: { deleteStorage: boolean; onlyMigration?: string }): Promise<{ destroyed: boolean }>;
+  verify(name: string): Promise<VerifyReport>;
+  /** Guest disk write through the fencing check (refused when this host is not the owner). */
+  guestWrite(name: string): Promise<{ diskWrites: number }>;
+
+  prepareIncoming(spec: VmSpec, migrationId: string, sourceHost: string): Promise<IncomingTarget>;
+  incomingStatus(name: string, migrationId: string): Promise<IncomingStatus>;
+  /** Destroys the incoming VM of this migration unless it already runs. Idempotent. */
+  abortIncoming(name: string, migrationId: string): Promise<{ aborted: boolean; running: boolean }>;
+
+  startOutgoing(name: string, migrationId: string, target: IncomingTarget, policy: MigrationPolicy): Promise<void>;
+  outgoingProgress(name: string, migrationId: string, afterRound: number, waitMs: number): Promise<ProgressSample>;
+  setOutgoingPolicy(name: string, migrationId: string, patch: { throttle?: number; maxBandwidth?: number }): Promise<void>;
+  /** Pause → last dirty pages + device state → verify → handoff → destination resumes. Idempotent. */
+  cutover(name: string, migrationId: string, destinationHost: string, verify: MigrationPolicy['verify']): Promise<CutoverResult>;
+  rollbackOutgoing(name: string, migrationId: string): Promise<RollbackResult>;
+}

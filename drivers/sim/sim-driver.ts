@@ -1,0 +1,264 @@
+// The embedded simulator behind the driver interface. The agent keeps no VM state in memory:
+// every call reads the VM's runtime directory (state file + control socket), so an agent that
+// restarts re-attaches to VM processes that kept running without it.
+import fs from 'node:fs';
+import path from 'node:path';
+import net from 'node:net';
+import { spawn, type ChildProcess } from 'node:child_process';
+import { fileURLToPath } from 'node:url';
+import { setTimeout as sleep } from 'node:timers/promises';
+import type { HypervisorDriver, IncomingStatus, IncomingTarget, RollbackResult } from '../driver.js';
+import type { CutoverResult, MigrationPolicy, ProgressSample, VerifyReport, VmInfo, VmSpec, VmState } from '../../common/types.js';
+import { vmStorageDir, type HostConfig } from '../../common/host-config.js';
+import { callControl, ControlError } from './control.js';
+import { writeOwner } from './ownership.js';
+import type { VmRuntimeConfig, VmStatus } from './vm-process.js';
+import type { DataPlaneServer, Hello } from '../../dataplane/endpoint.js';
+import { FrameType, jsonFrame } from '../../dataplane/frames.js';
+
+const VM_PROCESS = fileURLToPath(new URL('./vm-process.ts', import.meta.url));
+const TSX = import.meta.resolve('tsx');
+
+export function isAlive(pid: number): boolean {
+  try { process.kill(pid, 0); return true; } catch (e) { return (e as NodeJS.ErrnoException).code === 'EPERM'; }
+}
+
+export class SimDriver implements HypervisorDriver {
+  readonly kind = 'sim';
+  /** Incoming VM processes this agent started: the only ones it can hand a socket to. */
+  private children = new Map<string, { child: ChildProcess; migrationId: string }>();
+  dataPlane?: DataPlaneServer;
+
+  constructor(private readonly host: HostConfig, private readonly log: (m: string) => void = () => undefined) {
+    fs.mkdirSync(host.runDir, { recursive: true });
+  }
+
+  private runtimeDir(vm: string): string {
+    return path.join(this.host.runDir, vm);
+  }
+
+  private readRuntime(vm: string): { cfg: VmRuntimeConfig; status: VmStatus | null } | null {
+    const dir = this.runtimeDir(vm);
+    let cfg: VmRuntimeConfig;
+    try { cfg = JSON.parse(fs.readFileSync(path.join(dir, 'vm.json'), 'utf8')) as VmRuntimeConfig; } catch { return null; }
+    let status: VmStatus | null = null;
+    try { status = JSON.parse(fs.readFileSync(path.join(dir, 'state.json'), 'utf8')) as VmStatus; } catch { /* still starting */ }
+    return { cfg, status };
+  }
+
+  private control<T>(vm: string, method: string, params: Record<string, unknown> = {}, timeoutMs = 30_000): Promise<T> {
+    return callControl<T>(path.join(this.runtimeDir(vm), 'control.sock'), method, params, timeoutMs);
+  }
+
+  private toInfo(cfg: VmRuntimeConfig, st: VmStatus | null): VmInfo {
+    const alive = st ? isAlive(st.pid) : false;
+    const state: VmState = !st ? 'stopped' : alive ? st.state : st.state === 'stopped' ? 'stopped' : 'failed';
+    return { name: cfg.spec.name, host: this.host.name, state, pid: st?.pid ?? 0, epoch: st?.epoch ?? cfg.epoch, spec: cfg.spec, migrationId: st?.migrationId };
+  }
+
+  async list(): Promise<VmInfo[]> {
+    const out: VmInfo[] = [];
+    for (const name of fs.readdirSync(this.host.runDir).sort()) {
+      const rt = this.readRuntime(name);
+      if (rt) out.push(this.toInfo(rt.cfg, rt.status));
+    }
+    return out;
+  }
+
+  async get(name: string): Promise<VmInfo | undefined> {
+    const rt = this.readRuntime(name);
+    if (!rt) return undefined;
+    // Ask the process itself when it answers: the state file may be a moment behind.
+    try {
+      const st = await this.control<VmStatus>(name, 'status', {}, 5000);
+      return this.toInfo(rt.cfg, st);
+    } catch {
+      return this.toInfo(rt.cfg, rt.status);
+    }
+  }
+
+  private storagePaths(spec: VmSpec): { diskPaths: Record<string, string>; ownerPath: string; dirs: string[] } {
+    const diskPaths: Record<string, string> = {};
+    const dirs: string[] = [];
+    for (const d of spec.disks) {
+      const root = this.host.storageRoots.find((r) => r.name === d.root);
+      if (!root) throw new Error(`host ${this.host.name} has no storage root "${d.root}" (it has: ${this.host.storageRoots.map((r) => r.name).join(', ')})`);
+      const dir = vmStorageDir(root, spec.name);
+      dirs.push(dir);
+      diskPaths[d.id] = path.join(dir, `${d.id}.img`);
+    }
+    if (dirs.length === 0) throw new Error(`VM ${spec.name} needs at least one disk`);
+    return { diskPaths, ownerPath: path.join(dirs[0]!, 'owner.json'), dirs: [...new Set(dirs)] };
+  }
+
+  private memoryInUse(): number {
+    let used = 0;
+    for (const name of fs.readdirSync(this.host.runDir)) {
+      const rt = this.readRuntime(name);
+      if (rt && rt.status && isAlive(rt.status.pid) && rt.status.state !== 'migrated') used += rt.cfg.spec.memoryBytes;
+    }
+    return used;
+  }
+
+  checkCapacity(spec: VmSpec): void {
+    const used = this.memoryInUse();
+    if (used + spec.memoryBytes > this.host.memoryCapacityBytes) {
+      throw new Error(`host ${this.host.name} lacks capacity: ${spec.memoryBytes} bytes needed, ${this.host.memoryCapacityBytes - used} free of ${this.host.memoryCapacityBytes}`);
+    }
+  }
+
+  private async spawnVm(cfg: VmRuntimeConfig, withIpc: boolean): Promise<ChildProcess> {
+    const dir = this.runtimeDir(cfg.spec.name);
+    fs.mkdirSync(dir, { recursive: true });
+    fs.writeFileSync(path.join(dir, 'vm.json'), JSON.stringify(cfg, null, 2));
+    const logFd = fs.openSync(path.join(dir, 'vm.log'), 'a');
+    // Detached, own process group: killing the agent never kills its VMs.
+    const child = spawn(process.execPath, ['--import', TSX, VM_PROCESS, dir], {
+      detached: true,
+      stdio: ['ignore', logFd, logFd, 'ipc'],
+    });
+    fs.closeSync(logFd);
+    child.unref();
+    await new Promise<void>((resolve, reject) => {
+      const timer = setTimeout(() => reject(new Error(`VM ${cfg.spec.name} did not start within 30 s (see ${dir}/vm.log)`)), 30_000);
+      child.once('message', () => { clearTimeout(timer); resolve(); });
+      child.once('exit', (code) => { clearTimeout(timer); reject(new Error(`VM ${cfg.spec.name} exited with code ${code} while starting: ${tail(path.join(dir, 'vm.log'))}`)); });
+    });
+    child.removeAllListeners('exit');
+    if (!withIpc) child.disconnect();
+    else child.channel?.unref();
+    return child;
+  }
+
+  async create(spec: VmSpec): Promise<VmInfo> {
+    if (this.readRuntime(spec.name)) throw new Error(`VM ${spec.name} already exists on ${this.host.name}`);
+    this.checkCapacity(spec);
+    const { diskPaths, ownerPath, dirs } = this.storagePaths(spec);
+    for (const d of dirs) if (fs.existsSync(d) && fs.readdirSync(d).length > 0) throw new Error(`VM files already exist at ${d}`);
+    try {
+      for (const d of dirs) fs.mkdirSync(d, { recursive: true });
+      for (const d of spec.disks) {
+        const fd = fs.openSync(diskPaths[d.id]!, 'wx');
+        fs.ftruncateSync(fd, d.sizeBytes);
+        fs.closeSync(fd);
+      }
+      writeOwner(ownerPath, { host: this.host.name, epoch: 1, state: 'active' });
+      await this.spawnVm({ spec, host: this.host.name, mode: 'boot', epoch: 1, diskPaths, ownerPath }, false);
+    } catch (e) {
+      // Nothing half-made stays behind.
+      await this.destroy(spec.name, { deleteStorage: true }).catch(() => undefined);
+      for (const d of dirs) fs.rmSync(d, { recursive: true, force: true });
+      throw e;
+    }
+    this.log(`created VM ${spec.name}`);
+    return (await this.get(spec.name))!;
+  }
+
+  async destroy(name: string, opts: { deleteStorage: boolean; onlyMigration?: string }): Promise<{ destroyed: boolean }> {
+    const rt = this.readRuntime(name);
+    if (!rt) return { destroyed: false };
+    if (opts.onlyMigration && rt.cfg.migrationId !== opts.onlyMigration) return { destroyed: false };
+    const pid = rt.status?.pid;
+    if (pid && isAlive(pid)) {
+      try { await this.control(name, 'shutdown', {}, 5000); } catch { /* fall through to kill */ }
+      for (let i = 0; i < 100 && isAlive(pid); i++) await sleep(20);
+      if (isAlive(pid)) { try { process.kill(pid, 'SIGKILL'); } catch { /* gone */ } }
+      for (let i = 0; i < 100 && isAlive(pid); i++) await sleep(20);
+    }
+    this.children.delete(name);
+    if (opts.deleteStorage) for (const d of this.storagePaths(rt.cfg.spec).dirs) fs.rmSync(d, { recursive: true, force: true });
+    fs.rmSync(this.runtimeDir(name), { recursive: true, force: true });
+    this.log(`destroyed VM ${name}${opts.deleteStorage ? ' and its files' : ''}`);
+    return { destroyed: true };
+  }
+
+  async verify(name: string): Promise<VerifyReport> {
+    const info = await this.get(name);
+    if (!info) throw new Error(`VM ${name} is not on host ${this.host.name}`);
+    const r = await this.control<{ state: VmState; checks: VerifyReport['checks'] }>(name, 'verify', {}, 120_000);
+    const checks = [{ name: 'process', ok: info.state === 'running', detail: `VM process ${info.pid} is ${info.state}` }, ...r.checks];
+    return { ok: checks.every((c) => c.ok), vm: name, host: this.host.name, state: info.state, checks };
+  }
+
+  guestWrite(name: string): Promise<{ diskWrites: number }> {
+    return this.control(name, 'guestWrite');
+  }
+
+  async prepareIncoming(spec: VmSpec, migrationId: string, sourceHost: string): Promise<IncomingTarget> {
+    if (!this.dataPlane) throw new Error('data plane not started');
+    const rt = this.readRuntime(spec.name);
+    if (rt) {
+      const sameJob = rt.cfg.mode === 'incoming' && rt.cfg.migrationId === migrationId && rt.status && isAlive(rt.status.pid) && this.children.has(spec.name);
+      if (!sameJob) throw new Error(`VM ${spec.name} already exists on ${this.host.name}${rt.cfg.migrationId ? ` (migration ${rt.cfg.migrationId})` : ''}`);
+    } else {
+      if (sourceHost === this.host.name) throw new Error(`source and destination are the same host (${sourceHost})`);
+      this.checkCapacity(spec);
+      const { diskPaths, ownerPath } = this.storagePaths(spec);
+      for (const [id, p] of Object.entries(diskPaths)) if (!fs.existsSync(p)) throw new Error(`disk ${id} of VM ${spec.name} is not reachable from ${this.host.name} at ${p}`);
+      const child = await this.spawnVm({ spec, host: this.host.name, mode: 'incoming', epoch: 0, diskPaths, ownerPath, migrationId }, true);
+      this.children.set(spec.name, { child, migrationId });
+      child.once('exit', () => this.children.delete(spec.name));
+    }
+    const token = this.dataPlane.grant({ migrationId, vm: spec.name, kind: 'memory' });
+    return { endpoint: this.host.dataPlane, token };
+  }
+
+  /** Data-plane handler: gives the authenticated socket to the incoming VM process. */
+  handOver(hello: Hello, sock: net.Socket, rest: Buffer): void {
+    const c = this.children.get(hello.vm);
+    if (!c || c.migrationId !== hello.migrationId || !c.child.connected) {
+      sock.end(jsonFrame(FrameType.Error, { message: `no incoming VM ${hello.vm} for migration ${hello.migrationId} on ${this.host.name}` }));
+      return;
+    }
+    c.child.send({ type: 'dataplane', rest: rest.toString('base64') }, sock);
+  }
+
+  async incomingStatus(name: string, migrationId: string): Promise<IncomingStatus> {
+    const rt = this.readRuntime(name);
+    if (!rt || rt.cfg.migrationId !== migrationId) return { exists: false, state: 'absent', bytesReceived: 0 };
+    const st = await this.control<VmStatus>(name, 'status', {}, 5000).catch(() => null);
+    if (!st) return { exists: true, state: 'unreachable', bytesReceived: 0, error: 'incoming VM process does not answer' };
+    if (st.state === 'running') return { exists: true, state: 'running', bytesReceived: st.incoming?.bytesReceived ?? 0 };
+    return { exists: true, state: st.incoming?.state ?? st.state, bytesReceived: st.incoming?.bytesReceived ?? 0, error: st.incoming?.error };
+  }
+
+  async abortIncoming(name: string, migrationId: string): Promise<{ aborted: boolean; running: boolean }> {
+    const rt = this.readRuntime(name);
+    if (!rt || rt.cfg.migrationId !== migrationId || rt.cfg.mode !== 'incoming') return { aborted: true, running: false };
+    const pid = rt.status?.pid;
+    if (pid && isAlive(pid)) {
+      try {
+        const r = await this.control<{ aborted: boolean; state: VmState }>(name, 'abortIncoming', {}, 10_000);
+        if (!r.aborted) return { aborted: false, running: true };
+      } catch (e) {
+        if (!(e instanceof ControlError)) throw e;
+      }
+    }
+    await this.destroy(name, { deleteStorage: false, onlyMigration: migrationId });
+    return { aborted: true, running: false };
+  }
+
+  async startOutgoing(name: string, migrationId: string, target: IncomingTarget, policy: MigrationPolicy): Promise<void> {
+    await this.control(name, 'startOutgoing', { migrationId, endpoint: target.endpoint, token: target.token, policy });
+  }
+
+  outgoingProgress(name: string, migrationId: string, afterRound: number, waitMs: number): Promise<ProgressSample> {
+    return this.control<ProgressSample>(name, 'progress', { migrationId, afterRound, waitMs }, waitMs + 10_000);
+  }
+
+  async setOutgoingPolicy(name: string, migrationId: string, patch: { throttle?: number; maxBandwidth?: number }): Promise<void> {
+    await this.control(name, 'setPolicy', { migrationId, ...patch });
+  }
+
+  cutover(name: string, migrationId: string, destinationHost: string, verify: MigrationPolicy['verify']): Promise<CutoverResult> {
+    return this.control<CutoverResult>(name, 'cutover', { migrationId, destination: destinationHost, verify }, 120_000);
+  }
+
+  rollbackOutgoing(name: string, migrationId: string): Promise<RollbackResult> {
+    return this.control<RollbackResult>(name, 'rollbackOutgoing', { migrationId }, 60_000);
+  }
+}
+
+function tail(file: string): string {
+  try { return fs.readFileSync(file, 'utf8').split('\n').slice(-5).join('\n'); } catch { return ''; }
+}

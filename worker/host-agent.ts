@@ -1,0 +1,46 @@
+// Host agent: a Temporal worker on `host-<name>` serving the host activities, plus the host's
+// data-plane endpoint. It holds no VM state of its own, so it can be killed and restarted at
+// any time: VM processes keep running and are found again from their runtime directories.
+// Usage: host-agent <host.json>
+import fs from 'node:fs';
+import path from 'node:path';
+import { NativeConnection, Worker } from '@temporalio/worker';
+import { readHostConfig, hostTaskQueue } from '../common/host-config.js';
+import { temporalConfig } from '../common/temporal.js';
+import { SimDriver } from '../drivers/sim/sim-driver.js';
+import { DataPlaneServer } from '../dataplane/endpoint.js';
+import { createHostActivities } from '../activities/host-activities.js';
+
+const configPath = process.argv[2];
+if (!configPath) {
+  console.error('usage: host-agent <host.json>');
+  process.exit(2);
+}
+const host = readHostConfig(configPath);
+const log = (m: string): void => console.log(`${new Date().toISOString()} [agent ${host.name}] ${m}`);
+
+const driver = new SimDriver(host, log);
+const dataPlane = new DataPlaneServer({ memory: (h, s, r) => driver.handOver(h, s, r) }, log);
+driver.dataPlane = dataPlane;
+const addr = await dataPlane.listen(host.dataPlane.host, host.dataPlane.port);
+host.dataPlane = addr;
+
+const { connectionOptions, namespace } = temporalConfig();
+const connection = await NativeConnection.connect(connectionOptions);
+const worker = await Worker.create({
+  connection,
+  namespace,
+  taskQueue: hostTaskQueue(host.name),
+  activities: createHostActivities({ host, driver }),
+  maxConcurrentActivityTaskExecutions: 50,
+});
+fs.writeFileSync(
+  path.join(path.dirname(configPath), 'agent.json'),
+  JSON.stringify({ pid: process.pid, taskQueue: hostTaskQueue(host.name), dataPlane: addr, startedAt: new Date().toISOString() }, null, 2),
+);
+log(`serving task queue ${hostTaskQueue(host.name)} on ${connectionOptions.address} (${namespace}); data plane ${addr.host}:${addr.port}; VMs: ${(await driver.list()).map((v) => `${v.name}(${v.state})`).join(', ') || 'none'}`);
+for (const sig of ['SIGINT', 'SIGTERM'] as const) process.once(sig, () => worker.shutdown());
+await worker.run();
+dataPlane.close();
+await connection.close();
+log('stopped');

@@ -1,0 +1,4 @@
+// Every workflow the orchestrator worker serves. Import only workflow-safe modules here.
+export { liveMigration } from './live-migration.js';
+export { progressQuery } from './tracker.js';
+export { hostRequest, inventory } from './admin.js';

@@ -1,0 +1,49 @@
+// Live migration, storage shared by both hosts. In the seed's order:
+//   1. blank VM on the destination   2. memory pre-copied in rounds   3. until (almost) clean
+//   4. pause, last dirty pages + device state, resume on the destination, remove from source;
+//      responsibility for the files passes with the ownership epoch.
+import { ApplicationFailure, CancellationScope } from '@temporalio/workflow';
+import { DEFAULT_POLICY, type LiveMigrationInput, type MigrationResult } from '../common/types.js';
+import { hostProxies } from './hosts.js';
+import { Saga } from './saga.js';
+import { MigrationTracker, reasonOf } from './tracker.js';
+import { moveMemory, preflight } from './steps/memory.js';
+
+export async function liveMigration(input: LiveMigrationInput): Promise<MigrationResult> {
+  const tracker = new MigrationTracker('live', input);
+  const policy = { ...DEFAULT_POLICY, ...input.policy };
+  const src = hostProxies(input.from);
+  const dst = hostProxies(input.to);
+  const saga = new Saga();
+  let started = false;
+  try {
+    tracker.phase('preflight');
+    const { vm, dest } = await preflight({ vm: input.vm, src, dst });
+    for (const d of vm.spec.disks) {
+      const root = dest.storageRoots.find((r) => r.name === d.root);
+      if (!root?.shared) {
+        throw ApplicationFailure.create({
+          message: `disk ${d.id} of ${input.vm} is on storage root "${d.root}", which ${input.to} does not share; use a shared-nothing migration`,
+          type: 'StorageNotShared',
+          nonRetryable: true,
+        });
+      }
+    }
+    started = true;
+    await moveMemory({ migrationId: input.migrationId, vm: input.vm, src, dst, policy, tracker, saga }, vm);
+  } catch (err) {
+    tracker.phase('rollback');
+    const errors = await saga.compensate();
+    const reason = reasonOf(err);
+    if (errors.length) return tracker.finish('failed', `${reason}; rollback incomplete: ${errors.join('; ')}`);
+    return tracker.finish(started ? 'rolled-back' : 'failed', reason);
+  }
+  // Past the point of no return: the VM runs on the destination. Cleanup cannot be cancelled.
+  tracker.phase('cleanup');
+  await CancellationScope.nonCancellable(() =>
+    src.undo.releaseSource.executeWithOptions({ summary: `Remove the paused, fenced copy of ${input.vm} from ${input.from}` }, [
+      { migrationId: input.migrationId, vm: input.vm, deleteStorage: false },
+    ]),
+  );
+  return tracker.finish('completed', `VM ${input.vm} runs on ${input.to}`);
+}

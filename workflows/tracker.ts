@@ -1,0 +1,90 @@
+// What an operator sees of a running migration: the `progress` query, search attributes kept
+// current at each phase change, and the final result. Shared by every move type.
+import { defineQuery, setHandler, upsertSearchAttributes, workflowInfo, isCancellation } from '@temporalio/workflow';
+import type { DecisionRecord, MigrationPhaseProgress, MigrationResult, MigrationType as MoveType, ProgressSample, CutoverResult } from '../common/types.js';
+import { VmName, SourceHost, DestinationHost, MigrationType, MigrationPhase, MigrationOutcome } from '../common/search-attributes.js';
+
+export const progressQuery = defineQuery<MigrationPhaseProgress>('progress');
+
+export class MigrationTracker {
+  phaseName = 'starting';
+  round = 0;
+  bytesTransferred = 0;
+  dirtyPages = 0;
+  rate = 0;
+  throttle = 0;
+  decisions: DecisionRecord[] = [];
+  cutover?: CutoverResult;
+  private readonly startedAt = Date.now();
+
+  constructor(readonly type: MoveType, readonly input: { migrationId: string; vm: string; from: string; to: string }) {
+    setHandler(progressQuery, () => ({
+      phase: this.phaseName,
+      round: this.round,
+      bytesTransferred: this.bytesTransferred,
+      dirtyPages: this.dirtyPages,
+      rateBytesPerSec: this.rate,
+      throttle: this.throttle,
+      decisions: this.decisions.slice(-20),
+    }));
+    upsertSearchAttributes([
+      { key: VmName, value: input.vm },
+      { key: SourceHost, value: input.from },
+      { key: DestinationHost, value: input.to },
+      { key: MigrationType, value: type },
+      { key: MigrationPhase, value: 'starting' },
+      { key: MigrationOutcome, value: 'running' },
+    ]);
+  }
+
+  phase(name: string): void {
+    if (name === this.phaseName) return;
+    this.phaseName = name;
+    upsertSearchAttributes([{ key: MigrationPhase, value: name }]);
+  }
+
+  sample(s: ProgressSample, baseBytes = 0): void {
+    this.round = s.round;
+    this.bytesTransferred = baseBytes + s.bytesSent;
+    this.dirtyPages = s.dirtyPages;
+    this.rate = s.bandwidth;
+    this.throttle = s.throttle;
+  }
+
+  decision(d: DecisionRecord): void {
+    this.decisions.push(d);
+    if (this.decisions.length > 200) this.decisions.shift();
+  }
+
+  finish(outcome: MigrationResult['outcome'], reason: string): MigrationResult {
+    this.phase(outcome === 'completed' ? 'done' : outcome);
+    upsertSearchAttributes([{ key: MigrationOutcome, value: outcome }]);
+    return {
+      id: workflowInfo().workflowId,
+      type: this.type,
+      vm: this.input.vm,
+      from: this.input.from,
+      to: this.input.to,
+      outcome,
+      reason,
+      durationMs: Date.now() - this.startedAt,
+      downtimeMs: this.cutover?.downtimeMs ?? 0,
+      rounds: this.round,
+      bytesTransferred: this.cutover ? Math.max(this.bytesTransferred, this.cutover.bytesSent) : this.bytesTransferred,
+      decisions: this.decisions,
+      cutover: this.cutover,
+    };
+  }
+}
+
+/** A failure's message without the SDK's wrapping ("Activity task failed" → the real cause). */
+export function reasonOf(err: unknown): string {
+  if (isCancellation(err)) return 'cancelled by operator';
+  let e = err as { message?: string; cause?: unknown } | undefined;
+  let msg = e?.message ?? String(err);
+  while (e && e.cause) {
+    e = e.cause as { message?: string; cause?: unknown };
+    if (e.message) msg = e.message;
+  }
+  return msg;
+}
