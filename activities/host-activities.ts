@@ -94,7 +94,8 @@ export function createHostActivities({ host, driver }: HostActivityDeps) {
     /** Waits for the next pre-copy round to finish and returns its sample. */
     async awaitProgress(p: { migrationId: string; vm: string; afterRound: number }): Promise<ProgressSample> {
       const ctx = Context.current();
-      const deadline = Date.now() + 20_000;
+      // Returns on a new round, or after 2 s with in-round figures so progress stays visible.
+      const deadline = Date.now() + 2_000;
       for (;;) {
         const s = await driver.outgoingProgress(p.vm, p.migrationId, p.afterRound, 1000);
         ctx.heartbeat({ round: s.round, bytesSent: s.bytesSent });

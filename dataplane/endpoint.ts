@@ -103,6 +103,11 @@ export async function connectDataPlane(endpoint: { host: string; port: number },
   });
   const chan = new FrameChannel(sock);
   sock.write(jsonFrame(FrameType.Hello, hello));
-  await chan.expect<{ vm: string }>(FrameType.Welcome, HELLO_TIMEOUT_MS);
+  try {
+    await chan.expect<{ vm: string }>(FrameType.Welcome, HELLO_TIMEOUT_MS);
+  } catch (e) {
+    sock.destroy();
+    throw new Error(`data plane ${endpoint.host}:${endpoint.port} refused the ${hello.kind} transfer: ${(e as Error).message}`);
+  }
   return chan;
 }

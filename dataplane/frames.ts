@@ -114,6 +114,7 @@ export class FrameReader {
 
 /** Writes with back-pressure: resolves once the socket can take more. */
 export function writeAll(sock: Socket, bufs: Buffer[]): Promise<void> | void {
+  if (sock.destroyed || !sock.writable) return Promise.reject(new Error('data-plane connection closed'));
   let ok = true;
   for (const b of bufs) ok = sock.write(b) && ok;
   if (ok) return;

@@ -10,7 +10,7 @@ import { hostTaskQueue } from '../common/names.js';
 import { PROJECT_ROOT, ensureSearchAttributes, freePort, startDevServer } from './temporal-server.js';
 import { isAlive } from '../drivers/sim/sim-driver.js';
 
-const TSX = import.meta.resolve('tsx');
+import { TSX_LOADER as TSX } from '../common/tsx.js';
 export const DEFAULT_HOSTS = ['hostA', 'hostB'];
 export const DEFAULT_HOST_MEMORY = 8 * 2 ** 30;
 

@@ -17,7 +17,7 @@ import type { DataPlaneServer, Hello } from '../../dataplane/endpoint.js';
 import { FrameType, jsonFrame } from '../../dataplane/frames.js';
 
 const VM_PROCESS = fileURLToPath(new URL('./vm-process.ts', import.meta.url));
-const TSX = import.meta.resolve('tsx');
+import { TSX_LOADER as TSX } from '../../common/tsx.js';
 
 export function isAlive(pid: number): boolean {
   try { process.kill(pid, 0); return true; } catch (e) { return (e as NodeJS.ErrnoException).code === 'EPERM'; }

@@ -151,6 +151,8 @@ interface Outgoing {
   cutover?: Promise<CutoverResult>;
   result?: CutoverResult;
   bucketAt: number;
+  /** Set during cutover: the last dirty pages go out even though pre-copy was stopped. */
+  finalFlush?: boolean;
 }
 let outgoing: Outgoing | null = null;
 
@@ -158,7 +160,7 @@ async function sendPages(o: Outgoing, pages: number[], from: number): Promise<nu
   // Returns how many of `pages` (starting at `from`) went out; stops early when asked to.
   let i = from;
   while (i < pages.length) {
-    if (o.stop && o.state === 'stopping') break;
+    if (o.stop && !o.finalFlush) break;
     const batch = pages.slice(i, i + BATCH);
     i += batch.length;
     const meta = Buffer.allocUnsafe(4 + batch.length * 8);
@@ -320,6 +322,7 @@ async function doCutover(o: Outgoing, verify: 'digest' | 'full'): Promise<Cutove
   const pausedAt = Date.now();
   const t0 = performance.now();
   const finalList = dirtyList();
+  o.finalFlush = true;
   await sendPages(o, finalList, 0);
   const digest = crc32(Buffer.from(o.crcs.buffer)) >>> 0;
   const sourceFullCrc = verify === 'full' ? crc32(guest.memory) >>> 0 : undefined;

@@ -5,7 +5,7 @@ import { ApplicationFailure, CancellationScope, log } from '@temporalio/workflow
 import type { MigrationPolicy, ProgressSample, VmInfo, HostInfo } from '../../common/types.js';
 import type { HostProxies } from '../hosts.js';
 import type { Saga } from '../saga.js';
-import type { MigrationTracker } from '../tracker.js';
+import { reasonOf, type MigrationTracker } from '../tracker.js';
 import { decide } from '../decide.js';
 
 export interface MemoryMoveContext {
@@ -61,16 +61,18 @@ export async function moveMemory(c: MemoryMoveContext, vm: VmInfo): Promise<void
   supervised.catch(() => undefined);
   const lostDestination = supervised.then(
     (r) => { throw ApplicationFailure.create({ message: `destination ${dst.name} left the incoming state early (${r.state})`, nonRetryable: true }); },
-    (e: Error) => { throw e; },
+    (e: Error) => { throw ApplicationFailure.create({ message: `lost control of destination ${dst.name}: ${reasonOf(e)}`, type: 'DestinationLost', nonRetryable: true }); },
   );
   lostDestination.catch(() => undefined);
 
   const samples: ProgressSample[] = [];
   for (;;) {
     const s = await Promise.race([src.long.awaitProgress({ ...ids, afterRound: tracker.round }), lostDestination]);
+    const newRound = s.round > tracker.round || s.state === 'failed';
+    tracker.sample(s);
+    if (!newRound) continue; // an in-round update: progress only, nothing to decide
     samples.push(s);
     if (samples.length > 8) samples.shift();
-    tracker.sample(s);
     const d = decide(samples, policy, vm.spec.memoryBytes);
     if (d.action === 'continue') continue;
     tracker.decision({ round: s.round, action: d.action === 'throttle' ? `throttle ${d.throttle}` : d.action, reason: d.reason });
