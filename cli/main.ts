@@ -274,6 +274,6 @@ export async function main(argv: string[]): Promise<number> {
   }
 }
 
-if (import.meta.url === `file://${process.argv[1]}` || process.argv[1]?.endsWith('cli/main.ts')) {
+if (process.argv[1]?.endsWith('cli/main.ts')) {
   main(process.argv.slice(2)).then((code) => process.exit(code));
 }

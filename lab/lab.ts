@@ -7,7 +7,7 @@ import { spawn } from 'node:child_process';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { HostConfig } from '../common/host-config.js';
 import { hostTaskQueue } from '../common/names.js';
-import { PROJECT_ROOT, ensureSearchAttributes, freePort, startDevServer } from './temporal-server.js';
+import { PROJECT_ROOT, ensureSearchAttributes, freePort, portOpen, startDevServer } from './temporal-server.js';
 import { isAlive } from '../drivers/sim/sim-driver.js';
 
 import { TSX_LOADER as TSX } from '../common/tsx.js';
@@ -105,7 +105,10 @@ export async function labUp(opts: LabUpOptions = {}): Promise<LabStatus> {
     temporal = prev.temporal;
   } else {
     say('starting Temporal dev server (SQLite in .lab/temporal.db, Web UI)…');
-    const s = await startDevServer({ dbFile: path.join(dir, 'temporal.db'), logFile: path.join(dir, 'temporal.log') });
+    // The usual ports when they are free (bookmarks keep working), any free ones otherwise.
+    const port = (await portOpen(7233)) ? undefined : 7233;
+    const uiPort = (await portOpen(8233)) ? undefined : 8233;
+    const s = await startDevServer({ dbFile: path.join(dir, 'temporal.db'), logFile: path.join(dir, 'temporal.log'), port, uiPort });
     temporal = { address: s.address, uiUrl: s.uiUrl, pid: s.pid, managed: true, namespace };
   }
   const env = { TEMPORAL_ADDRESS: temporal.address, TEMPORAL_NAMESPACE: namespace };

@@ -62,7 +62,7 @@ export class Guest {
   private scratch = Buffer.allocUnsafe(PAGE_SIZE);
   private memCredit = 0;
   private diskCredit = 0;
-  /** Pages dirtied since the counter was last reset (for dirty-rate measurement). */
+  /** Pages that turned dirty since the counter was last reset (dirty-rate measurement). */
   dirtiedSinceMark = 0;
 
   constructor(readonly spec: VmSpec, diskPaths: Record<string, string>) {
@@ -106,8 +106,8 @@ export class Guest {
   }
 
   markDirty(page: number): void {
-    if (this.dirty[page] === 0) { this.dirty[page] = 1; this.dirtyCount++; }
-    this.dirtiedSinceMark++;
+    // Counts clean → dirty transitions: the rate that decides convergence (as QEMU measures it).
+    if (this.dirty[page] === 0) { this.dirty[page] = 1; this.dirtyCount++; this.dirtiedSinceMark++; }
   }
 
   private nextRandom(): number {

@@ -115,7 +115,9 @@ while :; do
   k=$((N % MB))
   eval "prev=\${mw$k:-}"
   if [ -n "$prev" ] && ! memcheck "$k" "$prev"; then ms="BAD(block=$k round=$prev)"; fi
-  pattern m "$N" 262144 > "/mem/b$k"
+  # In place (same page-cache pages every round, long-lived mappings): the writes dirty
+  # tracking must not miss.
+  pattern m "$N" 262144 | dd of="/mem/b$k" bs=65536 conv=notrunc status=none 2>/dev/null
   eval "mw$k=$N"
   memcheck "$k" "$N" || ms="BAD(block=$k round=$N reread)"
   if [ "$DISK" = none ]; then

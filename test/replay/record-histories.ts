@@ -1,0 +1,59 @@
+// Records workflow histories from real runs into test/replay/histories/, for the replay suite.
+// Run against a lab (`npm run -s vmferry -- lab up --detach`), then: npm run record-histories
+// Re-record only on purpose: the old files are what keep old executions replayable.
+import fs from 'node:fs';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { execFileSync } from 'node:child_process';
+import { findTemporalCli } from '../../lab/temporal-server.js';
+import { temporalConfig } from '../../common/temporal.js';
+import { readLab, labDir } from '../../lab/lab.js';
+import { VmferryClient } from '../../client/index.js';
+
+const out = path.join(path.dirname(fileURLToPath(import.meta.url)), 'histories');
+const c = await VmferryClient.connect();
+const [A, B] = c.knownHosts as [string, string];
+const tag = Date.now().toString(36);
+
+async function save(name: string, workflowId: string): Promise<void> {
+  // The CLI's JSON export is the format the SDK's historyFromJSON reads (as the UI's download).
+  const { connectionOptions, namespace } = temporalConfig(readLab(labDir())?.temporal.address);
+  const json = execFileSync(findTemporalCli(), ['workflow', 'show', '--address', connectionOptions.address!, '--namespace', namespace, '-w', workflowId, '-o', 'json'], { encoding: 'utf8', maxBuffer: 64 << 20 });
+  fs.writeFileSync(path.join(out, `${name}.json`), json);
+  console.log(`saved ${name} (${(JSON.parse(json) as { events: unknown[] }).events.length} events) from ${workflowId}`);
+}
+
+// 1. A completed live migration under a dirtying workload.
+await c.createVm({ name: `rec-ok-${tag}`, host: A, memory: '32MiB', disk: '4MiB', dirtyRate: '8MiB', fill: 0.5 });
+const ok = await c.startMigration({ type: 'live', vm: `rec-ok-${tag}`, to: B });
+console.log((await c.awaitMigration(ok.id)).outcome);
+await save('live-migration-completed', ok.id);
+
+// 2. Cancelled during pre-copy → rolled back.
+await c.createVm({ name: `rec-cancel-${tag}`, host: A, memory: '32MiB', disk: '4MiB', dirtyRate: '8MiB', fill: 0.9 });
+const cancel = await c.startMigration({ type: 'live', vm: `rec-cancel-${tag}`, to: B, policy: { maxBandwidth: 4 * 2 ** 20 } });
+for (;;) {
+  const p = await c.progress(cancel.id);
+  if (p.phase === 'precopy' && p.bytesTransferred > 0) break;
+  await new Promise((r) => setTimeout(r, 100));
+}
+await c.cancelMigration(cancel.id);
+console.log((await c.awaitMigration(cancel.id)).outcome);
+await save('live-migration-cancelled', cancel.id);
+
+// 3. Auto-converge: a guest that outruns a capped link gets throttled.
+await c.createVm({ name: `rec-throttle-${tag}`, host: A, memory: '32MiB', disk: '4MiB', dirtyRate: '16MiB', fill: 0.5 });
+const thr = await c.startMigration({ type: 'live', vm: `rec-throttle-${tag}`, to: B, policy: { maxBandwidth: 12 * 2 ** 20, downtimeLimitMs: 50 } });
+console.log((await c.awaitMigration(thr.id)).outcome);
+await save('live-migration-throttled', thr.id);
+
+// 4. Admin workflows.
+const inv = `inventory-rec-${tag}`;
+await c.client.workflow.execute('inventory', { taskQueue: 'vmferry-orchestrator', workflowId: inv, args: [[A, B]] });
+await save('inventory', inv);
+const hr = `host-request-rec-${tag}`;
+await c.client.workflow.execute('hostRequest', { taskQueue: 'vmferry-orchestrator', workflowId: hr, args: [{ op: 'hostInfo', host: A }] });
+await save('host-request', hr);
+
+for (const n of [`rec-ok-${tag}`, `rec-cancel-${tag}`, `rec-throttle-${tag}`]) await c.destroyVm(n).catch(() => undefined);
+await c.close();
