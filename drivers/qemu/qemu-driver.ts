@@ -71,6 +71,7 @@ export interface QemuDriverOptions {
 type Accel = 'kvm' | 'tcg';
 
 interface QemuState {
+  kind: 'qemu';
   spec: QemuVmSpec;
   host: string;
   mode: 'boot' | 'incoming';
@@ -203,8 +204,12 @@ export class QemuDriver implements HypervisorDriver {
     return path.join(this.host.runDir, vm);
   }
 
+  /** Only QEMU state files: the simulator may share host.runDir and writes its own vm.json. */
   private readState(vm: string): QemuState | null {
-    try { return JSON.parse(fs.readFileSync(path.join(this.runtimeDir(vm), 'vm.json'), 'utf8')) as QemuState; } catch { return null; }
+    try {
+      const st = JSON.parse(fs.readFileSync(path.join(this.runtimeDir(vm), 'vm.json'), 'utf8')) as QemuState;
+      return st.kind === 'qemu' ? st : null;
+    } catch { return null; }
   }
 
   private writeState(st: QemuState): void {
@@ -421,7 +426,7 @@ export class QemuDriver implements HypervisorDriver {
       writeOwner(ownerPath, { host: this.host.name, epoch: 1, state: 'active' });
       fs.mkdirSync(this.runtimeDir(spec.name), { recursive: true });
       const st: QemuState = {
-        spec: qspec, host: this.host.name, mode: 'boot', epoch: 1, pid: 0, accel: await this.accel(), qemuVersion: '',
+        kind: 'qemu', spec: qspec, host: this.host.name, mode: 'boot', epoch: 1, pid: 0, accel: await this.accel(), qemuVersion: '',
         qmpSocket: this.qmpSocketPath(spec.name), diskPaths, ownerPath, createdAt: new Date().toISOString(),
       };
       this.writeState(st);
@@ -497,7 +502,7 @@ export class QemuDriver implements HypervisorDriver {
     const token = crypto.randomBytes(24).toString('base64url');
     fs.mkdirSync(this.runtimeDir(spec.name), { recursive: true });
     const st: QemuState = {
-      spec: qspec, host: this.host.name, mode: 'incoming', migrationId, epoch: 0, pid: 0, accel: await this.accel(), qemuVersion: '',
+      kind: 'qemu', spec: qspec, host: this.host.name, mode: 'incoming', migrationId, epoch: 0, pid: 0, accel: await this.accel(), qemuVersion: '',
       qmpSocket: this.qmpSocketPath(spec.name), diskPaths, ownerPath, createdAt: new Date().toISOString(),
     };
     this.writeState(st);
