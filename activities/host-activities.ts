@@ -2,10 +2,10 @@
 // idempotent call into the hypervisor driver: safe to retry after a timeout or an agent
 // restart. Inputs and outputs are small (ids, sizes, checksums, progress), never data.
 import { Context, ApplicationFailure, CancelledFailure } from '@temporalio/activity';
-import type { HypervisorDriver, IncomingTarget, RollbackResult } from '../drivers/driver.js';
+import { hasStorageMoves, type HypervisorDriver, type IncomingTarget, type RollbackResult, type StorageMoves } from '../drivers/driver.js';
 import type { HostConfig } from '../common/host-config.js';
 import { hostTaskQueue } from '../common/names.js';
-import type { CutoverResult, HostInfo, MigrationPolicy, ProgressSample, VerifyReport, VmInfo, VmSpec } from '../common/types.js';
+import type { CutoverResult, DiskMirrorStatus, DiskTargetGrant, HostInfo, MigrationPolicy, ProgressSample, VerifyReport, VmInfo, VmSpec } from '../common/types.js';
 
 export interface HostActivityDeps {
   host: HostConfig;
@@ -23,6 +23,10 @@ async function heartbeatWhile<T>(work: Promise<T>, detail: () => unknown, everyM
 }
 
 export function createHostActivities({ host, driver }: HostActivityDeps) {
+  const storage = (): HypervisorDriver & StorageMoves => {
+    if (!hasStorageMoves(driver)) throw ApplicationFailure.create({ message: `the ${driver.kind} driver does not support storage moves yet`, type: 'NotSupported', nonRetryable: true });
+    return driver;
+  };
   const nonRetryable = (e: unknown, type: string): never => {
     throw ApplicationFailure.create({ message: (e as Error).message, type, nonRetryable: true });
   };
@@ -79,7 +83,7 @@ export function createHostActivities({ host, driver }: HostActivityDeps) {
           throw ApplicationFailure.create({ message: `destination ${host.name}: incoming VM ${st.state}${st.error ? `: ${st.error}` : ''}`, type: 'DestinationFailed', nonRetryable: true });
         }
         if (st.state === 'running') return { state: st.state };
-        try { await ctx.sleep(500); } catch { return { state: 'supervision-cancelled' }; }
+        try { await ctx.sleep(200); } catch { return { state: 'supervision-cancelled' }; }
       }
     },
 
@@ -112,8 +116,69 @@ export function createHostActivities({ host, driver }: HostActivityDeps) {
       return heartbeatWhile(driver.cutover(p.vm, p.migrationId, p.destination, p.verify), () => ({ phase: 'cutover' }));
     },
 
-    async rollbackOutgoing(p: { migrationId: string; vm: string }): Promise<RollbackResult> {
-      return driver.rollbackOutgoing(p.vm, p.migrationId);
+    async rollbackOutgoing(p: { migrationId: string; vm: string; allowReclaim?: boolean }): Promise<RollbackResult> {
+      try { return await driver.rollbackOutgoing(p.vm, p.migrationId, p.allowReclaim); } catch (e) {
+        if ((e as Error).name === 'VmGone') return nonRetryable(e, 'VmGone');
+        throw e;
+      }
+    },
+
+    // ---- storage moves ----
+
+    async startLocalDiskMirror(p: { migrationId: string; vm: string; targets: Record<string, string> }): Promise<DiskMirrorStatus> {
+      try { return await storage().startLocalDiskMirror(p.vm, p.migrationId, p.targets); } catch (e) { return nonRetryable(e, 'StorageRefused'); }
+    },
+
+    async startRemoteDiskMirror(p: { migrationId: string; vm: string; grant: DiskTargetGrant }): Promise<DiskMirrorStatus> {
+      try {
+        return await storage().startDiskMirror(p.vm, p.migrationId, { kind: 'remote', endpoint: p.grant.endpoint, token: p.grant.token, hello: { migrationId: p.migrationId, vm: p.vm, from: host.name } });
+      } catch (e) { return nonRetryable(e, 'StorageRefused'); }
+    },
+
+    async resumeDiskMirror(p: { migrationId: string; vm: string; token: string }): Promise<DiskMirrorStatus> {
+      return storage().resumeDiskMirror(p.vm, p.migrationId, p.token);
+    },
+
+    /**
+     * Follows the bulk copy, heartbeating its checkpoint; returns once the copy is synced (writes
+     * still mirrored), disconnected (the caller re-grants and resumes) or failed.
+     */
+    async awaitDiskMirror(p: { migrationId: string; vm: string }): Promise<DiskMirrorStatus> {
+      const ctx = Context.current();
+      for (;;) {
+        const st = await storage().diskMirrorStatus(p.vm, p.migrationId);
+        ctx.heartbeat({ bytesCopied: st.bytesCopied, checkpoint: st.checkpoint });
+        if (st.state !== 'copying') return st;
+        try { await ctx.sleep(250); } catch { throw new CancelledFailure('activity cancelled'); }
+      }
+    },
+
+    async diskMirrorStatus(p: { migrationId: string; vm: string }): Promise<DiskMirrorStatus> {
+      return storage().diskMirrorStatus(p.vm, p.migrationId);
+    },
+
+    async abortDiskMirror(p: { migrationId: string; vm: string; targets?: Record<string, string> }): Promise<{ aborted: boolean }> {
+      return storage().abortDiskMirror(p.vm, p.migrationId, p.targets);
+    },
+
+    async switchDisks(p: { migrationId: string; vm: string; targets: Record<string, string> }) {
+      return heartbeatWhile(storage().switchDisks(p.vm, p.migrationId, p.targets), () => ({ phase: 'verify-and-switch' }));
+    },
+
+    async deleteOldDiskFiles(p: { vm: string; paths: string[] }): Promise<{ deleted: string[] }> {
+      return storage().deleteOldDiskFiles(p.vm, p.paths);
+    },
+
+    async prepareDiskTargets(p: { migrationId: string; spec: VmSpec; sourceHost: string; epoch: number; dir?: string }): Promise<DiskTargetGrant & { spec: VmSpec }> {
+      try { return await storage().prepareDiskTargets(p.spec, p.migrationId, p.sourceHost, p.epoch, p.dir); } catch (e) { return nonRetryable(e, 'DestinationRefused'); }
+    },
+
+    async deleteDiskTargets(p: { migrationId: string; vm: string; dir?: string }): Promise<{ deleted: boolean }> {
+      return storage().deleteDiskTargets(p.vm, p.migrationId, p.dir);
+    },
+
+    async adoptDiskTargets(p: { migrationId: string; vm: string; dir?: string }): Promise<void> {
+      await storage().adoptDiskTargets(p.vm, p.migrationId, p.dir);
     },
 
     /** Removes the source copy after a completed cutover; refuses to touch a VM that runs here. */

@@ -2,6 +2,7 @@
 // vmferry CLI: a thin layer over client/ and lab/. Exit codes (README, "Exit codes"):
 //   0 ok / migration completed   2 bad input (nothing changed)   3 migration rolled back
 //   4 migration failed           1 anything else (e.g. Temporal unreachable)
+import path from 'node:path';
 import { Command, CommanderError, InvalidArgumentError } from 'commander';
 import cliProgress from 'cli-progress';
 import { VmferryClient, UsageError, type MigrationStatus } from '../client/index.js';
@@ -43,7 +44,8 @@ export function resultJson(r: MigrationResult | MigrationStatus): Record<string,
 
 function printResult(r: MigrationResult, uiUrl?: string): void {
   console.log(`${r.outcome === 'completed' ? '✔' : '✘'} ${r.type} migration ${r.id}: ${r.outcome} — ${r.reason}`);
-  console.log(`  ${r.vm}: ${r.from} → ${r.to}; total ${r.durationMs} ms, downtime ${r.downtimeMs} ms, ${r.rounds} rounds, ${formatBytes(r.bytesTransferred)} sent`);
+  if (r.type === 'storage') console.log(`  ${r.vm} on ${r.from}: total ${r.durationMs} ms, no downtime, ${formatBytes(r.bytesTransferred)} copied and mirrored`);
+  else console.log(`  ${r.vm}: ${r.from} → ${r.to}; total ${r.durationMs} ms, downtime ${r.downtimeMs} ms, ${r.rounds} rounds, ${formatBytes(r.bytesTransferred)} sent`);
   for (const d of r.decisions) console.log(`  decision at round ${d.round}: ${d.action} — ${d.reason}`);
   if (uiUrl) console.log(`  Temporal UI: ${uiUrl}`);
 }
@@ -218,17 +220,51 @@ migrate.command('live <vm>').description('live migration: memory and state move,
   .action(async (vmName: string, o: Record<string, unknown>) => withClient(async (c) => {
     const policy = policyFrom(o);
     const m = await c.startMigration({ type: 'live', vm: vmName, to: o.to as string, policy });
-    if (!o.wait) {
-      if (o.json) return out({ id: m.id, type: 'live', vm: vmName, from: m.from, to: m.to, outcome: 'running', uiUrl: c.workflowUrl(m.id) });
-      console.log(`started ${m.id}: ${vmName} ${m.from} → ${m.to}${c.workflowUrl(m.id) ? `\n  Temporal UI: ${c.workflowUrl(m.id)}` : ''}`);
-      return;
-    }
-    const spec = await c.vmSpec(vmName).catch(() => null);
-    const r = await follow(c, m.id, spec?.spec.memoryBytes ?? 1, !!o.json);
-    if (o.json) out({ ...resultJson(r), uiUrl: c.workflowUrl(r.id) });
-    else printResult(r, c.workflowUrl(r.id));
-    process.exitCode = outcomeExit(r.outcome);
+    await report(c, m, vmName, o as { wait?: boolean; json?: boolean });
   }));
+
+migrate.command('storage <vm>').description('live storage migration: the VM stays on its host, its disk files move')
+  .option('--to-path <dir>', 'directory (inside a storage root of the host) for all disks')
+  .option('--disk <id=dir>', 'directory for one disk (repeatable)', (v: string, prev: string[]) => [...prev, v], [] as string[])
+  .option('--wait', 'wait for the outcome, showing progress')
+  .option('--json', 'JSON output')
+  .action(async (vmName: string, o: { toPath?: string; disk: string[]; wait?: boolean; json?: boolean }) => withClient(async (c) => {
+    const disks: Record<string, string> = {};
+    for (const d of o.disk) {
+      const m = /^([^=]+)=(.+)$/.exec(d);
+      if (!m) throw new UsageError(`bad --disk "${d}": use <id>=<dir>, e.g. disk0=/srv/fast`);
+      disks[m[1]!] = path.resolve(m[2]!);
+    }
+    const m = await c.startMigration({ type: 'storage', vm: vmName, toPath: o.toPath ? path.resolve(o.toPath) : undefined, disks: o.disk.length ? disks : undefined });
+    await report(c, m, vmName, o);
+  }));
+migrate.command('shared-nothing <vm>').description('shared-nothing live migration: storage mirrored to the destination, then memory and state')
+  .requiredOption('--to <host>', 'destination host')
+  .option('--to-path <dir>', 'directory on the destination (inside one of its storage roots)')
+  .option('--wait', 'wait for the outcome, showing progress')
+  .option('--json', 'JSON output')
+  .option('--downtime-limit <ms>', 'maximum pause, ms (default 300)', intArg('--downtime-limit'))
+  .option('--max-bandwidth <size/s>', 'cap on the memory stream (default: none)')
+  .option('--max-rounds <n>', 'pre-copy round limit (default 30)', intArg('--max-rounds'))
+  .option('--no-auto-converge', 'never throttle the guest; roll back instead when pre-copy cannot converge')
+  .option('--verify <mode>', 'cutover check: digest or full', (v) => { if (v !== 'digest' && v !== 'full') throw new InvalidArgumentError('--verify is digest or full'); return v; })
+  .action(async (vmName: string, o: Record<string, unknown>) => withClient(async (c) => {
+    const m = await c.startMigration({ type: 'shared-nothing', vm: vmName, to: o.to as string, toPath: o.toPath ? path.resolve(o.toPath as string) : undefined, policy: policyFrom(o) });
+    await report(c, m, vmName, o as { wait?: boolean; json?: boolean });
+  }));
+
+async function report(c: VmferryClient, m: { id: string; from: string; to: string }, vmName: string, o: { wait?: boolean; json?: boolean }): Promise<void> {
+  if (!o.wait) {
+    if (o.json) return out({ id: m.id, vm: vmName, from: m.from, to: m.to, outcome: 'running', uiUrl: c.workflowUrl(m.id) });
+    console.log(`started ${m.id}: ${vmName} ${m.from} → ${m.to}${c.workflowUrl(m.id) ? `\n  Temporal UI: ${c.workflowUrl(m.id)}` : ''}`);
+    return;
+  }
+  const spec = await c.vmSpec(vmName).catch(() => null);
+  const r = await follow(c, m.id, spec?.spec.memoryBytes ?? 1, !!o.json);
+  if (o.json) out({ ...resultJson(r), uiUrl: c.workflowUrl(r.id) });
+  else printResult(r, c.workflowUrl(r.id));
+  process.exitCode = outcomeExit(r.outcome);
+}
 
 // ---- migration ----
 const migration = program.command('migration').description('inspect and control migrations');

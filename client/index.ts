@@ -56,13 +56,22 @@ export const policySchema = z.object({
   verify: z.enum(['digest', 'full']),
 }).partial().strict();
 
-export const startMigrationSchema = z.object({
-  type: z.enum(['live']),
-  vm: vmNameSchema,
-  to: z.string().min(1, 'a destination host is required'),
-  policy: policySchema.optional(),
-});
+const absDir = z.string().min(1).refine((p) => p.startsWith('/'), 'storage paths must be absolute').refine((p) => !p.split('/').includes('..'), 'storage paths may not contain ".."');
+export const startMigrationSchema = z.discriminatedUnion('type', [
+  z.object({ type: z.literal('live'), vm: vmNameSchema, to: z.string().min(1, 'a destination host is required'), policy: policySchema.optional() }).strict(),
+  z.object({
+    type: z.literal('storage'),
+    vm: vmNameSchema,
+    /** Directory for all disks (and the VM's other files). */
+    toPath: absDir.optional(),
+    /** Per-disk directories: disk id → directory. */
+    disks: z.record(z.string().regex(/^disk\d+$/, 'disk ids look like disk0'), absDir).optional(),
+  }).strict(),
+  z.object({ type: z.literal('shared-nothing'), vm: vmNameSchema, to: z.string().min(1, 'a destination host is required'), toPath: absDir.optional(), policy: policySchema.optional() }).strict(),
+]);
 export type StartMigrationInput = z.input<typeof startMigrationSchema>;
+
+const WORKFLOW_FOR: Record<MigrationType, string> = { live: 'liveMigration', storage: 'storageMigration', 'shared-nothing': 'sharedNothingMigration' };
 
 export interface MigrationStatus extends Omit<MigrationResult, 'outcome'> {
   outcome: Outcome;
@@ -98,7 +107,9 @@ export class VmferryClient {
       throw new Error(`cannot reach Temporal at ${connectionOptions.address}: ${e.message} (is the lab up? \`vmferry lab up\`)`);
     });
     const hosts = opts.hosts ?? (process.env.VMFERRY_HOSTS ? process.env.VMFERRY_HOSTS.split(',') : lab?.hosts.map((h) => h.name) ?? []);
-    return new VmferryClient(new Client({ connection, namespace }), connection, namespace, hosts, lab?.temporal.uiUrl ?? null);
+    // UI links only when we talk to the lab's own server.
+    const onLabServer = !!lab && connectionOptions.address === lab.temporal.address;
+    return new VmferryClient(new Client({ connection, namespace }), connection, namespace, hosts, onLabServer ? lab!.temporal.uiUrl ?? null : null);
   }
 
   async close(): Promise<void> {
@@ -191,29 +202,58 @@ export class VmferryClient {
   /** Validates, refuses a second migration of the same VM, and starts the workflow. */
   async startMigration(input: StartMigrationInput): Promise<{ id: string; from: string; to: string }> {
     const m = parseOrThrow(startMigrationSchema, input);
-    this.requireHost(m.to);
+    if (m.type !== 'storage') this.requireHost(m.to);
     const at = await this.locateVm(m.vm);
     if (!at) throw new UsageError(`no VM named ${m.vm}${this.knownHosts.length ? ` on hosts ${this.knownHosts.join(', ')}` : ''}`);
-    if (at.host === m.to) throw new UsageError(`VM ${m.vm} already runs on ${m.to}: source and destination are the same host`);
+    const to = m.type === 'storage' ? at.host : m.to;
+    if (m.type !== 'storage' && at.host === to) throw new UsageError(`VM ${m.vm} already runs on ${to}: source and destination are the same host`);
     if (at.state !== 'running') throw new UsageError(`VM ${m.vm} is ${at.state} on ${at.host}, not running`);
     const running = await this.findRunningMigration(m.vm);
     if (running) throw new UsageError(`VM ${m.vm} is already migrating (${running}); only one migration per VM at a time`);
     const id = migrationIdFor(m.type, m.vm, `${Date.now().toString(36)}${crypto.randomBytes(2).toString('hex')}`);
-    await this.client.workflow.start('liveMigration', {
+    let arg: unknown;
+    if (m.type === 'storage') {
+      const vm = await this.vmSpec(m.vm);
+      const targets: Record<string, string> = {};
+      for (const d of vm!.spec.disks) {
+        const dir = m.disks?.[d.id] ?? m.toPath;
+        if (!dir) throw new UsageError(`no destination for disk ${d.id}: give --to-path or --disk ${d.id}=<dir>`);
+        targets[d.id] = dir;
+      }
+      for (const id2 of Object.keys(m.disks ?? {})) if (!vm!.spec.disks.some((d) => d.id === id2)) throw new UsageError(`VM ${m.vm} has no disk ${id2} (it has: ${vm!.spec.disks.map((d) => d.id).join(', ')})`);
+      await this.requireInsideRoots(at.host, Object.values(targets));
+      arg = { migrationId: id, vm: m.vm, host: at.host, targets };
+    } else if (m.type === 'shared-nothing') {
+      if (m.toPath) await this.requireInsideRoots(to, [m.toPath]);
+      arg = { migrationId: id, vm: m.vm, from: at.host, to, toPath: m.toPath, policy: m.policy };
+    } else {
+      arg = { migrationId: id, vm: m.vm, from: at.host, to, policy: m.policy as Partial<MigrationPolicy> | undefined };
+    }
+    await this.client.workflow.start(WORKFLOW_FOR[m.type], {
       taskQueue: ORCHESTRATOR_TASK_QUEUE,
       workflowId: id,
-      args: [{ migrationId: id, vm: m.vm, from: at.host, to: m.to, policy: m.policy as Partial<MigrationPolicy> | undefined }],
+      args: [arg],
       typedSearchAttributes: [
         { key: VmName, value: m.vm },
         { key: SourceHost, value: at.host },
-        { key: DestinationHost, value: m.to },
+        { key: DestinationHost, value: to },
         { key: MigrationTypeKey, value: m.type },
         { key: MigrationPhase, value: 'starting' },
         { key: MigrationOutcome, value: 'running' },
       ],
-      staticSummary: `${m.type} migration of ${m.vm}: ${at.host} → ${m.to}`,
+      staticSummary: m.type === 'storage' ? `storage migration of ${m.vm} on ${at.host}` : `${m.type} migration of ${m.vm}: ${at.host} → ${to}`,
     });
-    return { id, from: at.host, to: m.to };
+    return { id, from: at.host, to };
+  }
+
+  /** Client-side check (the host re-checks with symlinks resolved): paths inside a storage root. */
+  private async requireInsideRoots(host: string, dirs: string[]): Promise<void> {
+    const roots = (await this.hostInfo(host)).storageRoots;
+    for (const d of dirs) {
+      if (!roots.some((r) => d.startsWith(r.path.replace(/\/$/, '') + '/'))) {
+        throw new UsageError(`storage path ${d} is not inside any storage root of ${host} (${roots.map((r) => `${r.name}: ${r.path}`).join(', ')})`);
+      }
+    }
   }
 
   async findRunningMigration(vm: string): Promise<string | null> {

@@ -27,3 +27,26 @@ export function vmStorageDir(root: StorageRoot, vm: string): string {
   if (!dir.startsWith(path.resolve(root.path) + path.sep)) throw new Error(`VM name ${vm} escapes storage root ${root.name}`);
   return dir;
 }
+
+/**
+ * Confines a directory to one of the host's storage roots: resolves "..", follows symlinks of
+ * the part that exists, and refuses anything that ends up outside every root.
+ */
+export function resolveStorageDir(roots: StorageRoot[], dir: string): { root: StorageRoot; dir: string } {
+  if (!path.isAbsolute(dir)) throw new Error(`storage path ${dir} must be absolute`);
+  let probe = path.resolve(dir);
+  const rest: string[] = [];
+  while (!fs.existsSync(probe)) {
+    rest.unshift(path.basename(probe));
+    const up = path.dirname(probe);
+    if (up === probe) break;
+    probe = up;
+  }
+  const real = path.join(fs.realpathSync(probe), ...rest);
+  for (const r of roots) {
+    let rootReal: string;
+    try { rootReal = fs.realpathSync(r.path); } catch { continue; }
+    if (real.startsWith(rootReal + path.sep)) return { root: r, dir: real };
+  }
+  throw new Error(`storage path ${dir} is not inside any storage root of this host (${roots.map((r) => `${r.name}: ${r.path}`).join(', ')})`);
+}

@@ -13,6 +13,8 @@ export interface DiskSpec {
   sizeBytes: number;
   /** Storage root name on the host ("shared", "local", ...). */
   root: string;
+  /** Directory of the disk file, inside the root (default: <root>/vms/<vm>). */
+  dir?: string;
 }
 
 export interface VmSpec {
@@ -26,6 +28,8 @@ export interface VmSpec {
   writeRate: number;
   /** Fraction of guest data pages written at boot (the rest stays zero). */
   fill: number;
+  /** Fraction of each disk's blocks written at boot (default 0). */
+  diskFill?: number;
   /** Stable loopback address the guest answers UDP echo probes on; it moves with the VM. */
   probe: { address: string; port: number };
 }
@@ -148,6 +152,9 @@ export interface LiveMigrationInput {
 
 export interface MigrationPhaseProgress {
   phase: string;
+  /** Storage moves: bytes bulk-copied and guest writes mirrored so far. */
+  bytesCopied?: number;
+  bytesMirrored?: number;
   round: number;
   bytesTransferred: number;
   dirtyPages: number;
@@ -176,4 +183,39 @@ export interface MigrationResult {
   bytesTransferred: number;
   decisions: DecisionRecord[];
   cutover?: CutoverResult;
+}
+
+export interface StorageMigrationInput {
+  migrationId: string;
+  vm: string;
+  host: string;
+  /** Destination directory per disk id (absolute, inside one of the host's storage roots). */
+  targets: Record<string, string>;
+}
+
+export interface SharedNothingInput {
+  migrationId: string;
+  vm: string;
+  from: string;
+  to: string;
+  /** Destination directory (inside a destination root); default: <local root>/vms/<vm>. */
+  toPath?: string;
+  policy?: Partial<MigrationPolicy>;
+}
+
+export interface DiskMirrorStatus {
+  state: 'copying' | 'synced' | 'disconnected' | 'failed' | 'switched' | 'aborted';
+  bytesCopied: number;
+  bytesMirrored: number;
+  /** Bulk-copy position confirmed by the target, per disk (blocks): where a resumed copy restarts. */
+  checkpoint: Record<string, number>;
+  totalBytes: number;
+  error?: string;
+}
+
+export interface DiskTargetGrant {
+  endpoint: { host: string; port: number };
+  token: string;
+  /** Absolute path of each disk's copy on the target host. */
+  paths: Record<string, string>;
 }

@@ -21,11 +21,17 @@ export enum FrameType {
   Blocks = 9,
   Done = 10,
   RoundEnd = 11,
+  Ack = 12,
 }
 
 export interface Frame {
   type: FrameType;
   body: Buffer;
+  /**
+   * Pages frames: the body exactly as it arrived, in pieces (socket reads), so the receiver
+   * can checksum and place pages without first joining them; `body` joins on first use.
+   */
+  parts?: Buffer[];
 }
 
 export const crc32: (data: Buffer | Uint8Array, value?: number) => number = (zlib as unknown as {
@@ -53,6 +59,21 @@ export function parseJson<T>(frame: Frame): T {
 
 export class ProtocolError extends Error {}
 
+/** The first n bytes of a body given in pieces (a view when the first piece holds them). */
+export function joinPrefix(parts: Buffer[], n: number): Buffer {
+  if (parts.length > 0 && parts[0]!.length >= n) return parts[0]!.subarray(0, n);
+  return Buffer.concat(parts, n);
+}
+
+function partsFrame(type: FrameType, parts: Buffer[]): Frame {
+  let joined: Buffer | undefined;
+  return {
+    type,
+    parts,
+    get body(): Buffer { return (joined ??= parts.length === 1 ? parts[0]! : Buffer.concat(parts)); },
+  };
+}
+
 /** Incremental frame parser; feed() returns every complete, checksum-verified frame. */
 export class FrameReader {
   private chunks: Buffer[] = [];
@@ -71,19 +92,28 @@ export class FrameReader {
       if (!(type in FrameType)) throw new ProtocolError(`unknown frame type ${type}`);
       if (len > MAX_BODY) throw new ProtocolError(`frame body of ${len} bytes exceeds the ${MAX_BODY} limit`);
       if (this.buffered < HEADER + len) break;
-      const all = this.take(HEADER + len);
-      const body = all.subarray(HEADER);
+      let frame: Frame;
+      if (type === FrameType.Pages && this.chunks[0]!.length < HEADER + len) {
+        // A large page frame spans socket reads: hand it over in pieces, no copy.
+        this.take(HEADER);
+        frame = partsFrame(type, this.takeParts(len));
+      } else {
+        const body = this.take(HEADER + len).subarray(HEADER);
+        frame = { type, body, parts: type === FrameType.Pages ? [body] : undefined };
+      }
       // Page frames checksum their index table here; each page carries its own CRC in that
       // table, which the receiver checks as it copies the page (one pass over the data).
-      let covered = body;
+      let covered: Buffer;
       if (type === FrameType.Pages || type === FrameType.Blocks) {
-        if (body.length < 4) throw new ProtocolError('page frame without an index');
-        const n = body.readUInt32LE(0);
-        if (4 + n * 8 > body.length) throw new ProtocolError('page frame index exceeds the frame');
-        covered = body.subarray(0, 4 + n * 8);
-      }
+        // Blocks frames carry u32 disk index and u32 sequence after the count.
+        const head = type === FrameType.Blocks ? 12 : 4;
+        if (len < head) throw new ProtocolError('page frame without an index');
+        const n = joinPrefix(frame.parts ?? [frame.body], 4).readUInt32LE(0);
+        if (head + n * 8 > len) throw new ProtocolError('page frame index exceeds the frame');
+        covered = joinPrefix(frame.parts ?? [frame.body], head + n * 8);
+      } else covered = frame.body;
       if ((crc32(covered) >>> 0) !== crc) throw new ProtocolError(`checksum mismatch on frame type ${FrameType[type]}`);
-      out.push({ type, body });
+      out.push(frame);
     }
     return out;
   }
@@ -96,6 +126,19 @@ export class FrameReader {
   private peek(n: number): Buffer {
     if (this.chunks[0]!.length >= n) return this.chunks[0]!.subarray(0, n);
     return Buffer.concat(this.chunks).subarray(0, n);
+  }
+
+  /** The next n bytes as the received pieces themselves (subarrays, no copy). */
+  private takeParts(n: number): Buffer[] {
+    const parts: Buffer[] = [];
+    let need = n;
+    while (need > 0) {
+      const c = this.chunks[0]!;
+      if (c.length <= need) { parts.push(c); this.chunks.shift(); need -= c.length; }
+      else { parts.push(c.subarray(0, need)); this.chunks[0] = c.subarray(need); need = 0; }
+    }
+    this.buffered -= n;
+    return parts;
   }
 
   private take(n: number): Buffer {

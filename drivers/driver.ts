@@ -2,7 +2,7 @@
 // migrate / drive-mirror are), not around "send these pages", so the simulator and QEMU both
 // fit: the destination prepares an incoming VM and says where to send; the source runs the
 // job, reports progress, takes policy changes, and performs the cutover on command.
-import type { CutoverResult, MigrationPolicy, ProgressSample, VerifyReport, VmInfo, VmSpec } from '../common/types.js';
+import type { CutoverResult, DiskMirrorStatus, DiskTargetGrant, MigrationPolicy, ProgressSample, VerifyReport, VmInfo, VmSpec } from '../common/types.js';
 
 export interface IncomingTarget {
   endpoint: { host: string; port: number };
@@ -18,8 +18,12 @@ export interface IncomingStatus {
 }
 
 export interface RollbackResult {
-  /** Where the VM runs after the rollback, decided by the ownership record, never guessed. */
-  runsOn: 'source' | 'destination';
+  /**
+   * Where the VM runs after the rollback, decided by the ownership record, never guessed.
+   * 'undecided': handed off to a destination with its own storage; abort the destination, then
+   * call again with allowReclaim.
+   */
+  runsOn: 'source' | 'destination' | 'undecided';
   state: string;
   epoch: number;
 }
@@ -45,5 +49,23 @@ export interface HypervisorDriver {
   setOutgoingPolicy(name: string, migrationId: string, patch: { throttle?: number; maxBandwidth?: number }): Promise<void>;
   /** Pause → last dirty pages + device state → verify → handoff → destination resumes. Idempotent. */
   cutover(name: string, migrationId: string, destinationHost: string, verify: MigrationPolicy['verify']): Promise<CutoverResult>;
-  rollbackOutgoing(name: string, migrationId: string): Promise<RollbackResult>;
+  rollbackOutgoing(name: string, migrationId: string, allowReclaim?: boolean): Promise<RollbackResult>;
+}
+
+/** Disk mirroring (live storage migration, shared-nothing). Drivers may not offer it yet. */
+export interface StorageMoves {
+  startLocalDiskMirror(name: string, migrationId: string, targets: Record<string, string>): Promise<DiskMirrorStatus>;
+  startDiskMirror(name: string, migrationId: string, target: { kind: 'remote'; endpoint: { host: string; port: number }; token: string; hello: { migrationId: string; vm: string; from: string } }): Promise<DiskMirrorStatus>;
+  diskMirrorStatus(name: string, migrationId: string): Promise<DiskMirrorStatus>;
+  resumeDiskMirror(name: string, migrationId: string, token: string): Promise<DiskMirrorStatus>;
+  abortDiskMirror(name: string, migrationId: string, targets?: Record<string, string>): Promise<{ aborted: boolean }>;
+  switchDisks(name: string, migrationId: string, targets: Record<string, string>): Promise<{ oldPaths: string[]; newPaths: string[]; epoch: number; crcs: Record<string, number> }>;
+  deleteOldDiskFiles(name: string, paths: string[]): Promise<{ deleted: string[] }>;
+  prepareDiskTargets(spec: VmSpec, migrationId: string, sourceHost: string, epoch: number, dir?: string): Promise<DiskTargetGrant & { spec: VmSpec }>;
+  deleteDiskTargets(name: string, migrationId: string, dir?: string): Promise<{ deleted: boolean }>;
+  adoptDiskTargets(name: string, migrationId: string, dir?: string): Promise<void>;
+}
+
+export function hasStorageMoves(d: HypervisorDriver): d is HypervisorDriver & StorageMoves {
+  return typeof (d as Partial<StorageMoves>).startLocalDiskMirror === 'function';
 }

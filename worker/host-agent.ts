@@ -9,6 +9,7 @@ import { readHostConfig, hostTaskQueue } from '../common/host-config.js';
 import { temporalConfig } from '../common/temporal.js';
 import { SimDriver } from '../drivers/sim/sim-driver.js';
 import { DataPlaneServer } from '../dataplane/endpoint.js';
+import { DiskReceiver } from '../dataplane/disk-receiver.js';
 import { createHostActivities } from '../activities/host-activities.js';
 
 const configPath = process.argv[2];
@@ -20,8 +21,10 @@ const host = readHostConfig(configPath);
 const log = (m: string): void => console.log(`${new Date().toISOString()} [agent ${host.name}] ${m}`);
 
 const driver = new SimDriver(host, log);
-const dataPlane = new DataPlaneServer({ memory: (h, s, r) => driver.handOver(h, s, r) }, log);
+const diskReceiver = new DiskReceiver(log);
+const dataPlane = new DataPlaneServer({ memory: (h, s, r) => driver.handOver(h, s, r), disk: (h, s, r) => diskReceiver.accept(h, s, r) }, log);
 driver.dataPlane = dataPlane;
+driver.diskReceiver = diskReceiver;
 const addr = await dataPlane.listen(host.dataPlane.host, host.dataPlane.port);
 host.dataPlane = addr;
 

@@ -2,3 +2,5 @@
 export { liveMigration } from './live-migration.js';
 export { progressQuery } from './tracker.js';
 export { hostRequest, inventory } from './admin.js';
+export { storageMigration } from './storage-migration.js';
+export { sharedNothingMigration } from './shared-nothing.js';

@@ -15,11 +15,15 @@ export class MigrationTracker {
   throttle = 0;
   decisions: DecisionRecord[] = [];
   cutover?: CutoverResult;
+  bytesCopied = 0;
+  bytesMirrored = 0;
   private readonly startedAt = Date.now();
 
   constructor(readonly type: MoveType, readonly input: { migrationId: string; vm: string; from: string; to: string }) {
     setHandler(progressQuery, () => ({
       phase: this.phaseName,
+      bytesCopied: this.bytesCopied,
+      bytesMirrored: this.bytesMirrored,
       round: this.round,
       bytesTransferred: this.bytesTransferred,
       dirtyPages: this.dirtyPages,
@@ -51,6 +55,11 @@ export class MigrationTracker {
     this.throttle = s.throttle;
   }
 
+  storage(st: { bytesCopied: number; bytesMirrored: number }): void {
+    this.bytesCopied = st.bytesCopied;
+    this.bytesMirrored = st.bytesMirrored;
+  }
+
   decision(d: DecisionRecord): void {
     this.decisions.push(d);
     if (this.decisions.length > 200) this.decisions.shift();
@@ -70,7 +79,7 @@ export class MigrationTracker {
       durationMs: Date.now() - this.startedAt,
       downtimeMs: this.cutover?.downtimeMs ?? 0,
       rounds: this.round,
-      bytesTransferred: this.cutover ? Math.max(this.bytesTransferred, this.cutover.bytesSent) : this.bytesTransferred,
+      bytesTransferred: this.bytesCopied + this.bytesMirrored + (this.cutover ? Math.max(this.bytesTransferred, this.cutover.bytesSent) : this.bytesTransferred),
       decisions: this.decisions,
       cutover: this.cutover,
     };

@@ -89,6 +89,10 @@ export class Guest {
     this.memory.writeUInt32LE(this.pages, 4);
     const n = Math.floor((this.pages - this.dataStart) * Math.min(1, Math.max(0, this.spec.fill)));
     for (let i = 0; i < n; i++) this.writePage(this.dataStart + i);
+    const df = Math.min(1, Math.max(0, this.spec.diskFill ?? 0));
+    this.disks.forEach((d, di) => {
+      for (let b = 0; b < Math.floor(d.blocks * df); b++) this.writeBlock(di, b);
+    });
     this.markAllClean();
   }
 
@@ -132,7 +136,7 @@ export class Guest {
     this.state.memWrites++;
   }
 
-  private writeBlock(diskIndex: number, block: number): void {
+  writeBlock(diskIndex: number, block: number): void {
     const d = this.disks[diskIndex]!;
     if (d.fd === null) throw new Error(`disk ${d.id} is not open for writing`);
     const seq = this.memory.readUInt32LE(this.diskLedgerOff[diskIndex]! + block * 4) + 1;

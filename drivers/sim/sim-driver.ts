@@ -8,12 +8,14 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { HypervisorDriver, IncomingStatus, IncomingTarget, RollbackResult } from '../driver.js';
-import type { CutoverResult, MigrationPolicy, ProgressSample, VerifyReport, VmInfo, VmSpec, VmState } from '../../common/types.js';
-import { vmStorageDir, type HostConfig } from '../../common/host-config.js';
+import type { CutoverResult, DiskMirrorStatus, DiskTargetGrant, MigrationPolicy, ProgressSample, VerifyReport, VmInfo, VmSpec, VmState } from '../../common/types.js';
+import { vmStorageDir, resolveStorageDir, type HostConfig } from '../../common/host-config.js';
 import { callControl, ControlError } from './control.js';
 import { writeOwner } from './ownership.js';
 import type { VmRuntimeConfig, VmStatus } from './vm-process.js';
 import type { DataPlaneServer, Hello } from '../../dataplane/endpoint.js';
+import type { DiskReceiver } from '../../dataplane/disk-receiver.js';
+import type { MirrorTarget } from './disk-mirror.js';
 import { FrameType, jsonFrame } from '../../dataplane/frames.js';
 
 const VM_PROCESS = fileURLToPath(new URL('./vm-process.ts', import.meta.url));
@@ -77,18 +79,38 @@ export class SimDriver implements HypervisorDriver {
     }
   }
 
-  private storagePaths(spec: VmSpec): { diskPaths: Record<string, string>; ownerPath: string; dirs: string[] } {
+  private storagePaths(spec: VmSpec): { diskPaths: Record<string, string>; ownerPath: string; dirs: string[]; sharedOwner: boolean } {
     const diskPaths: Record<string, string> = {};
     const dirs: string[] = [];
+    let sharedOwner = false;
     for (const d of spec.disks) {
       const root = this.host.storageRoots.find((r) => r.name === d.root);
       if (!root) throw new Error(`host ${this.host.name} has no storage root "${d.root}" (it has: ${this.host.storageRoots.map((r) => r.name).join(', ')})`);
-      const dir = vmStorageDir(root, spec.name);
+      const dir = d.dir ? resolveStorageDir([root], d.dir).dir : vmStorageDir(root, spec.name);
+      if (dirs.length === 0) sharedOwner = root.shared;
       dirs.push(dir);
       diskPaths[d.id] = path.join(dir, `${d.id}.img`);
     }
     if (dirs.length === 0) throw new Error(`VM ${spec.name} needs at least one disk`);
-    return { diskPaths, ownerPath: path.join(dirs[0]!, 'owner.json'), dirs: [...new Set(dirs)] };
+    return { diskPaths, ownerPath: path.join(dirs[0]!, 'owner.json'), dirs: [...new Set(dirs)], sharedOwner };
+  }
+
+  /** Where each disk of `spec` goes when moved to `targets` (disk id → directory on this host). */
+  planDiskMove(spec: VmSpec, targets: Record<string, string>): { disks: VmSpec['disks']; diskPaths: Record<string, string> } {
+    const disks = spec.disks.map((d) => {
+      const t = targets[d.id];
+      if (!t) return d;
+      const { root, dir } = resolveStorageDir(this.host.storageRoots, t);
+      return { ...d, root: root.name, dir };
+    });
+    for (const id of Object.keys(targets)) if (!spec.disks.some((d) => d.id === id)) throw new Error(`VM ${spec.name} has no disk "${id}" (it has: ${spec.disks.map((d) => d.id).join(', ')})`);
+    const { diskPaths } = this.storagePaths({ ...spec, disks });
+    const current = this.storagePaths(spec).diskPaths;
+    for (const [id, p] of Object.entries(diskPaths)) {
+      if (targets[id] && p === current[id]) throw new Error(`disk ${id} of ${spec.name} is already at ${p}`);
+      if (targets[id] && fs.existsSync(p)) throw new Error(`a file already exists at ${p}`);
+    }
+    return { disks, diskPaths };
   }
 
   private memoryInUse(): number {
@@ -133,7 +155,7 @@ export class SimDriver implements HypervisorDriver {
   async create(spec: VmSpec): Promise<VmInfo> {
     if (this.readRuntime(spec.name)) throw new Error(`VM ${spec.name} already exists on ${this.host.name}`);
     this.checkCapacity(spec);
-    const { diskPaths, ownerPath, dirs } = this.storagePaths(spec);
+    const { diskPaths, ownerPath, dirs, sharedOwner } = this.storagePaths(spec);
     for (const d of dirs) if (fs.existsSync(d) && fs.readdirSync(d).length > 0) throw new Error(`VM files already exist at ${d}`);
     try {
       for (const d of dirs) fs.mkdirSync(d, { recursive: true });
@@ -143,7 +165,7 @@ export class SimDriver implements HypervisorDriver {
         fs.closeSync(fd);
       }
       writeOwner(ownerPath, { host: this.host.name, epoch: 1, state: 'active' });
-      await this.spawnVm({ spec, host: this.host.name, mode: 'boot', epoch: 1, diskPaths, ownerPath }, false);
+      await this.spawnVm({ spec, host: this.host.name, mode: 'boot', epoch: 1, diskPaths, ownerPath, sharedOwner }, false);
     } catch (e) {
       // Nothing half-made stays behind.
       await this.destroy(spec.name, { deleteStorage: true }).catch(() => undefined);
@@ -193,9 +215,9 @@ export class SimDriver implements HypervisorDriver {
     } else {
       if (sourceHost === this.host.name) throw new Error(`source and destination are the same host (${sourceHost})`);
       this.checkCapacity(spec);
-      const { diskPaths, ownerPath } = this.storagePaths(spec);
+      const { diskPaths, ownerPath, sharedOwner } = this.storagePaths(spec);
       for (const [id, p] of Object.entries(diskPaths)) if (!fs.existsSync(p)) throw new Error(`disk ${id} of VM ${spec.name} is not reachable from ${this.host.name} at ${p}`);
-      const child = await this.spawnVm({ spec, host: this.host.name, mode: 'incoming', epoch: 0, diskPaths, ownerPath, migrationId }, true);
+      const child = await this.spawnVm({ spec, host: this.host.name, mode: 'incoming', epoch: 0, diskPaths, ownerPath, migrationId, sharedOwner }, true);
       this.children.set(spec.name, { child, migrationId });
       child.once('exit', () => this.children.delete(spec.name));
     }
@@ -254,8 +276,157 @@ export class SimDriver implements HypervisorDriver {
     return this.control<CutoverResult>(name, 'cutover', { migrationId, destination: destinationHost, verify }, 120_000);
   }
 
-  rollbackOutgoing(name: string, migrationId: string): Promise<RollbackResult> {
-    return this.control<RollbackResult>(name, 'rollbackOutgoing', { migrationId }, 60_000);
+  async rollbackOutgoing(name: string, migrationId: string, allowReclaim = false): Promise<RollbackResult> {
+    // A VM that is not here at all cannot be rolled back; say so instead of retrying forever.
+    if (!this.readRuntime(name)) throw Object.assign(new Error(`VM ${name} is no longer on host ${this.host.name}`), { name: 'VmGone' });
+    return this.control<RollbackResult>(name, 'rollbackOutgoing', { migrationId, allowReclaim }, 60_000);
+  }
+
+  // ---- disk mirroring ----
+
+  diskReceiver?: DiskReceiver;
+
+  async startDiskMirror(name: string, migrationId: string, target: MirrorTarget): Promise<DiskMirrorStatus> {
+    return this.control<DiskMirrorStatus>(name, 'startDiskMirror', { migrationId, target }, 60_000);
+  }
+
+  async startLocalDiskMirror(name: string, migrationId: string, targets: Record<string, string>): Promise<DiskMirrorStatus> {
+    const rt = this.readRuntime(name);
+    if (!rt) throw new Error(`VM ${name} is not on host ${this.host.name}`);
+    const plan = this.planDiskMove(rt.cfg.spec, targets);
+    const paths: Record<string, string> = {};
+    for (const id of Object.keys(targets)) paths[id] = plan.diskPaths[id]!;
+    // Disks not named keep their place: mirror them onto themselves is pointless, so every disk
+    // must be named (or all go to one directory, which the caller expands).
+    for (const d of rt.cfg.spec.disks) if (!paths[d.id]) throw new Error(`no destination for disk ${d.id}`);
+    for (const p of Object.values(paths)) fs.mkdirSync(path.dirname(p), { recursive: true });
+    return this.startDiskMirror(name, migrationId, { kind: 'local', paths });
+  }
+
+  diskMirrorStatus(name: string, migrationId: string): Promise<DiskMirrorStatus> {
+    return this.control<DiskMirrorStatus>(name, 'diskMirrorStatus', { migrationId });
+  }
+
+  resumeDiskMirror(name: string, migrationId: string, token: string): Promise<DiskMirrorStatus> {
+    return this.control<DiskMirrorStatus>(name, 'resumeDiskMirror', { migrationId, token }, 60_000);
+  }
+
+  async abortDiskMirror(name: string, migrationId: string, targets?: Record<string, string>): Promise<{ aborted: boolean }> {
+    const rt = this.readRuntime(name);
+    let r = { aborted: false };
+    if (rt?.status && isAlive(rt.status.pid)) r = await this.control<{ aborted: boolean }>(name, 'abortDiskMirror', { migrationId }, 60_000);
+    // Partial copies of a local move go, even if the VM process is gone (it deleted what it knew).
+    if (rt && targets) {
+      const current = Object.values(this.storagePaths(rt.cfg.spec).diskPaths);
+      for (const p of Object.values(this.planDiskMoveLoose(rt.cfg.spec, targets))) if (!current.includes(p)) fs.rmSync(p, { force: true });
+    }
+    return r;
+  }
+
+  private planDiskMoveLoose(spec: VmSpec, targets: Record<string, string>): Record<string, string> {
+    const out: Record<string, string> = {};
+    for (const [id, dir] of Object.entries(targets)) {
+      try { out[id] = path.join(resolveStorageDir(this.host.storageRoots, dir).dir, `${id}.img`); } catch { /* outside roots: nothing of ours */ }
+    }
+    void spec;
+    return out;
+  }
+
+  async switchDisks(name: string, migrationId: string, targets: Record<string, string>): Promise<{ oldPaths: string[]; newPaths: string[]; epoch: number; crcs: Record<string, number> }> {
+    const rt = this.readRuntime(name);
+    if (!rt) throw new Error(`VM ${name} is not on host ${this.host.name}`);
+    if (!rt.cfg.migrationId && !rt.status?.mirror) {
+      // Already switched (a retried activity): report from the config, which the VM rewrote.
+      const cur = this.storagePaths(rt.cfg.spec);
+      return { oldPaths: [], newPaths: Object.values(cur.diskPaths), epoch: rt.status?.epoch ?? 0, crcs: {} };
+    }
+    const old = this.storagePaths(rt.cfg.spec);
+    const plan = this.planDiskMoveAllowExisting(rt.cfg.spec, targets);
+    const r = await this.control<{ epoch: number; crcs: Record<string, number> }>(name, 'switchDisks', { migrationId, disks: plan.disks, diskPaths: plan.diskPaths }, 300_000);
+    const oldPaths = [...Object.values(old.diskPaths), old.ownerPath].filter((p) => !Object.values(plan.diskPaths).includes(p));
+    return { oldPaths, newPaths: Object.values(plan.diskPaths), epoch: r.epoch, crcs: r.crcs };
+  }
+
+  private planDiskMoveAllowExisting(spec: VmSpec, targets: Record<string, string>): { disks: VmSpec['disks']; diskPaths: Record<string, string> } {
+    const disks = spec.disks.map((d) => {
+      const t = targets[d.id];
+      if (!t) return d;
+      const { root, dir } = resolveStorageDir(this.host.storageRoots, t);
+      return { ...d, root: root.name, dir };
+    });
+    return { disks, diskPaths: this.storagePaths({ ...spec, disks }).diskPaths };
+  }
+
+  /** Deletes the old files after a recorded switch; refuses any file the VM still uses. */
+  async deleteOldDiskFiles(name: string, paths: string[]): Promise<{ deleted: string[] }> {
+    const rt = this.readRuntime(name);
+    const inUse = rt ? [...Object.values(this.storagePaths(rt.cfg.spec).diskPaths), this.storagePaths(rt.cfg.spec).ownerPath] : [];
+    const deleted: string[] = [];
+    for (const p of paths) {
+      if (inUse.includes(p)) throw new Error(`refusing to delete ${p}: VM ${name} still uses it`);
+      resolveStorageDir(this.host.storageRoots, path.dirname(p));
+      if (fs.existsSync(p)) { fs.rmSync(p, { force: true }); deleted.push(p); }
+      const dir = path.dirname(p);
+      try { if (fs.readdirSync(dir).length === 0) fs.rmdirSync(dir); } catch { /* gone or not empty */ }
+    }
+    return { deleted };
+  }
+
+  /**
+   * Shared-nothing destination: sparse files for every disk under `dir` (a local root), an
+   * ownership record pre-authorising the handoff at `epoch`, and a one-time data-plane grant.
+   * Idempotent for the same migration: the files (and what they already hold) are kept.
+   */
+  async prepareDiskTargets(spec: VmSpec, migrationId: string, sourceHost: string, epoch: number, dir?: string): Promise<DiskTargetGrant & { spec: VmSpec }> {
+    if (!this.dataPlane || !this.diskReceiver) throw new Error('data plane not started');
+    if (sourceHost === this.host.name) throw new Error(`source and destination are the same host (${sourceHost})`);
+    const local = this.host.storageRoots.find((r) => r.name === 'local') ?? this.host.storageRoots.find((r) => !r.shared);
+    const target = dir ? resolveStorageDir(this.host.storageRoots, dir) : local ? { root: local, dir: vmStorageDir(local, spec.name) } : null;
+    if (!target) throw new Error(`host ${this.host.name} has no local storage root`);
+    const destSpec: VmSpec = { ...spec, disks: spec.disks.map((d) => ({ ...d, root: target.root.name, dir: target.dir })) };
+    const { diskPaths, ownerPath } = this.storagePaths(destSpec);
+    const marker = path.join(target.dir, '.migration');
+    const rt = this.readRuntime(spec.name);
+    if (rt && rt.cfg.migrationId !== migrationId) throw new Error(`VM ${spec.name} already exists on ${this.host.name}`);
+    if (fs.existsSync(marker) ? fs.readFileSync(marker, 'utf8') !== migrationId : fs.existsSync(target.dir) && fs.readdirSync(target.dir).length > 0) {
+      throw new Error(`VM files already exist at ${target.dir}`);
+    }
+    if (!fs.existsSync(marker)) {
+      this.checkCapacity(spec);
+      fs.mkdirSync(target.dir, { recursive: true });
+      fs.writeFileSync(marker, migrationId);
+      for (const d of destSpec.disks) {
+        const fd = fs.openSync(diskPaths[d.id]!, 'w');
+        fs.ftruncateSync(fd, d.sizeBytes);
+        fs.closeSync(fd);
+      }
+      writeOwner(ownerPath, { host: this.host.name, epoch, state: 'handoff', from: sourceHost, migrationId });
+    }
+    this.diskReceiver.register({ migrationId, vm: spec.name, disks: destSpec.disks.map((d) => ({ id: d.id, path: diskPaths[d.id]!, blocks: Math.floor(d.sizeBytes / 4096) })) });
+    const token = this.dataPlane.grant({ migrationId, vm: spec.name, kind: 'disk' });
+    return { endpoint: this.host.dataPlane, token, paths: diskPaths, spec: destSpec };
+  }
+
+  /** Rollback of a shared-nothing destination: its partial copies go, unless a VM runs on them. */
+  async deleteDiskTargets(name: string, migrationId: string, dir?: string): Promise<{ deleted: boolean }> {
+    this.diskReceiver?.unregister(migrationId);
+    const rt = this.readRuntime(name);
+    if (rt && rt.status && isAlive(rt.status.pid) && rt.status.state === 'running') return { deleted: false };
+    const local = this.host.storageRoots.find((r) => r.name === 'local') ?? this.host.storageRoots.find((r) => !r.shared);
+    const target = dir ? resolveStorageDir(this.host.storageRoots, dir).dir : local ? vmStorageDir(local, name) : null;
+    if (!target) return { deleted: false };
+    const marker = path.join(target, '.migration');
+    if (!fs.existsSync(marker) || fs.readFileSync(marker, 'utf8') !== migrationId) return { deleted: false };
+    fs.rmSync(target, { recursive: true, force: true });
+    return { deleted: true };
+  }
+
+  /** After a completed shared-nothing move, the marker goes: the files are the VM's now. */
+  async adoptDiskTargets(name: string, migrationId: string, dir?: string): Promise<void> {
+    this.diskReceiver?.unregister(migrationId);
+    const local = this.host.storageRoots.find((r) => r.name === 'local') ?? this.host.storageRoots.find((r) => !r.shared);
+    const target = dir ? resolveStorageDir(this.host.storageRoots, dir).dir : local ? vmStorageDir(local, name) : null;
+    if (target) fs.rmSync(path.join(target, '.migration'), { force: true });
   }
 }
 

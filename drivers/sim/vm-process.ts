@@ -9,8 +9,9 @@ import dgram from 'node:dgram';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { Guest, ZERO_PAGE, type DeviceState } from './guest.js';
 import { serveControl } from './control.js';
-import { assertOwner, updateOwner, FencedError } from './ownership.js';
-import { PAGE_SIZE, type VmSpec, type VmState, type MigrationPolicy, type ProgressSample, type CutoverResult } from '../../common/types.js';
+import { assertOwner, updateOwner, writeOwner, FencedError } from './ownership.js';
+import { DiskMirror, type MirrorTarget } from './disk-mirror.js';
+import { PAGE_SIZE, type VmSpec, type VmState, type MigrationPolicy, type ProgressSample, type CutoverResult, type DiskMirrorStatus } from '../../common/types.js';
 import { FrameChannel, FrameType, header, jsonFrame, writeAll, crc32, ZERO_FLAG, parseJson, type Frame } from '../../dataplane/frames.js';
 import { connectDataPlane } from '../../dataplane/endpoint.js';
 
@@ -22,6 +23,8 @@ export interface VmRuntimeConfig {
   diskPaths: Record<string, string>;
   ownerPath: string;
   migrationId?: string;
+  /** The ownership record lives on storage both hosts read (it arbitrates a lost handoff). */
+  sharedOwner?: boolean;
 }
 
 export interface VmStatus {
@@ -34,6 +37,7 @@ export interface VmStatus {
   role?: 'source' | 'destination';
   incoming?: { state: string; bytesReceived: number; pagesReceived: number; error?: string };
   outgoing?: { state: string; round: number; bytesSent: number; error?: string };
+  mirror?: DiskMirrorStatus & { migrationId: string };
   device: DeviceState;
   startedAt: string;
 }
@@ -49,6 +53,7 @@ const guest = new Guest(cfg.spec, cfg.diskPaths);
 let state: VmState = cfg.mode === 'incoming' ? 'incoming' : 'paused';
 let epoch = cfg.epoch;
 let migrationId = cfg.migrationId;
+const sharedOwner = cfg.sharedOwner ?? false;
 const startedAt = new Date().toISOString();
 let workloadTimer: NodeJS.Timeout | null = null;
 let probeSock: dgram.Socket | null = null;
@@ -75,6 +80,7 @@ function status(): VmStatus {
     role: outgoing ? 'source' : cfg.mode === 'incoming' ? 'destination' : undefined,
     incoming: incoming ? { state: incoming.state, bytesReceived: incoming.bytes, pagesReceived: incoming.pages, error: incoming.error } : undefined,
     outgoing: outgoing ? { state: outgoing.state, round: outgoing.round, bytesSent: outgoing.bytesSent, error: outgoing.error } : undefined,
+    mirror: mirror ? { migrationId: mirror.migrationId, ...mirror.status() } : undefined,
     device: { ...guest.state },
     startedAt,
   };
@@ -156,40 +162,123 @@ interface Outgoing {
 }
 let outgoing: Outgoing | null = null;
 
+// Page frames: up to FRAME_PAGES pages (1 MiB of data) each. While the guest runs, a page is
+// copied once into a reusable slab (header + index + data, one write per frame) and its CRC
+// is taken of that copy, so what the CRC covers is exactly what goes out even if the guest
+// rewrites the page before the kernel has the bytes. While it is paused (final flush), pages
+// go straight from guest memory, contiguous runs as one buffer, in one writev.
+const FRAME_PAGES = 256;
+const HEADER = header(FrameType.Pages, 0, 0).length; // frame header bytes (dataplane/frames.ts)
+const SLAB_BYTES = HEADER + 4 + FRAME_PAGES * 8 + FRAME_PAGES * PAGE_SIZE;
+/** Slabs in flight per connection (8 MiB): the back-pressure of the memory stream. */
+const SLABS_IN_FLIGHT = 8;
+
+interface SlabPool { free: Buffer[]; made: number; waiters: Array<{ resolve: () => void; reject: (e: Error) => void }>; closed: boolean }
+const slabPools = new WeakMap<Outgoing, SlabPool>();
+
+function slabPool(o: Outgoing): SlabPool {
+  let pool = slabPools.get(o);
+  if (!pool) {
+    const pl: SlabPool = { free: [], made: 0, waiters: [], closed: false };
+    o.sock.once('close', () => {
+      pl.closed = true;
+      for (const w of pl.waiters.splice(0)) w.reject(new Error('data-plane connection closed'));
+    });
+    slabPools.set(o, pl);
+    pool = pl;
+  }
+  return pool;
+}
+
+async function takeSlab(o: Outgoing, pool: SlabPool): Promise<Buffer> {
+  for (;;) {
+    if (pool.closed || o.sock.destroyed || !o.sock.writable) throw new Error('data-plane connection closed');
+    const s = pool.free.pop();
+    if (s) return s;
+    if (pool.made < SLABS_IN_FLIGHT) { pool.made++; return Buffer.allocUnsafeSlow(SLAB_BYTES); }
+    await new Promise<void>((resolve, reject) => pool.waiters.push({ resolve, reject }));
+  }
+}
+
+function giveSlab(pool: SlabPool, slab: Buffer): void {
+  pool.free.push(slab);
+  pool.waiters.shift()?.resolve();
+}
+
+/** True if the page at byte offset `off` of guest memory is all zeroes (no allocation). */
+function pageIsZero(off: number): boolean {
+  const m = guest.memory;
+  if (m[off] !== 0 || m[off + 7] !== 0 || m[off + PAGE_SIZE - 1] !== 0) return false;
+  return m.compare(ZERO_PAGE, 0, PAGE_SIZE, off, off + PAGE_SIZE) === 0;
+}
+
 async function sendPages(o: Outgoing, pages: number[], from: number): Promise<number> {
   // Returns how many of `pages` (starting at `from`) went out; stops early when asked to.
+  const pool = slabPool(o);
+  const mem = guest.memory;
+  const dirty = guest.dirty;
   let i = from;
   while (i < pages.length) {
     if (o.stop && !o.finalFlush) break;
-    const batch = pages.slice(i, i + BATCH);
-    i += batch.length;
-    const meta = Buffer.allocUnsafe(4 + batch.length * 8);
-    meta.writeUInt32LE(batch.length, 0);
-    const datas: Buffer[] = [];
-    batch.forEach((p, k) => {
+    const n = Math.min(FRAME_PAGES, pages.length - i);
+    const paused = state !== 'running';
+    let slab: Buffer;
+    let parts: Buffer[] | null = null;
+    if (paused) { slab = Buffer.allocUnsafe(HEADER + 4 + n * 8); parts = [slab]; } else slab = await takeSlab(o, pool);
+    if (o.stop && !o.finalFlush) { if (!paused) giveSlab(pool, slab); break; }
+    slab.writeUInt32LE(n, HEADER);
+    const dataStart = HEADER + 4 + n * 8;
+    let at = dataStart;
+    let data = 0;
+    let runStart = -1, runEnd = -1; // contiguous run of guest memory (paused path)
+    for (let k = 0; k < n; k++) {
+      const p = pages[i + k]!;
       // Clear the dirty bit and copy in the same tick: a later write re-dirties the page.
-      if (guest.dirty[p]) { guest.dirty[p] = 0; guest.dirtyCount--; }
-      const src = guest.memory.subarray(p * PAGE_SIZE, (p + 1) * PAGE_SIZE);
+      if (dirty[p]) { dirty[p] = 0; guest.dirtyCount--; }
+      const off = p * PAGE_SIZE;
+      const ix = HEADER + 4 + k * 8;
       let crc: number;
-      if (src.readUInt32LE(0) === 0 && src.equals(ZERO_PAGE)) {
-        meta.writeUInt32LE((p | ZERO_FLAG) >>> 0, 4 + k * 8);
+      if (pageIsZero(off)) {
+        slab.writeUInt32LE((p | ZERO_FLAG) >>> 0, ix);
         crc = ZERO_CRC;
       } else {
-        const copy = Buffer.from(src);
-        datas.push(copy);
-        meta.writeUInt32LE(p, 4 + k * 8);
-        crc = crc32(copy) >>> 0;
+        slab.writeUInt32LE(p, ix);
+        if (paused) {
+          crc = crc32(mem.subarray(off, off + PAGE_SIZE)) >>> 0;
+          if (off === runEnd) runEnd += PAGE_SIZE;
+          else { if (runStart >= 0) parts!.push(mem.subarray(runStart, runEnd)); runStart = off; runEnd = off + PAGE_SIZE; }
+        } else {
+          mem.copy(slab, at, off, off + PAGE_SIZE);
+          crc = crc32(slab.subarray(at, at + PAGE_SIZE)) >>> 0;
+          at += PAGE_SIZE;
+        }
+        data++;
       }
-      meta.writeUInt32LE(crc, 8 + k * 8);
+      slab.writeUInt32LE(crc, ix + 4);
       o.crcs[p] = crc;
-    });
-    const bodyLen = meta.length + datas.length * PAGE_SIZE;
-    await writeAll(o.sock, [header(FrameType.Pages, bodyLen, crc32(meta)), meta, ...datas]);
-    o.bytesSent += bodyLen + 12;
-    o.pagesSent += datas.length;
+    }
+    i += n;
+    const bodyLen = 4 + n * 8 + data * PAGE_SIZE;
+    slab.writeUInt8(FrameType.Pages, 0);
+    slab.writeUInt8(0, 1);
+    slab.writeUInt16LE(0, 2);
+    slab.writeUInt32LE(bodyLen, 4);
+    slab.writeUInt32LE(crc32(slab.subarray(HEADER, dataStart)) >>> 0, 8);
+    if (paused) {
+      if (runStart >= 0) parts!.push(mem.subarray(runStart, runEnd));
+      o.sock.cork(); // one writev for the frame
+      let w: Promise<void> | void;
+      try { w = writeAll(o.sock, parts!); } finally { o.sock.uncork(); }
+      await w;
+    } else {
+      if (o.sock.destroyed || !o.sock.writable) { giveSlab(pool, slab); throw new Error('data-plane connection closed'); }
+      o.sock.write(slab.subarray(0, HEADER + bodyLen), () => giveSlab(pool, slab));
+    }
+    o.bytesSent += bodyLen + HEADER;
+    o.pagesSent += data;
     if (o.policy.maxBandwidth > 0) {
       // Token bucket on wall time: sleep until the bytes sent so far are within the cap.
-      o.bucketAt = Math.max(o.bucketAt, performance.now() - 50) + ((bodyLen + 12) / o.policy.maxBandwidth) * 1000;
+      o.bucketAt = Math.max(o.bucketAt, performance.now() - 50) + ((bodyLen + HEADER) / o.policy.maxBandwidth) * 1000;
       const wait = o.bucketAt - performance.now();
       if (wait > 1) await sleep(wait);
     }
@@ -198,9 +287,10 @@ async function sendPages(o: Outgoing, pages: number[], from: number): Promise<nu
 }
 
 function dirtyList(): number[] {
+  // indexOf is a native scan: cheap over long clean stretches.
   const out: number[] = [];
   const d = guest.dirty;
-  for (let p = 0; p < d.length; p++) if (d[p]) out.push(p);
+  for (let p = d.indexOf(1); p >= 0; p = d.indexOf(1, p + 1)) out.push(p);
   return out;
 }
 
@@ -213,9 +303,13 @@ async function precopy(o: Outgoing): Promise<void> {
     if (o.round === 0) {
       guest.markAllClean();
       pages = [];
-      for (let p = 0; p < guest.pages; p++) if (!guest.isZeroPage(p)) pages.push(p);
+      // Zero pages need not travel: the destination's memory starts zeroed and both CRC
+      // tables start at the zero page's CRC.
+      for (let p = 0; p < guest.pages; p++) if (!pageIsZero(p * PAGE_SIZE)) pages.push(p);
       // Mark them dirty so an interrupted first round leaves them for the final copy.
       for (const p of pages) guest.markDirty(p);
+      // That marking is not the guest's doing: it must not count as its dirty rate.
+      guest.dirtiedSinceMark = 0;
     } else {
       pages = dirtyList();
     }
@@ -330,6 +424,8 @@ async function doCutover(o: Outgoing, verify: 'digest' | 'full'): Promise<Cutove
   const v = await o.chan.expect<{ digest: number; fullCrc?: number }>(FrameType.Verified);
   if (v.digest !== digest) throw new Error(`memory digest mismatch at cutover: source ${digest}, destination ${v.digest}`);
   if (verify === 'full' && v.fullCrc !== sourceFullCrc) throw new Error(`full memory CRC mismatch: source ${sourceFullCrc}, destination ${v.fullCrc}`);
+  // Shared-nothing: every guest write must be on the destination's disks before it runs.
+  if (mirror && mirror.target.kind === 'remote') await mirror.drain();
   // Handoff. From the rename on, this process can never write or run again (fencing).
   guest.closeDisks();
   const newEpoch = epoch + 1;
@@ -344,6 +440,7 @@ async function doCutover(o: Outgoing, verify: 'digest' | 'full'): Promise<Cutove
   const downtimeMs = Math.round(performance.now() - t0);
   o.state = 'done';
   o.sock.end();
+  mirror?.close(); // break the mirror: the destination's copy is the VM's disk now
   const result: CutoverResult = {
     pausedAt, resumedAt: r.resumedAt, downtimeMs, finalPages: finalList.length, bytesSent: o.bytesSent,
     sourceDigest: digest, destinationDigest: v.digest, sourceFullCrc, destinationFullCrc: v.fullCrc, epoch: newEpoch,
@@ -378,7 +475,7 @@ async function cutover(p: { migrationId: string; verify?: 'digest' | 'full'; des
  * reclaimed at a new epoch (compare-and-set: the destination's late claim then fails). If the
  * destination did claim it, the VM lives there now and this reports so: never two copies.
  */
-async function rollbackOutgoing(p: { migrationId: string }): Promise<{ runsOn: 'source' | 'destination'; state: VmState; epoch: number }> {
+async function rollbackOutgoing(p: { migrationId: string; allowReclaim?: boolean }): Promise<{ runsOn: 'source' | 'destination' | 'undecided'; state: VmState; epoch: number }> {
   if (outgoing && outgoing.id === p.migrationId) {
     const o = outgoing;
     if (o.state !== 'done' && o.state !== 'failed') { o.error = 'cancelled'; o.state = 'cancelled'; }
@@ -392,17 +489,21 @@ async function rollbackOutgoing(p: { migrationId: string }): Promise<{ runsOn: '
     if (migrationId === p.migrationId) { migrationId = undefined; outgoing = null; persist(); }
     return { runsOn: 'source', state, epoch };
   }
-  let runsOn = 'source' as 'source' | 'destination';
+  let runsOn = 'source' as 'source' | 'destination' | 'undecided';
   const rec = updateOwner(cfg.ownerPath, (cur) => {
     if (cur && cur.host === cfg.host && cur.state === 'active' && cur.epoch === epoch) return cur;
     if (cur && cur.state === 'handoff' && cur.from === cfg.host && cur.migrationId === p.migrationId) {
+      // Handed off, not (yet) claimed here. With shared storage this record is the arbiter:
+      // a claim by the destination would have changed it. With local storage the destination
+      // claims its own copy, so only the caller, having aborted the destination, may reclaim.
+      if (!p.allowReclaim && !sharedOwner) { runsOn = 'undecided'; return cur; }
       return { host: cfg.host, epoch: cur.epoch + 1, state: 'active', migrationId: p.migrationId };
     }
     runsOn = 'destination';
     if (!cur) throw new FencedError(cfg.host, epoch, cur);
     return cur;
   });
-  if (runsOn === 'destination') {
+  if (runsOn !== 'source') {
     state = 'migrated';
     persist();
     return { runsOn, state, epoch };
@@ -414,6 +515,64 @@ async function rollbackOutgoing(p: { migrationId: string }): Promise<{ runsOn: '
   persist();
   log(`rolled back ${p.migrationId}: running again at epoch ${epoch}`);
   return { runsOn, state, epoch };
+}
+
+// ---------- disk mirror (storage migration, shared-nothing) ----------
+
+let mirror: DiskMirror | null = null;
+
+function requireMirror(id: unknown): DiskMirror {
+  if (!mirror || mirror.migrationId !== id) throw new Error(`VM ${cfg.spec.name} has no disk mirror for ${String(id)}`);
+  return mirror;
+}
+
+async function startDiskMirror(p: { migrationId: string; target: MirrorTarget }): Promise<DiskMirrorStatus> {
+  if (mirror && mirror.migrationId === p.migrationId && mirror.state !== 'aborted') return mirror.status();
+  if (mirror && (mirror.state === 'copying' || mirror.state === 'synced' || mirror.state === 'disconnected')) throw new Error(`VM ${cfg.spec.name} already mirrors its disks (${mirror.migrationId})`);
+  if (state !== 'running') throw new Error(`VM ${cfg.spec.name} is ${state}, not running`);
+  if (migrationId && migrationId !== p.migrationId) throw new Error(`VM ${cfg.spec.name} is already migrating (${migrationId})`);
+  const m = new DiskMirror(p.migrationId, guest, p.target);
+  await m.start();
+  mirror = m;
+  migrationId = p.migrationId;
+  persist();
+  log(`disk mirror ${p.migrationId} to ${p.target.kind === 'local' ? Object.values(p.target.paths).join(', ') : `${p.target.endpoint.host}:${p.target.endpoint.port}`}`);
+  return m.status();
+}
+
+async function abortDiskMirror(p: { migrationId: string }): Promise<{ aborted: boolean }> {
+  if (!mirror || mirror.migrationId !== p.migrationId) return { aborted: false };
+  if (mirror.state === 'switched') return { aborted: false };
+  await mirror.abort();
+  if (migrationId === p.migrationId && !outgoing) migrationId = undefined;
+  persist();
+  return { aborted: true };
+}
+
+/** The switch of a live storage migration: guest I/O moves to the new files in one tick. */
+function switchDisks(p: { migrationId: string; disks: VmSpec['disks']; diskPaths: Record<string, string> }): { switched: boolean; ownerPath: string; epoch: number; crcs: Record<string, number> } {
+  const m = requireMirror(p.migrationId);
+  if (m.state === 'switched') return { switched: true, ownerPath: cfg.ownerPath, epoch, crcs: {} };
+  if (m.state !== 'synced') throw new Error(`disk mirror is ${m.state}, not synced${m.error ? `: ${m.error}` : ''}`);
+  const crcs = m.verifyLocal();
+  const fds = m.takeLocalFds();
+  const oldFds = guest.disks.map((d) => d.fd);
+  guest.disks.forEach((d, i) => { d.fd = fds[i]!; d.path = p.diskPaths[d.id]!; });
+  for (const fd of oldFds) if (fd !== null) fs.closeSync(fd);
+  const newOwner = path.join(path.dirname(p.diskPaths[guest.disks[0]!.id]!), 'owner.json');
+  epoch += 1;
+  writeOwner(newOwner, { host: cfg.host, epoch, state: 'active', migrationId: p.migrationId });
+  cfg.ownerPath = newOwner;
+  cfg.diskPaths = p.diskPaths;
+  cfg.spec.disks = p.disks;
+  const tmp = path.join(runtimeDir, 'vm.json.tmp');
+  fs.writeFileSync(tmp, JSON.stringify(cfg, null, 2));
+  fs.renameSync(tmp, path.join(runtimeDir, 'vm.json'));
+  mirror = null;
+  migrationId = undefined;
+  persist();
+  log(`switched disks to ${Object.values(p.diskPaths).join(', ')} at epoch ${epoch}`);
+  return { switched: true, ownerPath: newOwner, epoch, crcs };
 }
 
 // ---------- incoming (destination side) ----------
@@ -430,38 +589,77 @@ let incoming: Incoming | null = cfg.mode === 'incoming'
   ? { state: 'waiting', bytes: 0, pages: 0, crcs: new Uint32Array(guest.pages).fill(ZERO_CRC) }
   : null;
 
-function applyPages(inc: Incoming, body: Buffer): void {
-  const n = body.readUInt32LE(0);
-  let dataOff = 4 + n * 8;
-  if (body.length < dataOff) throw new Error('page frame shorter than its index');
+/** The first n bytes of a frame body given in pieces (a view when the first piece holds them). */
+function bodyPrefix(parts: Buffer[], n: number): Buffer {
+  return parts.length > 0 && parts[0]!.length >= n ? parts[0]!.subarray(0, n) : Buffer.concat(parts, n);
+}
+
+/**
+ * Places one Pages frame, given as the pieces it arrived in (no joining copy): each page's CRC
+ * is checked against the index table before the page reaches guest memory.
+ */
+function applyPages(inc: Incoming, parts: Buffer[]): void {
+  let total = 0;
+  for (const b of parts) total += b.length;
+  if (total < 4) throw new Error('page frame shorter than its index');
+  const n = bodyPrefix(parts, 4).readUInt32LE(0);
+  const idxLen = 4 + n * 8;
+  if (total < idxLen) throw new Error('page frame shorter than its index');
+  const index = bodyPrefix(parts, idxLen);
+  const mem = guest.memory;
+  const crcs = inc.crcs;
+  // Cursor over the pieces: part pi, offset po; pos counts body bytes consumed.
+  let pi = 0, po = idxLen, pos = idxLen;
   for (let k = 0; k < n; k++) {
-    const raw = body.readUInt32LE(4 + k * 8);
-    const crc = body.readUInt32LE(8 + k * 8);
-    const zero = (raw & ZERO_FLAG) !== 0;
+    const raw = index.readUInt32LE(4 + k * 8);
+    const crc = index.readUInt32LE(8 + k * 8);
     const p = (raw & ~ZERO_FLAG) >>> 0;
     if (p >= guest.pages) throw new Error(`page ${p} outside guest memory of ${guest.pages} pages`);
-    const dst = guest.memory.subarray(p * PAGE_SIZE, (p + 1) * PAGE_SIZE);
-    if (zero) {
+    const dst = p * PAGE_SIZE;
+    if ((raw & ZERO_FLAG) !== 0) {
       if (crc !== ZERO_CRC) throw new Error(`zero page ${p} with a non-zero checksum`);
-      dst.fill(0);
-    } else {
-      if (dataOff + PAGE_SIZE > body.length) throw new Error('page frame truncated');
-      const data = body.subarray(dataOff, dataOff + PAGE_SIZE);
-      dataOff += PAGE_SIZE;
-      if ((crc32(data) >>> 0) !== crc) throw new Error(`page ${p} failed its checksum`);
-      data.copy(dst);
-      inc.pages++;
+      mem.fill(0, dst, dst + PAGE_SIZE);
+      crcs[p] = crc;
+      continue;
     }
-    inc.crcs[p] = crc;
+    if (pos + PAGE_SIZE > total) throw new Error('page frame truncated');
+    while (po >= parts[pi]!.length) { po -= parts[pi]!.length; pi++; }
+    const part = parts[pi]!;
+    if (part.length - po >= PAGE_SIZE) {
+      const data = part.subarray(po, po + PAGE_SIZE);
+      if ((crc32(data) >>> 0) !== crc) throw new Error(`page ${p} failed its checksum`);
+      mem.set(data, dst);
+      po += PAGE_SIZE;
+    } else {
+      // The page straddles two socket reads: checksum the pieces, then copy them.
+      const pieces: Buffer[] = [];
+      let c = 0;
+      for (let got = 0; got < PAGE_SIZE;) {
+        while (po >= parts[pi]!.length) { po -= parts[pi]!.length; pi++; }
+        const q = parts[pi]!;
+        const take = Math.min(PAGE_SIZE - got, q.length - po);
+        const piece = q.subarray(po, po + take);
+        c = crc32(piece, c);
+        pieces.push(piece);
+        got += take;
+        po += take;
+      }
+      if ((c >>> 0) !== crc) throw new Error(`page ${p} failed its checksum`);
+      let at = dst;
+      for (const piece of pieces) { mem.set(piece, at); at += piece.length; }
+    }
+    pos += PAGE_SIZE;
+    inc.pages++;
+    crcs[p] = crc;
   }
-  if (dataOff !== body.length) throw new Error('page frame has trailing bytes');
-  inc.bytes += body.length + 12;
+  if (pos !== total) throw new Error('page frame has trailing bytes');
+  inc.bytes += total + 12;
 }
 
 async function onIncomingFrame(inc: Incoming, f: Frame): Promise<void> {
   switch (f.type) {
     case FrameType.Pages:
-      applyPages(inc, f.body);
+      applyPages(inc, f.parts ?? [f.body]);
       return;
     case FrameType.Device: {
       const d = parseJson<{ device: DeviceState; digest: number; verify: 'digest' | 'full' }>(f);
@@ -560,6 +758,11 @@ serveControl(controlPath, {
   setPolicy: (p) => setPolicy(p as Parameters<typeof setPolicy>[0]),
   cutover: (p) => cutover(p as Parameters<typeof cutover>[0]),
   rollbackOutgoing: (p) => rollbackOutgoing(p as Parameters<typeof rollbackOutgoing>[0]),
+  startDiskMirror: (p) => startDiskMirror(p as Parameters<typeof startDiskMirror>[0]),
+  diskMirrorStatus: (p) => requireMirror(p.migrationId).status(),
+  resumeDiskMirror: async (p) => { const m = requireMirror(p.migrationId); await m.resume(String(p.token)); return m.status(); },
+  abortDiskMirror: (p) => abortDiskMirror(p as Parameters<typeof abortDiskMirror>[0]),
+  switchDisks: (p) => switchDisks(p as Parameters<typeof switchDisks>[0]),
   abortIncoming: () => abortIncoming(),
   /** A guest disk write on demand, through the same fencing check as every open (used by tests). */
   guestWrite: () => {

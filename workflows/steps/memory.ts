@@ -36,7 +36,24 @@ export async function preflight(c: Pick<MemoryMoveContext, 'vm' | 'src' | 'dst'>
  * Blank VM on the destination → pre-copy rounds → cutover. Returns once the destination runs
  * the VM (the point of no return); throws with the source still running otherwise.
  */
-export async function moveMemory(c: MemoryMoveContext, vm: VmInfo): Promise<void> {
+/**
+ * Where the VM runs after stopping the source's job, established through the ownership records
+ * and never guessed: when the source handed the VM to a destination with storage of its own,
+ * the destination is aborted first (atomically refusing a late switchover) and only then may the
+ * source take the VM back.
+ */
+export async function settleSource(c: Pick<MemoryMoveContext, 'migrationId' | 'vm' | 'src' | 'dst'>): Promise<'source' | 'destination'> {
+  const ids = { migrationId: c.migrationId, vm: c.vm };
+  let r = await c.src.undo.rollbackOutgoing(ids);
+  if (r.runsOn === 'undecided') {
+    const d = await c.dst.undo.abortIncoming(ids);
+    if (d.running) return 'destination';
+    r = await c.src.undo.rollbackOutgoing({ ...ids, allowReclaim: true });
+  }
+  return r.runsOn === 'destination' ? 'destination' : 'source';
+}
+
+export async function moveMemory(c: MemoryMoveContext, vm: VmInfo, destSpec: VmInfo['spec'] = vm.spec): Promise<void> {
   const { migrationId, src, dst, tracker, saga, policy } = c;
   const ids = { migrationId, vm: c.vm };
 
@@ -44,15 +61,14 @@ export async function moveMemory(c: MemoryMoveContext, vm: VmInfo): Promise<void
   saga.add('destroy blank VM on destination', () => dst.undo.abortIncoming(ids));
   const target = await dst.quick.prepareIncoming.executeWithOptions(
     { summary: `Blank VM ${c.vm} waits on ${dst.name} for memory and state` },
-    [{ migrationId, spec: vm.spec, sourceHost: src.name }],
+    [{ migrationId, spec: destSpec, sourceHost: src.name }],
   );
 
   tracker.phase('precopy');
   // Rollback of the source: stop the job and keep (or put) the VM running. It reports where
   // the VM runs from the ownership record, so it can never resume a VM the destination owns.
   saga.add('stop memory job, VM stays on source', async () => {
-    const r = await src.undo.rollbackOutgoing(ids);
-    if (r.runsOn === 'destination') log.warn('rollback found the VM owned by the destination', { ...ids });
+    if ((await settleSource(c)) === 'destination') log.warn('rollback found the VM owned by the destination', { ...ids });
   });
   await src.quick.startOutgoing({ ...ids, target, policy });
 
@@ -84,8 +100,6 @@ export async function moveMemory(c: MemoryMoveContext, vm: VmInfo): Promise<void
     }
     break;
   }
-  supervision.cancel();
-
   tracker.phase('cutover');
   // Once begun, the switchover finishes; a cancel that arrives now is honoured by rollback only
   // if the destination did not take the VM.
@@ -96,11 +110,14 @@ export async function moveMemory(c: MemoryMoveContext, vm: VmInfo): Promise<void
         [{ ...ids, destination: dst.name, verify: policy.verify }],
       );
     } catch (e) {
-      // Uncertain outcome (lost acknowledgement, crashed agent): ask the ownership record.
-      const r = await src.undo.rollbackOutgoing(ids);
-      if (r.runsOn !== 'destination') throw e;
-      tracker.decision({ round: tracker.round, action: 'forward', reason: `cutover acknowledgement lost, but ${dst.name} owns the VM at epoch ${r.epoch}` });
+      // Uncertain outcome (lost acknowledgement, crashed agent): ask the ownership records.
+      if ((await settleSource(c)) !== 'destination') throw e;
+      tracker.decision({ round: tracker.round, action: 'forward', reason: `cutover acknowledgement lost, but ${dst.name} owns and runs the VM` });
     }
   });
   saga.clear();
+  // Supervision ends by itself once the destination reports the VM running; waiting for it
+  // (outside the downtime) leaves no activity pending behind a finished migration.
+  await CancellationScope.nonCancellable(() => supervised.catch(() => undefined));
+  void supervision;
 }

@@ -1,0 +1,104 @@
+// Baselines the engine is judged against, measured on this machine in the same run:
+//  - loopback TCP: a plain socket pump between two Node processes (a sink that discards, a
+//    writer of 1 MiB buffers), with 1 or N parallel streams;
+//  - storage: sequential write (with fsync) then read of a file of the disk's size.
+import fs from 'node:fs';
+import path from 'node:path';
+import net from 'node:net';
+import { spawn } from 'node:child_process';
+import { fileURLToPath } from 'node:url';
+
+const SELF = fileURLToPath(import.meta.url);
+
+/** Child mode: `node baselines.ts sink` listens, prints its port, counts bytes per connection. */
+async function sinkMain(): Promise<void> {
+  const server = net.createServer((s) => {
+    let n = 0;
+    s.on('data', (c: Buffer) => { n += c.length; });
+    s.on('end', () => { s.end(JSON.stringify({ bytes: n })); });
+  });
+  server.listen(0, '127.0.0.1', () => process.stdout.write(`${(server.address() as net.AddressInfo).port}\n`));
+}
+
+/** Child mode: `node baselines.ts pump <port> <streams> <bytesPerStream>`: prints {ms, bytes}. */
+async function pumpMain(port: number, streams: number, perStream: number): Promise<void> {
+  const buf = Buffer.alloc(1 << 20, 0xa5);
+  const t0 = performance.now();
+  await Promise.all(Array.from({ length: streams }, () => new Promise<void>((resolve, reject) => {
+    const s = net.connect(port, '127.0.0.1');
+    s.on('error', reject);
+    let sent = 0;
+    const pump = (): void => {
+      while (sent < perStream) {
+        sent += buf.length;
+        if (!s.write(buf)) { s.once('drain', pump); return; }
+      }
+      s.end();
+    };
+    s.on('connect', pump);
+    s.on('data', () => undefined);
+    s.on('close', () => resolve());
+  })));
+  const ms = performance.now() - t0;
+  process.stdout.write(JSON.stringify({ ms, bytes: streams * perStream }) + '\n');
+}
+
+function runNode(args: string[]): { child: ReturnType<typeof spawn>; firstLine: Promise<string>; done: Promise<string> } {
+  const child = spawn(process.execPath, ['--import', 'tsx', SELF, ...args], { stdio: ['ignore', 'pipe', 'inherit'] });
+  let out = '';
+  let firstResolve: (s: string) => void;
+  const firstLine = new Promise<string>((r) => { firstResolve = r; });
+  child.stdout!.on('data', (c: Buffer) => { out += c.toString(); const nl = out.indexOf('\n'); if (nl >= 0) firstResolve(out.slice(0, nl)); });
+  const done = new Promise<string>((resolve, reject) => child.on('exit', (code) => (code === 0 ? resolve(out) : reject(new Error(`baseline child ${args[0]} exited ${code}`)))));
+  done.catch(() => undefined);
+  return { child, firstLine, done };
+}
+
+/** Loopback TCP throughput (bytes/s) of a plain pump with `streams` parallel connections. */
+export async function loopbackThroughput(streams: number, totalBytes: number): Promise<number> {
+  const sink = runNode(['sink']);
+  try {
+    const port = Number(await sink.firstLine);
+    const perStream = Math.max(1 << 20, Math.floor(totalBytes / streams / (1 << 20)) * (1 << 20));
+    // Warm-up, then the measured run.
+    await runNode(['pump', String(port), String(streams), String(64 << 20)]).done;
+    const r = JSON.parse(await runNode(['pump', String(port), String(streams), String(perStream)]).done) as { ms: number; bytes: number };
+    return (r.bytes / r.ms) * 1000;
+  } finally {
+    sink.child.kill('SIGTERM');
+  }
+}
+
+/** Sequential write (1 MiB blocks, fsync) then read of a `size`-byte file in `dir`. Bytes/s each. */
+export function storageThroughput(dir: string, size: number): { writeBps: number; readBps: number } {
+  fs.mkdirSync(dir, { recursive: true });
+  const file = path.join(dir, `baseline-${process.pid}.img`);
+  const buf = Buffer.alloc(1 << 20);
+  for (let i = 0; i < buf.length; i += 4) buf.writeUInt32LE((i * 2654435761) >>> 0, i);
+  try {
+    let fd = fs.openSync(file, 'w');
+    let t0 = performance.now();
+    for (let off = 0; off < size; off += buf.length) fs.writeSync(fd, buf, 0, Math.min(buf.length, size - off), off);
+    fs.fsyncSync(fd);
+    fs.closeSync(fd);
+    const writeBps = (size / (performance.now() - t0)) * 1000;
+    fd = fs.openSync(file, 'r');
+    t0 = performance.now();
+    for (let off = 0; off < size; off += buf.length) fs.readSync(fd, buf, 0, Math.min(buf.length, size - off), off);
+    fs.closeSync(fd);
+    const readBps = (size / (performance.now() - t0)) * 1000;
+    return { writeBps, readBps };
+  } finally {
+    fs.rmSync(file, { force: true });
+  }
+}
+
+if (process.argv[1] && path.resolve(process.argv[1]) === SELF) {
+  const [mode, ...rest] = process.argv.slice(2);
+  if (mode === 'sink') await sinkMain();
+  else if (mode === 'pump') await pumpMain(Number(rest[0]), Number(rest[1]), Number(rest[2]));
+  else {
+    const bps = await loopbackThroughput(Number(mode ?? 1), 2 ** 30);
+    console.log(`loopback ${mode ?? 1} stream(s): ${(bps / 2 ** 20).toFixed(0)} MiB/s`);
+  }
+}

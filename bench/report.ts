@@ -1,0 +1,102 @@
+// Rendering of bench results: markdown table and a hand-written SVG of the key curves.
+
+export interface CaseResult {
+  name: string;
+  memoryBytes: number;
+  fill: number;
+  /** Configured guest dirty rate as a fraction of the 1-stream loopback baseline. */
+  dirtyFraction: number;
+  dirtyRateBytesPerSec: number;
+  policy: Record<string, unknown>;
+  outcome: string;
+  reason: string;
+  totalMs: number;
+  workflowMs: number;
+  dataMovementMs: number;
+  orchestrationOverheadMs: number;
+  overheadBreakdownMs: Record<string, number>;
+  downtimeMs: number;
+  probe: { sent: number; received: number; lost: number; maxConsecutiveLost: number; maxGapMs: number; intervalMs: number } | null;
+  rounds: number;
+  bytesTransferred: number;
+  wireRatio: number;
+  throughputBytesPerSec: number;
+  throughputRatio: number;
+  finalThrottle: number;
+  decisions: number;
+  agentRssKiB: Record<string, { before: number; hwmAfter: number; growth: number }>;
+  vmHwmKiB: { source: number; destination: number };
+  verified: boolean | null;
+  cleanRollback?: boolean;
+  error?: string;
+}
+
+export interface Target { name: string; value: number | string | null; target: string; pass: boolean }
+
+const mib = (b: number): string => (b / 2 ** 20).toFixed(0);
+
+export function markdown(r: { startedAt: string; scale: number; machine: Record<string, unknown>; baselines: Record<string, number>; cases: CaseResult[]; notMeasured: Array<{ name: string; why: string }>; targets: Target[] }): string {
+  const L: string[] = [];
+  L.push(`# vmferry bench — ${r.startedAt}`, '');
+  L.push(`Scale ${r.scale}; machine: ${Object.entries(r.machine).map(([k, v]) => `${k} ${String(v)}`).join(', ')}`, '');
+  L.push('## Baselines (same run)', '', '| baseline | value |', '|---|---|');
+  for (const [k, v] of Object.entries(r.baselines)) L.push(`| ${k} | ${mib(v)} MiB/s |`);
+  L.push('', '## Live migration', '');
+  L.push('| case | memory | dirty (of baseline) | outcome | total ms | MiB/s (ratio) | downtime ms (hv) | probe lost / max gap ms | rounds | wire ÷ mem | orchestration ms | agent HWM growth MiB | VM HWM MiB src/dst |');
+  L.push('|---|---|---|---|---|---|---|---|---|---|---|---|---|');
+  for (const c of r.cases) {
+    const agents = Object.values(c.agentRssKiB).map((a) => (a.growth / 1024).toFixed(0)).join(' / ');
+    L.push(`| ${c.name} | ${mib(c.memoryBytes)} MiB${c.fill < 1 ? ` (fill ${c.fill})` : ''} | ${(c.dirtyFraction * 100).toFixed(0)}% (${mib(c.dirtyRateBytesPerSec)} MiB/s) | ${c.outcome}${c.error ? ` (${c.error})` : ''} | ${c.totalMs.toFixed(0)} | ${mib(c.throughputBytesPerSec)} (${(c.throughputRatio * 100).toFixed(0)}%) | ${c.downtimeMs} | ${c.probe ? `${c.probe.lost} / ${c.probe.maxGapMs}` : '—'} | ${c.rounds} | ${c.wireRatio.toFixed(3)} | ${c.orchestrationOverheadMs.toFixed(0)} | ${agents} | ${(c.vmHwmKiB.source / 1024).toFixed(0)} / ${(c.vmHwmKiB.destination / 1024).toFixed(0)} |`);
+  }
+  L.push('', 'Orchestration overhead = workflow time − data movement (startOutgoing started → cutover completed, from the workflow history). Breakdown per case in latest.json.');
+  if (r.notMeasured.length) {
+    L.push('', '## Not measured', '');
+    for (const n of r.notMeasured) L.push(`- ${n.name}: not measured: ${n.why}`);
+  }
+  L.push('', '## Targets', '', '| target | value | required | pass |', '|---|---|---|---|');
+  for (const t of r.targets) L.push(`| ${t.name} | ${t.value ?? '—'} | ${t.target} | ${t.pass ? 'PASS' : 'FAIL'} |`);
+  L.push('', '![time and downtime vs dirty rate](latest.svg)', '');
+  return L.join('\n');
+}
+
+/** Two panels: total time and downtime against dirty rate (% of baseline), one line per memory size. */
+export function svg(cases: CaseResult[]): string {
+  const W = 900, H = 360, pad = 50, pw = (W - 3 * pad) / 2, ph = H - 2 * pad;
+  const series = new Map<number, CaseResult[]>();
+  for (const c of cases) {
+    if (c.fill < 1 || c.outcome !== 'completed') continue;
+    if (!series.has(c.memoryBytes)) series.set(c.memoryBytes, []);
+    series.get(c.memoryBytes)!.push(c);
+  }
+  for (const s of series.values()) s.sort((a, b) => a.dirtyFraction - b.dirtyFraction);
+  const colors = ['#1f77b4', '#d62728', '#2ca02c', '#9467bd'];
+  const out: string[] = [`<svg xmlns="http://www.w3.org/2000/svg" width="${W}" height="${H}" font-family="sans-serif" font-size="11">`, `<rect width="${W}" height="${H}" fill="white"/>`];
+  const panel = (x0: number, title: string, pick: (c: CaseResult) => number, unit: string): void => {
+    const all = cases.filter((c) => c.fill >= 1 && c.outcome === 'completed');
+    const xMax = Math.max(1, ...all.map((c) => c.dirtyFraction)) * 1.05;
+    const yMax = Math.max(1, ...all.map(pick)) * 1.15;
+    const X = (v: number): number => x0 + (v / xMax) * pw;
+    const Y = (v: number): number => pad + ph - (v / yMax) * ph;
+    out.push(`<text x="${x0 + pw / 2}" y="${pad - 20}" text-anchor="middle" font-size="13">${title}</text>`);
+    out.push(`<line x1="${x0}" y1="${pad + ph}" x2="${x0 + pw}" y2="${pad + ph}" stroke="black"/><line x1="${x0}" y1="${pad}" x2="${x0}" y2="${pad + ph}" stroke="black"/>`);
+    for (let i = 0; i <= 4; i++) {
+      const yv = (yMax * i) / 4, xv = (xMax * i) / 4;
+      out.push(`<text x="${x0 - 5}" y="${Y(yv) + 4}" text-anchor="end">${yv.toFixed(0)}</text><line x1="${x0}" y1="${Y(yv)}" x2="${x0 + pw}" y2="${Y(yv)}" stroke="#eee"/>`);
+      out.push(`<text x="${X(xv)}" y="${pad + ph + 15}" text-anchor="middle">${(xv * 100).toFixed(0)}%</text>`);
+    }
+    out.push(`<text x="${x0 + pw / 2}" y="${H - 8}" text-anchor="middle">guest dirty rate (% of loopback baseline)</text>`);
+    out.push(`<text x="${x0 - 38}" y="${pad + ph / 2}" transform="rotate(-90 ${x0 - 38} ${pad + ph / 2})" text-anchor="middle">${unit}</text>`);
+    let k = 0;
+    for (const [mem, s] of series) {
+      const col = colors[k % colors.length]!;
+      out.push(`<polyline fill="none" stroke="${col}" stroke-width="2" points="${s.map((c) => `${X(c.dirtyFraction).toFixed(1)},${Y(pick(c)).toFixed(1)}`).join(' ')}"/>`);
+      for (const c of s) out.push(`<circle cx="${X(c.dirtyFraction).toFixed(1)}" cy="${Y(pick(c)).toFixed(1)}" r="3" fill="${col}"><title>${c.name}: ${pick(c).toFixed(0)} ${unit}</title></circle>`);
+      out.push(`<text x="${x0 + 10}" y="${pad + 14 + 14 * k}" fill="${col}">${mib(mem)} MiB</text>`);
+      k++;
+    }
+  };
+  panel(pad + 10, 'Total migration time', (c) => c.totalMs, 'ms');
+  panel(2 * pad + pw + 10, 'Downtime (hypervisor clock)', (c) => c.downtimeMs, 'ms');
+  out.push('</svg>');
+  return out.join('\n');
+}

@@ -1,0 +1,337 @@
+// `npm run bench`: every figure measured in one run on this machine, as ratios to baselines
+// measured in the same run. Starts its own Temporal dev server and lab in a temp dir and tears
+// both down at the end, even on failure.
+//   tsx bench/run.ts [--scale 0.25 | --quick] [--only name,name] [--prof <dir>] [--keep]
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { startDevServer } from '../lab/temporal-server.js';
+import { labDown, labStatus, labUp } from '../lab/lab.js';
+import { VmferryClient, startMigrationSchema } from '../client/index.js';
+import { Prober, type ProbeStats } from '../client/probe.js';
+import type { MigrationPolicy, MigrationResult } from '../common/types.js';
+import { loopbackThroughput, storageThroughput } from './baselines.js';
+import { markdown, svg, type CaseResult, type Target } from './report.js';
+
+const HERE = path.dirname(fileURLToPath(import.meta.url));
+const RESULTS = path.join(HERE, 'results');
+const GiB = 2 ** 30;
+const MiB = 2 ** 20;
+
+// ---------- arguments ----------
+const argv = process.argv.slice(2);
+const flag = (n: string): string | undefined => { const i = argv.indexOf(`--${n}`); return i >= 0 ? argv[i + 1] : undefined; };
+const scale = argv.includes('--quick') ? 0.25 : Number(flag('scale') ?? 1);
+if (!(scale > 0 && scale <= 4)) throw new Error(`--scale must be in (0, 4], got ${flag('scale')}`);
+const only = flag('only')?.split(',');
+const profDir = flag('prof');
+const keep = argv.includes('--keep');
+/** Streams the engine uses for one migration (one TCP connection per memory job). */
+const ENGINE_STREAMS: number = 1;
+/** Policy of every case unless a case says otherwise; recorded in the results. */
+const BENCH_POLICY: Partial<MigrationPolicy> = { downtimeLimitMs: 40 };
+
+const say = (m: string): void => { process.stderr.write(`[bench ${new Date().toISOString().slice(11, 19)}] ${m}\n`); };
+const roundTo = (n: number, step: number): number => Math.max(step, Math.round(n / step) * step);
+
+function procKiB(pid: number | null | undefined, field: 'VmHWM' | 'VmRSS'): number {
+  if (!pid) return 0;
+  try {
+    const m = new RegExp(`${field}:\\s+(\\d+) kB`).exec(fs.readFileSync(`/proc/${pid}/status`, 'utf8'));
+    return m ? Number(m[1]) : 0;
+  } catch { return 0; }
+}
+
+// ---------- teardown that always runs ----------
+const cleanups: Array<() => Promise<void> | void> = [];
+let cleaning: Promise<void> | null = null;
+function cleanup(): Promise<void> {
+  cleaning ??= (async () => {
+    for (const c of cleanups.splice(0).reverse()) { try { await c(); } catch (e) { say(`cleanup: ${(e as Error).message}`); } }
+  })();
+  return cleaning;
+}
+for (const sig of ['SIGINT', 'SIGTERM'] as const) process.once(sig, () => { say(`${sig}: tearing down…`); void cleanup().finally(() => process.exit(130)); });
+
+interface CaseDef {
+  name: string;
+  memoryBytes: number;
+  fill: number;
+  dirtyFraction: number;
+  policy?: Partial<MigrationPolicy>;
+  expect: 'completed' | 'rolled-back';
+}
+
+async function main(): Promise<void> {
+  const startedAt = new Date().toISOString();
+  const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'vmferry-bench-'));
+  cleanups.push(() => { if (!keep) fs.rmSync(tmp, { recursive: true, force: true }); });
+  say(`scale ${scale}; work dir ${tmp}`);
+
+  // ---------- baselines ----------
+  const memBig = roundTo(GiB * scale, MiB);
+  const memSmall = roundTo(256 * MiB * scale, MiB);
+  const diskBytes = roundTo(2 * GiB * scale, MiB);
+  say('baseline: loopback TCP pump…');
+  const median = (xs: number[]): number => xs.sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
+  const lb1: number[] = [];
+  const lbN: number[] = [];
+  for (let i = 0; i < 3; i++) {
+    lb1.push(await loopbackThroughput(1, memBig));
+    if (ENGINE_STREAMS !== 2) lbN.push(await loopbackThroughput(2, memBig));
+  }
+  const baselines: Record<string, number> = {
+    'loopback TCP, 1 stream': median(lb1),
+    'loopback TCP, 2 streams': median(lbN),
+  };
+  const engineBaseline = ENGINE_STREAMS === 1 ? baselines['loopback TCP, 1 stream']! : baselines['loopback TCP, 2 streams']!;
+  say(`loopback: 1 stream ${(baselines['loopback TCP, 1 stream']! / MiB).toFixed(0)} MiB/s, 2 streams ${(baselines['loopback TCP, 2 streams']! / MiB).toFixed(0)} MiB/s`);
+  const labDir = path.join(tmp, 'lab');
+  fs.mkdirSync(path.join(labDir, 'shared'), { recursive: true });
+  say(`baseline: sequential write+read of ${(diskBytes / MiB).toFixed(0)} MiB on the lab's storage…`);
+  const st = storageThroughput(path.join(labDir, 'shared'), diskBytes);
+  baselines['storage sequential write (fsync)'] = st.writeBps;
+  baselines['storage sequential read'] = st.readBps;
+
+  // ---------- Temporal + lab ----------
+  say('starting Temporal dev server (headless)…');
+  const server = await startDevServer({ logFile: path.join(tmp, 'temporal.log'), headless: true });
+  cleanups.push(async () => {
+    try { process.kill(server.pid, 'SIGTERM'); } catch { return; }
+    for (let i = 0; i < 100; i++) { try { process.kill(server.pid, 0); } catch { return; } await sleep(100); }
+    try { process.kill(server.pid, 'SIGKILL'); } catch { /* gone */ }
+  });
+  process.env.TEMPORAL_ADDRESS = server.address;
+  if (profDir) process.env.NODE_OPTIONS = `${process.env.NODE_OPTIONS ?? ''} --cpu-prof --cpu-prof-dir=${path.resolve(profDir)}`;
+  const hosts = ['benchA', 'benchB'];
+  const [A, B] = hosts as [string, string];
+  say('starting lab (orchestrator, agents)…');
+  cleanups.push(() => labDown(labDir, { purge: false }));
+  await labUp({ dir: labDir, hosts });
+  if (profDir) delete process.env.NODE_OPTIONS;
+  const client = await VmferryClient.connect({ labDir });
+  cleanups.push(() => client.close());
+  const agentPid = (h: string): number | null => labStatus(labDir).hosts.find((x) => x.name === h)?.pid ?? null;
+  const agentStart: Record<string, number> = { [A]: procKiB(agentPid(A), 'VmRSS'), [B]: procKiB(agentPid(B), 'VmRSS') };
+  const runDir = (h: string): string => path.join(labDir, 'hosts', h, 'run');
+
+  // ---------- cases ----------
+  const cases: CaseDef[] = [];
+  for (const [label, mem] of [['1GiB', memBig], ['256MiB', memSmall]] as const) {
+    const tag = scale === 1 ? label : `${label}×${scale}`;
+    cases.push({ name: `${tag} idle`, memoryBytes: mem, fill: 1, dirtyFraction: 0, expect: 'completed' });
+    cases.push({ name: `${tag} dirty 5%`, memoryBytes: mem, fill: 1, dirtyFraction: 0.05, expect: 'completed' });
+    cases.push({ name: `${tag} dirty 25%`, memoryBytes: mem, fill: 1, dirtyFraction: 0.25, expect: 'completed' });
+    cases.push({ name: `${tag} dirty 100% auto-converge`, memoryBytes: mem, fill: 1, dirtyFraction: 1, expect: 'completed' });
+    if (mem === memBig) {
+      cases.push({
+        name: `${tag} dirty 100% no auto-converge`, memoryBytes: mem, fill: 1, dirtyFraction: 1, expect: 'rolled-back',
+        policy: { autoConverge: false, maxRounds: 10_000, convergenceTimeoutMsPerGiB: 1000 },
+      });
+    }
+  }
+  cases.push({ name: `${scale === 1 ? '1GiB' : `1GiB×${scale}`} zero-heavy (90% zero pages)`, memoryBytes: memBig, fill: 0.1, dirtyFraction: 0, expect: 'completed' });
+  const selected = cases.filter((c) => !only || only.some((o) => c.name.includes(o)));
+
+  const results: CaseResult[] = [];
+  let n = 0;
+  for (const c of selected) {
+    say(`case ${c.name}…`);
+    const r = await runCase(client, c, `bench${n++}`, { A, B, engineBaseline, agentPid, runDir }).catch((e: Error) => failedCase(c, engineBaseline, e));
+    results.push(r);
+    say(`  ${r.outcome}: total ${r.totalMs.toFixed(0)} ms, ${(r.throughputBytesPerSec / MiB).toFixed(0)} MiB/s (${(r.throughputRatio * 100).toFixed(0)}% of baseline), downtime ${r.downtimeMs} ms, probe ${r.probe ? `lost ${r.probe.lost}, max gap ${r.probe.maxGapMs} ms` : '—'}, rounds ${r.rounds}, wire ${r.wireRatio.toFixed(3)}×, orchestration ${r.orchestrationOverheadMs.toFixed(0)} ms${r.error ? `, error: ${r.error}` : ''}`);
+  }
+
+  // ---------- storage migration / evacuation ----------
+  const notMeasured: Array<{ name: string; why: string }> = [];
+  const storageSupported = startMigrationSchema.safeParse({ type: 'storage', vm: 'x', toPath: '/tmp/x' }).success;
+  let storage: Record<string, unknown> | null = null;
+  if (!storageSupported) notMeasured.push({ name: `storage migration of a ${(diskBytes / GiB).toFixed(2)} GiB disk`, why: 'storage migration not implemented yet' });
+  else if (!only || only.some((o) => 'storage'.includes(o))) {
+    say('case storage migration…');
+    storage = await storageCase(client, A, diskBytes, labDir, baselines).catch((e: Error) => ({ outcome: 'error', error: e.message }));
+    say(`  storage: ${JSON.stringify(storage)}`);
+  }
+  const hasEvacuation = ['evacuate', 'startEvacuation', 'evacuateHost'].some((m) => typeof (client as unknown as Record<string, unknown>)[m] === 'function');
+  notMeasured.push({ name: 'evacuation', why: hasEvacuation ? 'evacuation API present but no bench case for it yet' : 'evacuation not implemented yet' });
+
+  const agentEnd: Record<string, number> = { [A]: procKiB(agentPid(A), 'VmHWM'), [B]: procKiB(agentPid(B), 'VmHWM') };
+
+  // ---------- targets ----------
+  const find = (frag: string): CaseResult | undefined => results.find((r) => r.name.includes(frag) && r.memoryBytes === memBig && r.fill === 1);
+  const targets: Target[] = [];
+  const idle = find('idle');
+  if (idle) targets.push({ name: `idle ${mibStr(memBig)}: memory ÷ total time vs loopback (${ENGINE_STREAMS} stream)`, value: pct(idle.throughputRatio), target: '≥ 70%', pass: idle.outcome === 'completed' && idle.throughputRatio >= 0.7 });
+  for (const [frag, lim] of [['dirty 5%', 50], ['dirty 25%', 150]] as const) {
+    const c = find(frag);
+    if (!c) continue;
+    targets.push({ name: `downtime (hypervisor) at ${frag.slice(6)}, ${mibStr(memBig)}`, value: `${c.downtimeMs} ms`, target: `≤ ${lim} ms`, pass: c.outcome === 'completed' && c.downtimeMs <= lim });
+    targets.push({ name: `guest probe at ${frag.slice(6)}: probes missed (10 ms interval)`, value: c.probe ? `${c.probe.lost} lost (max gap ${c.probe.maxGapMs} ms)` : null, target: '≤ 1', pass: !!c.probe && c.probe.lost <= 1 });
+  }
+  const ac = find('100% auto-converge');
+  if (ac) targets.push({ name: 'dirty ≥ 100%: completes within the downtime limit by auto-converge', value: `${ac.outcome}, downtime ${ac.downtimeMs} ms, throttle ${ac.finalThrottle}`, target: `completed, ≤ ${String(ac.policy.downtimeLimitMs)} ms`, pass: ac.outcome === 'completed' && ac.downtimeMs <= Number(ac.policy.downtimeLimitMs) });
+  const noac = find('no auto-converge');
+  if (noac) targets.push({ name: 'dirty ≥ 100%, autoConverge off: clean rollback at the convergence timeout', value: `${noac.outcome}${noac.cleanRollback ? ', clean' : ', NOT clean'}: ${noac.reason}`, target: 'rolled-back, VM intact on source, nothing on destination', pass: noac.outcome === 'rolled-back' && !!noac.cleanRollback });
+  const zero = results.find((r) => r.fill < 1);
+  if (zero) targets.push({ name: 'zero-heavy VM: bytes on the wire ÷ memory', value: pct(zero.wireRatio), target: '≤ 12%', pass: zero.outcome === 'completed' && zero.wireRatio <= 0.12 });
+  const completed = results.filter((r) => r.outcome === 'completed');
+  if (completed.length) {
+    const worst = Math.max(...completed.map((r) => r.orchestrationOverheadMs));
+    targets.push({ name: 'orchestration overhead per migration (worst case)', value: `${worst.toFixed(0)} ms (median ${median(completed.map((r) => r.orchestrationOverheadMs)).toFixed(0)} ms)`, target: '≤ 250 ms', pass: worst <= 250 });
+  }
+  const bigRuns = results.filter((r) => r.memoryBytes === memBig);
+  if (bigRuns.length) {
+    const growth = Math.max(...bigRuns.flatMap((r) => Object.values(r.agentRssKiB).map((a) => a.growth)));
+    targets.push({ name: `host-agent peak RSS growth while moving ${mibStr(memBig)}`, value: `${(growth / 1024).toFixed(1)} MiB`, target: '< 128 MiB', pass: growth < 128 * 1024 });
+  }
+
+  const out = {
+    startedAt, scale,
+    machine: { cpus: os.cpus().length, cpu: os.cpus()[0]?.model ?? '?', memGiB: +(os.totalmem() / GiB).toFixed(1), node: process.version, load: os.loadavg().map((x) => +x.toFixed(2)).join(' ') },
+    benchPolicy: BENCH_POLICY, engineStreams: ENGINE_STREAMS,
+    baselines, cases: results, storage, notMeasured,
+    agents: Object.fromEntries(hosts.map((h) => [h, { rssAtStartKiB: agentStart[h], hwmAtEndKiB: agentEnd[h], growthKiB: (agentEnd[h] ?? 0) - (agentStart[h] ?? 0) }])),
+    targets,
+  };
+  fs.mkdirSync(RESULTS, { recursive: true });
+  fs.writeFileSync(path.join(RESULTS, 'latest.json'), JSON.stringify(out, null, 2));
+  fs.writeFileSync(path.join(RESULTS, 'latest.md'), markdown(out));
+  fs.writeFileSync(path.join(RESULTS, 'latest.svg'), svg(results));
+  process.stdout.write(markdown(out) + '\n');
+  say(`results in ${RESULTS}/latest.{json,md,svg}`);
+}
+
+const mibStr = (b: number): string => (b >= GiB ? `${(b / GiB).toFixed(2).replace(/\.00$/, '')} GiB` : `${(b / MiB).toFixed(0)} MiB`);
+const pct = (x: number): string => `${(x * 100).toFixed(1)}%`;
+
+function failedCase(c: CaseDef, baseline: number, e: Error): CaseResult {
+  return {
+    name: c.name, memoryBytes: c.memoryBytes, fill: c.fill, dirtyFraction: c.dirtyFraction, dirtyRateBytesPerSec: Math.round(c.dirtyFraction * baseline),
+    policy: { ...BENCH_POLICY, ...c.policy }, outcome: 'error', reason: e.message, error: e.message, totalMs: 0, workflowMs: 0, dataMovementMs: 0, orchestrationOverheadMs: 0,
+    overheadBreakdownMs: {}, downtimeMs: 0, probe: null, rounds: 0, bytesTransferred: 0, wireRatio: 0, throughputBytesPerSec: 0, throughputRatio: 0, finalThrottle: 0, decisions: 0,
+    agentRssKiB: {}, vmHwmKiB: { source: 0, destination: 0 }, verified: null,
+  };
+}
+
+interface Ctx { A: string; B: string; engineBaseline: number; agentPid: (h: string) => number | null; runDir: (h: string) => string }
+
+async function runCase(client: VmferryClient, c: CaseDef, vmName: string, x: Ctx): Promise<CaseResult> {
+  const policy: Partial<MigrationPolicy> = { ...BENCH_POLICY, ...c.policy };
+  const dirtyRate = Math.round(c.dirtyFraction * x.engineBaseline);
+  await client.createVm({ name: vmName, host: x.A, memory: c.memoryBytes, disk: MiB, dirtyRate, writeRate: 0, fill: c.fill });
+  try {
+    const vm = (await client.vmSpec(vmName))!;
+    const agentsBefore = { [x.A]: procKiB(x.agentPid(x.A), 'VmRSS'), [x.B]: procKiB(x.agentPid(x.B), 'VmRSS') };
+    // VM processes: the source's pid is known; the destination's appears once it is prepared.
+    const vmHwm = { source: 0, destination: 0 };
+    const destState = path.join(x.runDir(x.B), vmName, 'state.json');
+    let destPid = 0;
+    const sampler = setInterval(() => {
+      vmHwm.source = Math.max(vmHwm.source, procKiB(vm.pid, 'VmHWM'));
+      if (!destPid) { try { destPid = (JSON.parse(fs.readFileSync(destState, 'utf8')) as { pid: number }).pid; } catch { /* not yet */ } }
+      vmHwm.destination = Math.max(vmHwm.destination, procKiB(destPid, 'VmHWM'));
+    }, 100);
+    const probe = new Prober(vm.spec.probe, 10).start();
+    let stats: ProbeStats | null = null;
+    let r: MigrationResult;
+    const t0 = performance.now();
+    let totalMs: number;
+    let id: string;
+    try {
+      await sleep(300);
+      ({ id } = await client.startMigration({ type: 'live', vm: vmName, to: x.B, policy }));
+      r = await client.awaitMigration(id);
+      totalMs = performance.now() - t0 - 300;
+      await sleep(200);
+    } finally {
+      stats = await probe.stop();
+      clearInterval(sampler);
+    }
+    vmHwm.source = Math.max(vmHwm.source, procKiB(vm.pid, 'VmHWM'));
+    vmHwm.destination = Math.max(vmHwm.destination, procKiB(destPid, 'VmHWM'));
+    const agentRssKiB: CaseResult['agentRssKiB'] = {};
+    for (const h of [x.A, x.B]) {
+      const hwm = procKiB(x.agentPid(h), 'VmHWM');
+      agentRssKiB[h] = { before: agentsBefore[h]!, hwmAfter: hwm, growth: Math.max(0, hwm - agentsBefore[h]!) };
+    }
+    const h = await historyTimes(client, id);
+    let verified: boolean | null = null;
+    let cleanRollback: boolean | undefined;
+    if (r.outcome === 'completed') verified = (await client.verifyVm(vmName)).ok;
+    else if (r.outcome === 'rolled-back') {
+      const where = (await client.listVms()).filter((v) => v.name === vmName);
+      verified = (await client.verifyVm(vmName)).ok;
+      cleanRollback = where.length === 1 && where[0]!.host === x.A && where[0]!.state === 'running' && verified && !fs.existsSync(path.join(x.runDir(x.B), vmName));
+    }
+    const throttles = r.decisions.map((d) => /^throttle ([\d.]+)/.exec(d.action)?.[1]).filter(Boolean).map(Number);
+    const dataMs = h.dataMovementMs > 0 ? h.dataMovementMs : totalMs;
+    return {
+      name: c.name, memoryBytes: c.memoryBytes, fill: c.fill, dirtyFraction: c.dirtyFraction, dirtyRateBytesPerSec: dirtyRate, policy,
+      outcome: r.outcome, reason: r.reason, totalMs, workflowMs: h.workflowMs, dataMovementMs: dataMs,
+      orchestrationOverheadMs: Math.max(0, h.workflowMs - dataMs), overheadBreakdownMs: h.breakdown,
+      downtimeMs: r.downtimeMs, probe: stats, rounds: r.rounds, bytesTransferred: r.bytesTransferred, wireRatio: r.bytesTransferred / c.memoryBytes,
+      throughputBytesPerSec: (c.memoryBytes / totalMs) * 1000, throughputRatio: ((c.memoryBytes / totalMs) * 1000) / x.engineBaseline,
+      finalThrottle: throttles.at(-1) ?? 0, decisions: r.decisions.length, agentRssKiB, vmHwmKiB: vmHwm, verified, cleanRollback,
+      error: c.expect !== r.outcome ? `expected ${c.expect}` : verified === false ? 'verify failed' : undefined,
+    };
+  } finally {
+    await client.destroyVm(vmName).catch(() => undefined);
+  }
+}
+
+/** Times from the workflow history: the data-movement window and what surrounds it. */
+async function historyTimes(client: VmferryClient, id: string): Promise<{ workflowMs: number; dataMovementMs: number; breakdown: Record<string, number> }> {
+  const hist = await client.client.workflow.getHandle(id).fetchHistory();
+  const ms = (t: unknown): number => { const ts = t as { seconds?: unknown; nanos?: number } | null; return ts ? Number(ts.seconds ?? 0) * 1000 + (ts.nanos ?? 0) / 1e6 : 0; };
+  const sched = new Map<string, string>(); // scheduled event id → activity type
+  const first: Record<string, { scheduled?: number; started?: number; completed?: number }> = {};
+  const last: Record<string, { scheduled?: number; started?: number; completed?: number }> = {};
+  let wfStart = 0, wfEnd = 0;
+  for (const e of hist.events ?? []) {
+    const t = ms(e.eventTime);
+    if (e.workflowExecutionStartedEventAttributes) wfStart = t;
+    if (e.workflowExecutionCompletedEventAttributes || e.workflowExecutionFailedEventAttributes) wfEnd = t;
+    const s = e.activityTaskScheduledEventAttributes;
+    if (s) {
+      const name = s.activityType?.name ?? '?';
+      sched.set(String(e.eventId), name);
+      first[name] ??= { scheduled: t };
+      last[name] = { scheduled: t };
+    }
+    const st = e.activityTaskStartedEventAttributes;
+    if (st) { const name = sched.get(String(st.scheduledEventId)) ?? '?'; first[name]!.started ??= t; last[name]!.started = t; }
+    const co = e.activityTaskCompletedEventAttributes;
+    if (co) { const name = sched.get(String(co.scheduledEventId)) ?? '?'; first[name]!.completed ??= t; last[name]!.completed = t; }
+  }
+  const startData = first.startOutgoing?.started ?? 0;
+  const endData = last.cutover?.completed ?? last.rollbackOutgoing?.completed ?? 0;
+  const workflowMs = wfEnd - wfStart;
+  const breakdown: Record<string, number> = {};
+  if (startData) {
+    breakdown['start → startOutgoing (preflight, prepare destination)'] = startData - wfStart;
+    if (first.prepareIncoming?.completed && first.prepareIncoming.started) breakdown['prepareIncoming activity'] = first.prepareIncoming.completed - first.prepareIncoming.started;
+  }
+  if (last.cutover?.started && last.awaitProgress?.completed) breakdown['last progress → cutover started (decision)'] = last.cutover.started - last.awaitProgress.completed;
+  if (endData) breakdown['data end → workflow end (cleanup)'] = wfEnd - endData;
+  return { workflowMs, dataMovementMs: startData && endData ? endData - startData : 0, breakdown };
+}
+
+async function storageCase(client: VmferryClient, host: string, diskBytes: number, labDir: string, baselines: Record<string, number>): Promise<Record<string, unknown>> {
+  const name = 'benchdisk';
+  await client.createVm({ name, host, memory: 64 * MiB, disk: diskBytes, dirtyRate: 0, writeRate: 1 * MiB, fill: 0.5 });
+  try {
+    const toPath = path.join(labDir, 'hosts', host, 'local', 'vms', name);
+    const t0 = performance.now();
+    const { id } = await client.startMigration({ type: 'storage', vm: name, toPath } as Parameters<VmferryClient['startMigration']>[0]);
+    const r = await client.awaitMigration(id);
+    const totalMs = performance.now() - t0;
+    const base = Math.min(baselines['storage sequential read']!, baselines['storage sequential write (fsync)']!);
+    return { outcome: r.outcome, reason: r.reason, totalMs, diskBytes, bytesPerSec: (diskBytes / totalMs) * 1000, ratioToStorageBaseline: ((diskBytes / totalMs) * 1000) / base, bytesTransferred: r.bytesTransferred };
+  } finally {
+    await client.destroyVm(name).catch(() => undefined);
+  }
+}
+
+main().then(() => cleanup(), async (e: Error) => { say(`FAILED: ${e.stack ?? e.message}`); await cleanup(); process.exit(1); }).then(() => process.exit(0));

@@ -1,0 +1,53 @@
+// Shared-nothing live migration, in the seed's order:
+//   1. mirror the VM's storage to the destination, and keep the mirror until the end
+//   2. live-migrate memory and state (the shared step); any failure falls back to the source,
+//      whose storage is still complete
+//   3. only after that, break the mirror and remove the VM and its files from the source.
+import { CancellationScope } from '@temporalio/workflow';
+import { DEFAULT_POLICY, type MigrationResult, type SharedNothingInput } from '../common/types.js';
+import { hostProxies } from './hosts.js';
+import { Saga } from './saga.js';
+import { MigrationTracker, reasonOf } from './tracker.js';
+import { moveMemory, preflight } from './steps/memory.js';
+import { awaitMirrorSynced } from './steps/storage.js';
+
+export async function sharedNothingMigration(input: SharedNothingInput): Promise<MigrationResult> {
+  const tracker = new MigrationTracker('shared-nothing', input);
+  const policy = { ...DEFAULT_POLICY, ...input.policy };
+  const src = hostProxies(input.from);
+  const dst = hostProxies(input.to);
+  const ids = { migrationId: input.migrationId, vm: input.vm };
+  const saga = new Saga();
+  let started = false;
+  try {
+    tracker.phase('preflight');
+    const { vm } = await preflight({ vm: input.vm, src, dst });
+    started = true;
+
+    tracker.phase('mirror');
+    const prepare = () => dst.quick.prepareDiskTargets.executeWithOptions(
+      { summary: `Empty disks for ${input.vm} on ${input.to}, and a one-time grant for the mirror` },
+      [{ ...ids, spec: vm.spec, sourceHost: input.from, epoch: vm.epoch + 1, dir: input.toPath }],
+    );
+    saga.add('delete the destination copies', () => dst.undo.deleteDiskTargets({ ...ids, dir: input.toPath }));
+    const grant = await prepare();
+    saga.add('stop the disk mirror', () => src.undo.abortDiskMirror(ids));
+    await src.quick.startRemoteDiskMirror.executeWithOptions({ summary: `Mirror ${input.vm}'s disks to ${input.to} over the data plane` }, [{ ...ids, grant }]);
+    await awaitMirrorSynced({ ...ids, host: src, tracker }, async () => (await prepare()).token);
+
+    // The mirror stays in place (guest writes keep flowing) through the memory move.
+    await moveMemory({ migrationId: input.migrationId, vm: input.vm, src, dst, policy, tracker, saga }, vm, grant.spec);
+  } catch (err) {
+    tracker.phase('rollback');
+    const errors = await saga.compensate();
+    const reason = reasonOf(err);
+    if (errors.length) return tracker.finish('failed', `${reason}; rollback incomplete: ${errors.join('; ')}`);
+    return tracker.finish(started ? 'rolled-back' : 'failed', reason);
+  }
+  tracker.phase('cleanup');
+  await CancellationScope.nonCancellable(async () => {
+    await dst.undo.adoptDiskTargets({ ...ids, dir: input.toPath });
+    await src.undo.releaseSource.executeWithOptions({ summary: `Break the mirror; remove ${input.vm} and its files from ${input.from}` }, [{ ...ids, deleteStorage: true }]);
+  });
+  return tracker.finish('completed', `VM ${input.vm} runs on ${input.to} with its own copy of the storage`);
+}
