@@ -125,13 +125,13 @@ export function createHostActivities({ host, driver }: HostActivityDeps) {
 
     // ---- storage moves ----
 
-    async startLocalDiskMirror(p: { migrationId: string; vm: string; targets: Record<string, string> }): Promise<DiskMirrorStatus> {
-      try { return await storage().startLocalDiskMirror(p.vm, p.migrationId, p.targets); } catch (e) { return nonRetryable(e, 'StorageRefused'); }
+    async startLocalDiskMirror(p: { migrationId: string; vm: string; targets: Record<string, string>; maxBandwidth?: number }): Promise<DiskMirrorStatus> {
+      try { return await storage().startLocalDiskMirror(p.vm, p.migrationId, p.targets, p.maxBandwidth); } catch (e) { return nonRetryable(e, 'StorageRefused'); }
     },
 
-    async startRemoteDiskMirror(p: { migrationId: string; vm: string; grant: DiskTargetGrant }): Promise<DiskMirrorStatus> {
+    async startRemoteDiskMirror(p: { migrationId: string; vm: string; grant: DiskTargetGrant; maxBandwidth?: number }): Promise<DiskMirrorStatus> {
       try {
-        return await storage().startDiskMirror(p.vm, p.migrationId, { kind: 'remote', endpoint: p.grant.endpoint, token: p.grant.token, hello: { migrationId: p.migrationId, vm: p.vm, from: host.name } });
+        return await storage().startDiskMirror(p.vm, p.migrationId, { kind: 'remote', endpoint: p.grant.endpoint, token: p.grant.token, hello: { migrationId: p.migrationId, vm: p.vm, from: host.name } }, p.maxBandwidth);
       } catch (e) { return nonRetryable(e, 'StorageRefused'); }
     },
 
@@ -145,10 +145,11 @@ export function createHostActivities({ host, driver }: HostActivityDeps) {
      */
     async awaitDiskMirror(p: { migrationId: string; vm: string }): Promise<DiskMirrorStatus> {
       const ctx = Context.current();
+      const until = Date.now() + 2000; // return at least every 2 s: progress stays visible
       for (;;) {
         const st = await storage().diskMirrorStatus(p.vm, p.migrationId);
         ctx.heartbeat({ bytesCopied: st.bytesCopied, checkpoint: st.checkpoint });
-        if (st.state !== 'copying') return st;
+        if (st.state !== 'copying' || Date.now() > until) return st;
         try { await ctx.sleep(250); } catch { throw new CancelledFailure('activity cancelled'); }
       }
     },

@@ -18,7 +18,8 @@ import { parseSize } from '../common/sizes.js';
 import { TSX_LOADER } from '../common/tsx.js';
 import { decide } from '../workflows/decide.js';
 
-const VM_PROCESS = fileURLToPath(new URL('../drivers/sim/vm-process.ts', import.meta.url));
+// BENCH_VM_PROCESS: an alternative (e.g. instrumented) copy of the VM process script.
+const VM_PROCESS = process.env.BENCH_VM_PROCESS ? path.resolve(process.env.BENCH_VM_PROCESS) : fileURLToPath(new URL('../drivers/sim/vm-process.ts', import.meta.url));
 
 export interface EngineRunOptions {
   memoryBytes: number;
@@ -124,6 +125,11 @@ export async function runEngine(o: EngineRunOptions): Promise<EngineRunResult> {
     for (const c of children) { try { c.kill('SIGTERM'); } catch { /* gone */ } }
     await Promise.all(children.map((c) => (c.exitCode !== null ? undefined : new Promise((r) => { c.once('exit', r); setTimeout(r, 5000); }))));
     for (const c of children) { try { c.kill('SIGKILL'); } catch { /* gone */ } }
+    if (process.env.BENCH_VM_PROCESS) {
+      for (const h of ['A', 'B']) {
+        try { for (const l of fs.readFileSync(path.join(tmp, h, 'vm.log'), 'utf8').split('\n')) if (l.includes('MARKS')) say(`${h}: ${l.slice(l.indexOf('MARKS'))}`); } catch { /* none */ }
+      }
+    }
     fs.rmSync(tmp, { recursive: true, force: true });
   }
 }

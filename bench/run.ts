@@ -48,6 +48,8 @@ function procKiB(pid: number | null | undefined, field: 'VmHWM' | 'VmRSS'): numb
 const cleanups: Array<() => Promise<void> | void> = [];
 let cleaning: Promise<void> | null = null;
 function cleanup(): Promise<void> {
+  // Pending client calls fail as the lab goes away: that must not cut the teardown short.
+  if (!cleaning) process.on('uncaughtException', (e) => say(`during teardown: ${e.message}`));
   cleaning ??= (async () => {
     for (const c of cleanups.splice(0).reverse()) { try { await c(); } catch (e) { say(`cleanup: ${(e as Error).message}`); } }
   })();
@@ -75,16 +77,18 @@ async function main(): Promise<void> {
   const memSmall = roundTo(256 * MiB * scale, MiB);
   const diskBytes = roundTo(2 * GiB * scale, MiB);
   say('baseline: loopback TCP pump…');
-  const median = (xs: number[]): number => xs.sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
+  // Best of 3 runs of max(1 GiB, VM size): the machine's capability, not its worst moment
+  // (the cores are shared), so the ratios below are conservative for the engine.
   const lb1: number[] = [];
   const lbN: number[] = [];
+  const pumpBytes = Math.max(GiB, memBig);
   for (let i = 0; i < 3; i++) {
-    lb1.push(await loopbackThroughput(1, memBig));
-    if (ENGINE_STREAMS !== 2) lbN.push(await loopbackThroughput(2, memBig));
+    lb1.push(await loopbackThroughput(1, pumpBytes));
+    lbN.push(await loopbackThroughput(2, pumpBytes));
   }
   const baselines: Record<string, number> = {
-    'loopback TCP, 1 stream': median(lb1),
-    'loopback TCP, 2 streams': median(lbN),
+    'loopback TCP, 1 stream': Math.max(...lb1),
+    'loopback TCP, 2 streams': Math.max(...lbN),
   };
   const engineBaseline = ENGINE_STREAMS === 1 ? baselines['loopback TCP, 1 stream']! : baselines['loopback TCP, 2 streams']!;
   say(`loopback: 1 stream ${(baselines['loopback TCP, 1 stream']! / MiB).toFixed(0)} MiB/s, 2 streams ${(baselines['loopback TCP, 2 streams']! / MiB).toFixed(0)} MiB/s`);
@@ -179,6 +183,7 @@ async function main(): Promise<void> {
   const completed = results.filter((r) => r.outcome === 'completed');
   if (completed.length) {
     const worst = Math.max(...completed.map((r) => r.orchestrationOverheadMs));
+    const median = (xs: number[]): number => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
     targets.push({ name: 'orchestration overhead per migration (worst case)', value: `${worst.toFixed(0)} ms (median ${median(completed.map((r) => r.orchestrationOverheadMs)).toFixed(0)} ms)`, target: '≤ 250 ms', pass: worst <= 250 });
   }
   const bigRuns = results.filter((r) => r.memoryBytes === memBig);
@@ -325,7 +330,14 @@ async function storageCase(client: VmferryClient, host: string, diskBytes: numbe
     const toPath = path.join(labDir, 'hosts', host, 'local', 'vms', name);
     const t0 = performance.now();
     const { id } = await client.startMigration({ type: 'storage', vm: name, toPath } as Parameters<VmferryClient['startMigration']>[0]);
-    const r = await client.awaitMigration(id);
+    // Generous, but bounded: a stuck move is reported, not waited for.
+    const limitMs = Math.max(60_000, (diskBytes / (20 * MiB)) * 1000);
+    const r = await Promise.race([client.awaitMigration(id), sleep(limitMs).then(() => null)]);
+    if (!r) {
+      const p = await client.progress(id).catch(() => null);
+      await client.client.workflow.getHandle(id).terminate('bench: storage migration did not finish in time').catch(() => undefined);
+      return { outcome: 'timeout', reason: `did not finish within ${Math.round(limitMs / 1000)} s (phase ${p?.phase ?? '?'}); workflow terminated`, diskBytes };
+    }
     const totalMs = performance.now() - t0;
     const base = Math.min(baselines['storage sequential read']!, baselines['storage sequential write (fsync)']!);
     return { outcome: r.outcome, reason: r.reason, totalMs, diskBytes, bytesPerSec: (diskBytes / totalMs) * 1000, ratioToStorageBaseline: ((diskBytes / totalMs) * 1000) / base, bytesTransferred: r.bytesTransferred };

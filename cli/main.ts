@@ -151,9 +151,10 @@ vm.command('create <name>').description('create and boot a VM (simulator) with a
   .option('--dirty-rate <size/s>', 'guest memory dirtying rate', '4MiB/s')
   .option('--write-rate <size/s>', 'guest disk write rate', '256KiB/s')
   .option('--fill <fraction>', 'fraction of memory written at boot (rest stays zero)', (v) => { const n = Number(v); if (!(n >= 0 && n <= 1)) throw new InvalidArgumentError('--fill must be between 0 and 1'); return n; }, 0.5)
+  .option('--disk-fill <fraction>', 'fraction of each disk written at boot', (v) => { const n = Number(v); if (!(n >= 0 && n <= 1)) throw new InvalidArgumentError('--disk-fill must be between 0 and 1'); return n; }, 0)
   .option('--json', 'JSON output')
-  .action(async (name: string, o: { host: string; memory: string; disk: string; disks: number; storage: string; dirtyRate: string; writeRate: string; fill: number; json?: boolean }) => withClient(async (c) => {
-    const v = await c.createVm({ name, host: o.host, memory: o.memory, disk: o.disk, disks: o.disks, storage: o.storage, dirtyRate: o.dirtyRate, writeRate: o.writeRate, fill: o.fill });
+  .action(async (name: string, o: { host: string; memory: string; disk: string; disks: number; storage: string; dirtyRate: string; writeRate: string; fill: number; diskFill: number; json?: boolean }) => withClient(async (c) => {
+    const v = await c.createVm({ name, host: o.host, memory: o.memory, disk: o.disk, disks: o.disks, storage: o.storage, dirtyRate: o.dirtyRate, writeRate: o.writeRate, fill: o.fill, diskFill: o.diskFill });
     if (o.json) return out({ name: v.name, host: v.host, state: v.state, pid: v.pid, memoryBytes: v.spec.memoryBytes, probe: v.spec.probe });
     console.log(`VM ${v.name} ${v.state} on ${v.host} (pid ${v.pid}); probe ${v.spec.probe.address}:${v.spec.probe.port}`);
   }));
@@ -226,16 +227,18 @@ migrate.command('live <vm>').description('live migration: memory and state move,
 migrate.command('storage <vm>').description('live storage migration: the VM stays on its host, its disk files move')
   .option('--to-path <dir>', 'directory (inside a storage root of the host) for all disks')
   .option('--disk <id=dir>', 'directory for one disk (repeatable)', (v: string, prev: string[]) => [...prev, v], [] as string[])
+  .option('--max-bandwidth <size/s>', 'cap on the bulk copy (default: none)')
   .option('--wait', 'wait for the outcome, showing progress')
   .option('--json', 'JSON output')
-  .action(async (vmName: string, o: { toPath?: string; disk: string[]; wait?: boolean; json?: boolean }) => withClient(async (c) => {
+  .action(async (vmName: string, o: { toPath?: string; disk: string[]; maxBandwidth?: string; wait?: boolean; json?: boolean }) => withClient(async (c) => {
     const disks: Record<string, string> = {};
     for (const d of o.disk) {
       const m = /^([^=]+)=(.+)$/.exec(d);
       if (!m) throw new UsageError(`bad --disk "${d}": use <id>=<dir>, e.g. disk0=/srv/fast`);
       disks[m[1]!] = path.resolve(m[2]!);
     }
-    const m = await c.startMigration({ type: 'storage', vm: vmName, toPath: o.toPath ? path.resolve(o.toPath) : undefined, disks: o.disk.length ? disks : undefined });
+    const maxBandwidth = o.maxBandwidth ? parseSize(o.maxBandwidth.replace(/\/s$/i, ''), 'bandwidth') : undefined;
+    const m = await c.startMigration({ type: 'storage', vm: vmName, toPath: o.toPath ? path.resolve(o.toPath) : undefined, disks: o.disk.length ? disks : undefined, maxBandwidth });
     await report(c, m, vmName, o);
   }));
 migrate.command('shared-nothing <vm>').description('shared-nothing live migration: storage mirrored to the destination, then memory and state')

@@ -41,6 +41,7 @@ export const createVmSchema = z.object({
   dirtyRate: z.union([z.number(), z.string()]).default('4MiB').transform((v) => (typeof v === 'number' ? v : parseRate(v, 'dirty rate'))),
   writeRate: z.union([z.number(), z.string()]).default('256KiB').transform((v) => (typeof v === 'number' ? v : parseRate(v, 'write rate'))),
   fill: z.number().min(0).max(1).default(0.5),
+  diskFill: z.number().min(0).max(1).default(0),
 });
 export type CreateVmInput = z.input<typeof createVmSchema>;
 
@@ -66,6 +67,7 @@ export const startMigrationSchema = z.discriminatedUnion('type', [
     toPath: absDir.optional(),
     /** Per-disk directories: disk id → directory. */
     disks: z.record(z.string().regex(/^disk\d+$/, 'disk ids look like disk0'), absDir).optional(),
+    maxBandwidth: z.number().int().min(0).optional(),
   }).strict(),
   z.object({ type: z.literal('shared-nothing'), vm: vmNameSchema, to: z.string().min(1, 'a destination host is required'), toPath: absDir.optional(), policy: policySchema.optional() }).strict(),
 ]);
@@ -80,9 +82,9 @@ export interface MigrationStatus extends Omit<MigrationResult, 'outcome'> {
   uiUrl?: string;
 }
 
-/** Stable per-VM probe address on loopback (127.77.x.y): it moves with the VM. */
+/** Probe address on loopback (127.77.x.y), chosen at creation and kept for the VM's life. */
 export function probeAddressFor(name: string): { address: string; port: number } {
-  const h = crypto.createHash('sha1').update(name).digest();
+  const h = crypto.createHash('sha1').update(name).update(crypto.randomBytes(8)).digest();
   return { address: `127.77.${h[0]! % 256}.${1 + (h[1]! % 254)}`, port: 20000 + (h.readUInt16LE(2) % 20000) };
 }
 
@@ -175,6 +177,7 @@ export class VmferryClient {
       dirtyRate: c.dirtyRate,
       writeRate: c.writeRate,
       fill: c.fill,
+      diskFill: c.diskFill,
       probe: probeAddressFor(c.name),
     };
     return this.hostRequest<VmInfo>({ op: 'createVm', host: c.host, spec });
@@ -222,7 +225,7 @@ export class VmferryClient {
       }
       for (const id2 of Object.keys(m.disks ?? {})) if (!vm!.spec.disks.some((d) => d.id === id2)) throw new UsageError(`VM ${m.vm} has no disk ${id2} (it has: ${vm!.spec.disks.map((d) => d.id).join(', ')})`);
       await this.requireInsideRoots(at.host, Object.values(targets));
-      arg = { migrationId: id, vm: m.vm, host: at.host, targets };
+      arg = { migrationId: id, vm: m.vm, host: at.host, targets, maxBandwidth: m.maxBandwidth };
     } else if (m.type === 'shared-nothing') {
       if (m.toPath) await this.requireInsideRoots(to, [m.toPath]);
       arg = { migrationId: id, vm: m.vm, from: at.host, to, toPath: m.toPath, policy: m.policy };

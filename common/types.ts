@@ -191,6 +191,8 @@ export interface StorageMigrationInput {
   host: string;
   /** Destination directory per disk id (absolute, inside one of the host's storage roots). */
   targets: Record<string, string>;
+  /** Bytes/s cap on the bulk copy; 0 = unlimited. */
+  maxBandwidth?: number;
 }
 
 export interface SharedNothingInput {

@@ -54,8 +54,8 @@ export interface HypervisorDriver {
 
 /** Disk mirroring (live storage migration, shared-nothing). Drivers may not offer it yet. */
 export interface StorageMoves {
-  startLocalDiskMirror(name: string, migrationId: string, targets: Record<string, string>): Promise<DiskMirrorStatus>;
-  startDiskMirror(name: string, migrationId: string, target: { kind: 'remote'; endpoint: { host: string; port: number }; token: string; hello: { migrationId: string; vm: string; from: string } }): Promise<DiskMirrorStatus>;
+  startLocalDiskMirror(name: string, migrationId: string, targets: Record<string, string>, maxBandwidth?: number): Promise<DiskMirrorStatus>;
+  startDiskMirror(name: string, migrationId: string, target: { kind: 'remote'; endpoint: { host: string; port: number }; token: string; hello: { migrationId: string; vm: string; from: string } }, maxBandwidth?: number): Promise<DiskMirrorStatus>;
   diskMirrorStatus(name: string, migrationId: string): Promise<DiskMirrorStatus>;
   resumeDiskMirror(name: string, migrationId: string, token: string): Promise<DiskMirrorStatus>;
   abortDiskMirror(name: string, migrationId: string, targets?: Record<string, string>): Promise<{ aborted: boolean }>;

@@ -32,7 +32,7 @@ export async function sharedNothingMigration(input: SharedNothingInput): Promise
     saga.add('delete the destination copies', () => dst.undo.deleteDiskTargets({ ...ids, dir: input.toPath }));
     const grant = await prepare();
     saga.add('stop the disk mirror', () => src.undo.abortDiskMirror(ids));
-    await src.quick.startRemoteDiskMirror.executeWithOptions({ summary: `Mirror ${input.vm}'s disks to ${input.to} over the data plane` }, [{ ...ids, grant }]);
+    await src.quick.startRemoteDiskMirror.executeWithOptions({ summary: `Mirror ${input.vm}'s disks to ${input.to} over the data plane` }, [{ ...ids, grant, maxBandwidth: policy.maxBandwidth }]);
     await awaitMirrorSynced({ ...ids, host: src, tracker }, async () => (await prepare()).token);
 
     // The mirror stays in place (guest writes keep flowing) through the memory move.

@@ -26,11 +26,14 @@ export async function storageMigration(input: StorageMigrationInput): Promise<Mi
 
     tracker.phase('mirror');
     saga.add('drop the mirror, delete the partial copies', () => h.undo.abortDiskMirror({ ...ids, targets: input.targets }));
-    await h.quick.startLocalDiskMirror.executeWithOptions({ summary: `Copy ${input.vm}'s disks to ${Object.values(input.targets).join(', ')}, mirroring guest writes` }, [{ ...ids, targets: input.targets }]);
+    await h.quick.startLocalDiskMirror.executeWithOptions({ summary: `Copy ${input.vm}'s disks to ${Object.values(input.targets).join(', ')}, mirroring guest writes` }, [{ ...ids, targets: input.targets, maxBandwidth: input.maxBandwidth }]);
     await awaitMirrorSynced({ ...ids, host: h, tracker });
 
     tracker.phase('switch');
-    const sw = await h.long.switchDisks.executeWithOptions({ summary: `Verify the copies and switch ${input.vm}'s I/O to them` }, [{ ...ids, targets: input.targets }]);
+    // Once begun, the switch completes (a cancel now is too late): its result decides.
+    const sw = await CancellationScope.nonCancellable(() =>
+      h.long.switchDisks.executeWithOptions({ summary: `Verify the copies and switch ${input.vm}'s I/O to them` }, [{ ...ids, targets: input.targets }]),
+    );
     oldPaths = sw.oldPaths;
     // The switch is recorded (this activity's completion): from here on, forward only.
     saga.clear();

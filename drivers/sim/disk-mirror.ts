@@ -38,7 +38,9 @@ export class DiskMirror {
   private stopped = false;
   private ackWaiters: Array<() => void> = [];
 
-  constructor(readonly migrationId: string, private readonly guest: Guest, readonly target: MirrorTarget) {
+  private bucketAt = performance.now();
+
+  constructor(readonly migrationId: string, private readonly guest: Guest, readonly target: MirrorTarget, private readonly maxBandwidth = 0) {
     this.cursor = guest.disks.map(() => 0);
     this.ackedCursor = guest.disks.map(() => 0);
     this.checkpointAt = guest.disks.map(() => []);
@@ -68,7 +70,12 @@ export class DiskMirror {
       await this.connect(this.target.token);
     }
     this.guest.onDiskWrite = (di, block, data) => this.onGuestWrite(di, block, data);
-    this.loop = this.bulk().catch((e: Error) => this.fail(e));
+    this.loop = this.bulk().catch((e: Error) => this.bulkError(e));
+  }
+
+  private bulkError(e: Error): void {
+    if (this.target.kind === 'remote' && (this.state === 'disconnected' || !this.chan)) return; // resume() carries on
+    this.fail(e);
   }
 
   private async connect(token: string): Promise<void> {
@@ -93,6 +100,7 @@ export class DiskMirror {
   /** Remote only: after a broken connection, reconnect with a fresh grant and carry on. */
   async resume(token: string): Promise<void> {
     if (this.state !== 'disconnected') return;
+    await this.loop.catch(() => undefined); // the old copy loop ends on the broken connection
     // Everything not acknowledged is resent; the bulk copy restarts at its checkpoint.
     this.guest.disks.forEach((_d, di) => {
       const s = this.sentSeq[di]!;
@@ -107,7 +115,7 @@ export class DiskMirror {
     const resend: Array<[number, number]> = [];
     this.sentSeq.forEach((s, di) => { for (let b = 0; b < s.length; b++) if (s[b] === PENDING && b < this.cursor[di]!) resend.push([di, b]); });
     for (const [di, b] of resend) this.sendBlocks(di, [b], this.readBlock(di, b));
-    this.loop = this.bulk().catch((e: Error) => this.fail(e));
+    this.loop = this.bulk().catch((e: Error) => this.bulkError(e));
   }
 
   private readBlock(di: number, b: number): Buffer {
@@ -141,7 +149,12 @@ export class DiskMirror {
 
   /** Queues one Blocks frame (order on the stream = order of the writes). */
   private sendBlocks(di: number, blocks: number[], data: Buffer, waitForDrain = false): Promise<void> | void {
-    const chan = this.chan!;
+    const chan = this.chan;
+    if (!chan) {
+      // Disconnected: remember what the target misses; resume() sends it.
+      for (const b of blocks) this.sentSeq[di]![b] = PENDING;
+      return;
+    }
     const seq = ++this.seq;
     const meta = Buffer.allocUnsafe(12 + blocks.length * 8);
     meta.writeUInt32LE(blocks.length, 0);
@@ -175,8 +188,16 @@ export class DiskMirror {
         if (this.stopped || this.state === 'disconnected' || this.state === 'failed') return;
         const start = this.cursor[di]!;
         const n = Math.min(CHUNK_BLOCKS, d.blocks - start);
-        // Read and write in one tick: a guest write lands either before (and is in the chunk)
-        // or after (and is mirrored, since the cursor has moved past it).
+        if (this.maxBandwidth > 0) {
+          // Bulk copy rate cap (storage moves churn disks: operators may want them gentle).
+          // The wait comes before the read: read and send must share one tick (below).
+          this.bucketAt = Math.max(this.bucketAt, performance.now() - 50) + ((n * BLOCK_SIZE) / this.maxBandwidth) * 1000;
+          const wait = this.bucketAt - performance.now();
+          if (wait > 1) await new Promise((r) => setTimeout(r, wait));
+          if (this.stopped || this.state !== 'copying' || (this.target.kind === 'remote' && !this.chan)) return;
+        }
+        // Read and queue in one tick: a guest write lands either before (and is in the chunk)
+        // or after (and is mirrored behind it on the same stream, since the cursor moved past it).
         fs.readSync(d.fd!, buf, 0, n * BLOCK_SIZE, start * BLOCK_SIZE);
         this.cursor[di] = start + n;
         this.bytesCopied += n * BLOCK_SIZE;
@@ -204,6 +225,10 @@ export class DiskMirror {
         this.checkpointAt[di]!.push([this.seq, start + n]);
         if (p) await p;
       }
+    }
+    // Synced means the target holds the whole bulk copy: wait for its acknowledgement.
+    if (this.target.kind === 'remote') {
+      try { await this.drain(600_000); } catch { return; /* disconnected or failed: state says so */ }
     }
     if (this.state === 'copying') this.state = 'synced';
   }

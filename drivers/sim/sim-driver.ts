@@ -209,6 +209,11 @@ export class SimDriver implements HypervisorDriver {
   async prepareIncoming(spec: VmSpec, migrationId: string, sourceHost: string): Promise<IncomingTarget> {
     if (!this.dataPlane) throw new Error('data plane not started');
     const rt = this.readRuntime(spec.name);
+    if (rt && rt.cfg.mode === 'incoming' && rt.cfg.migrationId === migrationId && !this.children.has(spec.name) && rt.status?.state !== 'running') {
+      // Ours, from before an agent restart: no socket can be handed to it any more. Start afresh.
+      await this.destroy(spec.name, { deleteStorage: false, onlyMigration: migrationId });
+      return this.prepareIncoming(spec, migrationId, sourceHost);
+    }
     if (rt) {
       const sameJob = rt.cfg.mode === 'incoming' && rt.cfg.migrationId === migrationId && rt.status && isAlive(rt.status.pid) && this.children.has(spec.name);
       if (!sameJob) throw new Error(`VM ${spec.name} already exists on ${this.host.name}${rt.cfg.migrationId ? ` (migration ${rt.cfg.migrationId})` : ''}`);
@@ -286,11 +291,11 @@ export class SimDriver implements HypervisorDriver {
 
   diskReceiver?: DiskReceiver;
 
-  async startDiskMirror(name: string, migrationId: string, target: MirrorTarget): Promise<DiskMirrorStatus> {
-    return this.control<DiskMirrorStatus>(name, 'startDiskMirror', { migrationId, target }, 60_000);
+  async startDiskMirror(name: string, migrationId: string, target: MirrorTarget, maxBandwidth = 0): Promise<DiskMirrorStatus> {
+    return this.control<DiskMirrorStatus>(name, 'startDiskMirror', { migrationId, target, maxBandwidth }, 60_000);
   }
 
-  async startLocalDiskMirror(name: string, migrationId: string, targets: Record<string, string>): Promise<DiskMirrorStatus> {
+  async startLocalDiskMirror(name: string, migrationId: string, targets: Record<string, string>, maxBandwidth = 0): Promise<DiskMirrorStatus> {
     const rt = this.readRuntime(name);
     if (!rt) throw new Error(`VM ${name} is not on host ${this.host.name}`);
     const plan = this.planDiskMove(rt.cfg.spec, targets);
@@ -300,7 +305,7 @@ export class SimDriver implements HypervisorDriver {
     // must be named (or all go to one directory, which the caller expands).
     for (const d of rt.cfg.spec.disks) if (!paths[d.id]) throw new Error(`no destination for disk ${d.id}`);
     for (const p of Object.values(paths)) fs.mkdirSync(path.dirname(p), { recursive: true });
-    return this.startDiskMirror(name, migrationId, { kind: 'local', paths });
+    return this.startDiskMirror(name, migrationId, { kind: 'local', paths }, maxBandwidth);
   }
 
   diskMirrorStatus(name: string, migrationId: string): Promise<DiskMirrorStatus> {

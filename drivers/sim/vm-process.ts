@@ -294,6 +294,32 @@ function dirtyList(): number[] {
   return out;
 }
 
+/** Seconds between a sample and the pause it may trigger (workflow decision, round end). */
+const DECISION_LAG_S = 0.03;
+/** Cutover costs that do not depend on the dirty set (device state, handoff, resume), ms. */
+const CUTOVER_FIXED_MS = 10;
+
+/** Bytes and ms of pre-copy rounds so far: the job's link rate. */
+const linkAccounts = new WeakMap<Outgoing, { bytes: number; ms: number }>();
+function linkAccount(o: Outgoing): { bytes: number; ms: number } {
+  let a = linkAccounts.get(o);
+  if (!a) { a = { bytes: 0, ms: 0 }; linkAccounts.set(o, a); }
+  return a;
+}
+
+/** Resolves once every slab of this job is back from the kernel (or the connection is gone). */
+function slabsDrained(o: Outgoing): Promise<void> {
+  const pool = slabPools.get(o);
+  if (!pool) return Promise.resolve();
+  return new Promise<void>((resolve) => {
+    const check = (): void => {
+      if (pool.closed || pool.free.length >= pool.made) resolve();
+      else pool.waiters.push({ resolve: check, reject: () => resolve() });
+    };
+    check();
+  });
+}
+
 async function precopy(o: Outgoing): Promise<void> {
   while (!o.stop) {
     const t0 = performance.now();
@@ -315,8 +341,16 @@ async function precopy(o: Outgoing): Promise<void> {
     }
     await sendPages(o, pages, 0);
     if (o.stop) break; // interrupted: unsent pages are still dirty
+    // Measure the link on bytes the kernel took, not bytes queued: a small round that only
+    // filled the queue would otherwise promise a bandwidth (and a downtime) it never had.
+    await slabsDrained(o);
     const dt = Math.max(1, performance.now() - t0);
-    const bw = ((o.bytesSent - sentBefore) / dt) * 1000;
+    const roundBytes = o.bytesSent - sentBefore;
+    const acct = linkAccount(o);
+    acct.bytes += roundBytes;
+    acct.ms += dt;
+    // Small rounds are dominated by fixed costs: the whole job's rate is the better estimate.
+    const bw = roundBytes >= 4 << 20 ? (roundBytes / dt) * 1000 : acct.ms > 0 ? (acct.bytes / acct.ms) * 1000 : 0;
     const bandwidth = bw > 0 ? bw : o.samples.at(-1)?.bandwidth ?? 0;
     const dirtyRate = (guest.dirtiedSinceMark * PAGE_SIZE * 1000) / dt;
     o.round++;
@@ -329,7 +363,9 @@ async function precopy(o: Outgoing): Promise<void> {
       dirtyRate: Math.round(dirtyRate),
       bandwidth: Math.round(bandwidth),
       throttle: guest.state.throttle,
-      expectedDowntimeMs: bandwidth > 0 ? Math.round((guest.dirtyCount * PAGE_SIZE * 1000) / bandwidth) + 2 : 1e9,
+      // What the pause will carry: the dirty set now, plus what the guest dirties while the
+      // decision travels, at the measured link rate; plus the cutover's fixed costs.
+      expectedDowntimeMs: bandwidth > 0 ? Math.round(((guest.dirtyCount * PAGE_SIZE + dirtyRate * DECISION_LAG_S) * 1000) / bandwidth) + CUTOVER_FIXED_MS : 1e9,
       state: 'precopy',
     };
     o.samples.push(sample);
@@ -339,6 +375,9 @@ async function precopy(o: Outgoing): Promise<void> {
     const spent = performance.now() - t0;
     if (spent < 20) await sleep(20 - spent);
   }
+  // Cutover (or a stop) is next: frames still queued here reach the kernel while the guest
+  // runs, so the pause does not wait for them.
+  await slabsDrained(o);
 }
 
 async function startOutgoing(p: { migrationId: string; endpoint: { host: string; port: number }; token: string; policy: MigrationPolicy }): Promise<{ started: boolean }> {
@@ -526,12 +565,12 @@ function requireMirror(id: unknown): DiskMirror {
   return mirror;
 }
 
-async function startDiskMirror(p: { migrationId: string; target: MirrorTarget }): Promise<DiskMirrorStatus> {
+async function startDiskMirror(p: { migrationId: string; target: MirrorTarget; maxBandwidth?: number }): Promise<DiskMirrorStatus> {
   if (mirror && mirror.migrationId === p.migrationId && mirror.state !== 'aborted') return mirror.status();
   if (mirror && (mirror.state === 'copying' || mirror.state === 'synced' || mirror.state === 'disconnected')) throw new Error(`VM ${cfg.spec.name} already mirrors its disks (${mirror.migrationId})`);
   if (state !== 'running') throw new Error(`VM ${cfg.spec.name} is ${state}, not running`);
   if (migrationId && migrationId !== p.migrationId) throw new Error(`VM ${cfg.spec.name} is already migrating (${migrationId})`);
-  const m = new DiskMirror(p.migrationId, guest, p.target);
+  const m = new DiskMirror(p.migrationId, guest, p.target, p.maxBandwidth ?? 0);
   await m.start();
   mirror = m;
   migrationId = p.migrationId;
@@ -785,6 +824,9 @@ process.on('SIGTERM', () => shutdown());
 
 async function main(): Promise<void> {
   if (cfg.mode === 'boot') {
+    // The fencing check comes before the first byte the guest writes, its initial fill included.
+    assertOwner(cfg.ownerPath, cfg.host, epoch);
+    guest.openDisks();
     guest.format();
     await run();
     log(`booted: ${cfg.spec.memoryBytes} bytes memory, ${cfg.spec.disks.length} disk(s), epoch ${epoch}`);

@@ -1,7 +1,7 @@
 // Shared steps of every move that carries a running VM's memory and state to another host:
 // preflight, blank VM on the destination, pre-copy rounds under the convergence policy, and
 // the cutover with its fenced resolution. Live and shared-nothing migration compose these.
-import { ApplicationFailure, CancellationScope, log } from '@temporalio/workflow';
+import { ApplicationFailure, CancellationScope, log, patched } from '@temporalio/workflow';
 import type { MigrationPolicy, ProgressSample, VmInfo, HostInfo } from '../../common/types.js';
 import type { HostProxies } from '../hosts.js';
 import type { Saga } from '../saga.js';
@@ -100,6 +100,10 @@ export async function moveMemory(c: MemoryMoveContext, vm: VmInfo, destSpec: VmI
     }
     break;
   }
+  // v1 cancelled supervision here, leaving a cancelled activity pending behind the migration.
+  const supervisionEndsByItself = patched('supervision-ends-by-itself');
+  if (!supervisionEndsByItself) supervision.cancel();
+
   tracker.phase('cutover');
   // Once begun, the switchover finishes; a cancel that arrives now is honoured by rollback only
   // if the destination did not take the VM.
@@ -118,6 +122,5 @@ export async function moveMemory(c: MemoryMoveContext, vm: VmInfo, destSpec: VmI
   saga.clear();
   // Supervision ends by itself once the destination reports the VM running; waiting for it
   // (outside the downtime) leaves no activity pending behind a finished migration.
-  await CancellationScope.nonCancellable(() => supervised.catch(() => undefined));
-  void supervision;
+  if (supervisionEndsByItself) await CancellationScope.nonCancellable(() => supervised.catch(() => undefined));
 }

@@ -17,6 +17,7 @@ export async function awaitMirrorSynced(
     const st = await p.host.copy.awaitDiskMirror(ids);
     p.tracker.storage(st);
     if (st.state === 'synced') return st;
+    if (st.state === 'copying') continue;
     if (st.state === 'disconnected' && reconnect && reconnects < maxReconnects) {
       reconnects++;
       const token = await reconnect();

@@ -1,0 +1,849 @@
+// One simulated VM = one OS process (like a qemu process under libvirtd). It owns the guest
+// memory, disks and workload, answers probes, and runs its own migration jobs: the source
+// streams pages straight to the destination VM process (no relay hop), as QEMU does.
+// Usage: vm-process <runtime-dir>   (reads <runtime-dir>/vm.json)
+import fs from 'node:fs';
+import path from 'node:path';
+import net from 'node:net';
+import dgram from 'node:dgram';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { Guest, ZERO_PAGE, type DeviceState } from '../drivers/sim/guest.js';
+import { serveControl } from '../drivers/sim/control.js';
+import { assertOwner, updateOwner, writeOwner, FencedError } from '../drivers/sim/ownership.js';
+import { DiskMirror, type MirrorTarget } from '../drivers/sim/disk-mirror.js';
+import { PAGE_SIZE, type VmSpec, type VmState, type MigrationPolicy, type ProgressSample, type CutoverResult, type DiskMirrorStatus } from '../common/types.js';
+import { FrameChannel, FrameType, header, jsonFrame, writeAll, crc32, ZERO_FLAG, parseJson, type Frame } from '../dataplane/frames.js';
+import { connectDataPlane } from '../dataplane/endpoint.js';
+const T: Array<[string, number]> = []; const mark = (l: string): void => { T.push([l, performance.now()]); };
+const dumpMarks = (): void => { const t0 = T[0]?.[1] ?? 0; log('MARKS ' + JSON.stringify(T.map(([l, t]) => [l, +(t - t0).toFixed(2)]))); T.length = 0; };
+
+export interface VmRuntimeConfig {
+  spec: VmSpec;
+  host: string;
+  mode: 'boot' | 'incoming';
+  epoch: number;
+  diskPaths: Record<string, string>;
+  ownerPath: string;
+  migrationId?: string;
+  /** The ownership record lives on storage both hosts read (it arbitrates a lost handoff). */
+  sharedOwner?: boolean;
+}
+
+export interface VmStatus {
+  name: string;
+  host: string;
+  pid: number;
+  state: VmState;
+  epoch: number;
+  migrationId?: string;
+  role?: 'source' | 'destination';
+  incoming?: { state: string; bytesReceived: number; pagesReceived: number; error?: string };
+  outgoing?: { state: string; round: number; bytesSent: number; error?: string };
+  mirror?: DiskMirrorStatus & { migrationId: string };
+  device: DeviceState;
+  startedAt: string;
+}
+
+const runtimeDir = path.resolve(process.argv[2] ?? '.');
+const cfg = JSON.parse(fs.readFileSync(path.join(runtimeDir, 'vm.json'), 'utf8')) as VmRuntimeConfig;
+const statePath = path.join(runtimeDir, 'state.json');
+const controlPath = path.join(runtimeDir, 'control.sock');
+const ZERO_CRC = crc32(ZERO_PAGE) >>> 0;
+const BATCH = 64;
+
+const guest = new Guest(cfg.spec, cfg.diskPaths);
+let state: VmState = cfg.mode === 'incoming' ? 'incoming' : 'paused';
+let epoch = cfg.epoch;
+let migrationId = cfg.migrationId;
+const sharedOwner = cfg.sharedOwner ?? false;
+const startedAt = new Date().toISOString();
+let workloadTimer: NodeJS.Timeout | null = null;
+let probeSock: dgram.Socket | null = null;
+
+function log(msg: string): void {
+  process.stdout.write(`${new Date().toISOString()} [vm ${cfg.spec.name}@${cfg.host}] ${msg}\n`);
+}
+
+function persist(): void {
+  const st: VmStatus = status();
+  const tmp = statePath + '.tmp';
+  fs.writeFileSync(tmp, JSON.stringify(st, null, 2));
+  fs.renameSync(tmp, statePath);
+}
+
+function status(): VmStatus {
+  return {
+    name: cfg.spec.name,
+    host: cfg.host,
+    pid: process.pid,
+    state,
+    epoch,
+    migrationId,
+    role: outgoing ? 'source' : cfg.mode === 'incoming' ? 'destination' : undefined,
+    incoming: incoming ? { state: incoming.state, bytesReceived: incoming.bytes, pagesReceived: incoming.pages, error: incoming.error } : undefined,
+    outgoing: outgoing ? { state: outgoing.state, round: outgoing.round, bytesSent: outgoing.bytesSent, error: outgoing.error } : undefined,
+    mirror: mirror ? { migrationId: mirror.migrationId, ...mirror.status() } : undefined,
+    device: { ...guest.state },
+    startedAt,
+  };
+}
+
+// ---------- running / paused ----------
+
+async function bindProbe(): Promise<void> {
+  for (let attempt = 0; attempt < 50; attempt++) {
+    const s = dgram.createSocket('udp4');
+    s.on('message', (msg, rinfo) => { if (state === 'running') s.send(msg, rinfo.port, rinfo.address); });
+    try {
+      await new Promise<void>((resolve, reject) => {
+        s.once('error', reject);
+        s.bind(cfg.spec.probe.port, cfg.spec.probe.address, () => { s.off('error', reject); resolve(); });
+      });
+      s.on('error', (e) => log(`probe socket error: ${e.message}`));
+      probeSock = s;
+      return;
+    } catch (e) {
+      s.close();
+      if ((e as NodeJS.ErrnoException).code !== 'EADDRINUSE') throw e;
+      await sleep(2);
+    }
+  }
+  throw new Error(`probe address ${cfg.spec.probe.address}:${cfg.spec.probe.port} stays in use`);
+}
+
+function unbindProbe(): void {
+  probeSock?.close();
+  probeSock = null;
+}
+
+async function run(): Promise<void> {
+  assertOwner(cfg.ownerPath, cfg.host, epoch);
+  guest.openDisks();
+  state = 'running'; mark('run:owner+disks');
+  await bindProbe(); mark('run:probe-bound');
+  let last = performance.now();
+  workloadTimer = setInterval(() => {
+    const now = performance.now();
+    guest.step(Math.min(100, now - last));
+    last = now;
+  }, 5);
+  persist();
+}
+
+function pause(): void {
+  if (workloadTimer) clearInterval(workloadTimer);
+  workloadTimer = null;
+  state = 'paused';
+  unbindProbe();
+  persist();
+}
+
+// ---------- outgoing memory job (source side) ----------
+
+interface Outgoing {
+  id: string;
+  state: 'precopy' | 'stopping' | 'cutover' | 'done' | 'failed' | 'cancelled';
+  sock: net.Socket;
+  chan: FrameChannel;
+  policy: MigrationPolicy;
+  round: number;
+  bytesSent: number;
+  pagesSent: number;
+  startedAt: number;
+  crcs: Uint32Array;
+  samples: ProgressSample[];
+  waiters: Array<() => void>;
+  loop: Promise<void>;
+  stop: boolean;
+  error?: string;
+  cutover?: Promise<CutoverResult>;
+  result?: CutoverResult;
+  bucketAt: number;
+  /** Set during cutover: the last dirty pages go out even though pre-copy was stopped. */
+  finalFlush?: boolean;
+}
+let outgoing: Outgoing | null = null;
+
+// Page frames: up to FRAME_PAGES pages (1 MiB of data) each. While the guest runs, a page is
+// copied once into a reusable slab (header + index + data, one write per frame) and its CRC
+// is taken of that copy, so what the CRC covers is exactly what goes out even if the guest
+// rewrites the page before the kernel has the bytes. While it is paused (final flush), pages
+// go straight from guest memory, contiguous runs as one buffer, in one writev.
+const FRAME_PAGES = 256;
+const HEADER = header(FrameType.Pages, 0, 0).length; // frame header bytes (dataplane/frames.ts)
+const SLAB_BYTES = HEADER + 4 + FRAME_PAGES * 8 + FRAME_PAGES * PAGE_SIZE;
+/** Slabs in flight per connection (8 MiB): the back-pressure of the memory stream. */
+const SLABS_IN_FLIGHT = 8;
+
+interface SlabPool { free: Buffer[]; made: number; waiters: Array<{ resolve: () => void; reject: (e: Error) => void }>; closed: boolean }
+const slabPools = new WeakMap<Outgoing, SlabPool>();
+
+function slabPool(o: Outgoing): SlabPool {
+  let pool = slabPools.get(o);
+  if (!pool) {
+    const pl: SlabPool = { free: [], made: 0, waiters: [], closed: false };
+    o.sock.once('close', () => {
+      pl.closed = true;
+      for (const w of pl.waiters.splice(0)) w.reject(new Error('data-plane connection closed'));
+    });
+    slabPools.set(o, pl);
+    pool = pl;
+  }
+  return pool;
+}
+
+async function takeSlab(o: Outgoing, pool: SlabPool): Promise<Buffer> {
+  for (;;) {
+    if (pool.closed || o.sock.destroyed || !o.sock.writable) throw new Error('data-plane connection closed');
+    const s = pool.free.pop();
+    if (s) return s;
+    if (pool.made < SLABS_IN_FLIGHT) { pool.made++; return Buffer.allocUnsafeSlow(SLAB_BYTES); }
+    await new Promise<void>((resolve, reject) => pool.waiters.push({ resolve, reject }));
+  }
+}
+
+function giveSlab(pool: SlabPool, slab: Buffer): void {
+  pool.free.push(slab);
+  pool.waiters.shift()?.resolve();
+}
+
+/** True if the page at byte offset `off` of guest memory is all zeroes (no allocation). */
+function pageIsZero(off: number): boolean {
+  const m = guest.memory;
+  if (m[off] !== 0 || m[off + 7] !== 0 || m[off + PAGE_SIZE - 1] !== 0) return false;
+  return m.compare(ZERO_PAGE, 0, PAGE_SIZE, off, off + PAGE_SIZE) === 0;
+}
+
+async function sendPages(o: Outgoing, pages: number[], from: number): Promise<number> {
+  // Returns how many of `pages` (starting at `from`) went out; stops early when asked to.
+  const pool = slabPool(o);
+  const mem = guest.memory;
+  const dirty = guest.dirty;
+  let i = from;
+  while (i < pages.length) {
+    if (o.stop && !o.finalFlush) break;
+    const n = Math.min(FRAME_PAGES, pages.length - i);
+    const paused = state !== 'running';
+    let slab: Buffer;
+    let parts: Buffer[] | null = null;
+    if (paused) { slab = Buffer.allocUnsafe(HEADER + 4 + n * 8); parts = [slab]; } else slab = await takeSlab(o, pool);
+    if (o.stop && !o.finalFlush) { if (!paused) giveSlab(pool, slab); break; }
+    slab.writeUInt32LE(n, HEADER);
+    const dataStart = HEADER + 4 + n * 8;
+    let at = dataStart;
+    let data = 0;
+    let runStart = -1, runEnd = -1; // contiguous run of guest memory (paused path)
+    for (let k = 0; k < n; k++) {
+      const p = pages[i + k]!;
+      // Clear the dirty bit and copy in the same tick: a later write re-dirties the page.
+      if (dirty[p]) { dirty[p] = 0; guest.dirtyCount--; }
+      const off = p * PAGE_SIZE;
+      const ix = HEADER + 4 + k * 8;
+      let crc: number;
+      if (pageIsZero(off)) {
+        slab.writeUInt32LE((p | ZERO_FLAG) >>> 0, ix);
+        crc = ZERO_CRC;
+      } else {
+        slab.writeUInt32LE(p, ix);
+        if (paused) {
+          crc = crc32(mem.subarray(off, off + PAGE_SIZE)) >>> 0;
+          if (off === runEnd) runEnd += PAGE_SIZE;
+          else { if (runStart >= 0) parts!.push(mem.subarray(runStart, runEnd)); runStart = off; runEnd = off + PAGE_SIZE; }
+        } else {
+          mem.copy(slab, at, off, off + PAGE_SIZE);
+          crc = crc32(slab.subarray(at, at + PAGE_SIZE)) >>> 0;
+          at += PAGE_SIZE;
+        }
+        data++;
+      }
+      slab.writeUInt32LE(crc, ix + 4);
+      o.crcs[p] = crc;
+    }
+    i += n;
+    const bodyLen = 4 + n * 8 + data * PAGE_SIZE;
+    slab.writeUInt8(FrameType.Pages, 0);
+    slab.writeUInt8(0, 1);
+    slab.writeUInt16LE(0, 2);
+    slab.writeUInt32LE(bodyLen, 4);
+    slab.writeUInt32LE(crc32(slab.subarray(HEADER, dataStart)) >>> 0, 8);
+    if (paused) {
+      if (runStart >= 0) parts!.push(mem.subarray(runStart, runEnd));
+      o.sock.cork(); // one writev for the frame
+      let w: Promise<void> | void;
+      try { w = writeAll(o.sock, parts!); } finally { o.sock.uncork(); }
+      await w;
+    } else {
+      if (o.sock.destroyed || !o.sock.writable) { giveSlab(pool, slab); throw new Error('data-plane connection closed'); }
+      o.sock.write(slab.subarray(0, HEADER + bodyLen), () => giveSlab(pool, slab));
+    }
+    o.bytesSent += bodyLen + HEADER;
+    o.pagesSent += data;
+    if (o.policy.maxBandwidth > 0) {
+      // Token bucket on wall time: sleep until the bytes sent so far are within the cap.
+      o.bucketAt = Math.max(o.bucketAt, performance.now() - 50) + ((bodyLen + HEADER) / o.policy.maxBandwidth) * 1000;
+      const wait = o.bucketAt - performance.now();
+      if (wait > 1) await sleep(wait);
+    }
+  }
+  return i;
+}
+
+function dirtyList(): number[] {
+  // indexOf is a native scan: cheap over long clean stretches.
+  const out: number[] = [];
+  const d = guest.dirty;
+  for (let p = d.indexOf(1); p >= 0; p = d.indexOf(1, p + 1)) out.push(p);
+  return out;
+}
+
+/** Seconds between a sample and the pause it may trigger (workflow decision, round end). */
+const DECISION_LAG_S = 0.03;
+/** Cutover costs that do not depend on the dirty set (device state, handoff, resume), ms. */
+const CUTOVER_FIXED_MS = 10;
+
+/** Bytes and ms of pre-copy rounds so far: the job's link rate. */
+const linkAccounts = new WeakMap<Outgoing, { bytes: number; ms: number }>();
+function linkAccount(o: Outgoing): { bytes: number; ms: number } {
+  let a = linkAccounts.get(o);
+  if (!a) { a = { bytes: 0, ms: 0 }; linkAccounts.set(o, a); }
+  return a;
+}
+
+/** Resolves once every slab of this job is back from the kernel (or the connection is gone). */
+function slabsDrained(o: Outgoing): Promise<void> {
+  const pool = slabPools.get(o);
+  if (!pool) return Promise.resolve();
+  return new Promise<void>((resolve) => {
+    const check = (): void => {
+      if (pool.closed || pool.free.length >= pool.made) resolve();
+      else pool.waiters.push({ resolve: check, reject: () => resolve() });
+    };
+    check();
+  });
+}
+
+async function precopy(o: Outgoing): Promise<void> {
+  while (!o.stop) {
+    const t0 = performance.now();
+    const sentBefore = o.bytesSent;
+    guest.dirtiedSinceMark = 0;
+    let pages: number[];
+    if (o.round === 0) {
+      guest.markAllClean();
+      pages = [];
+      // Zero pages need not travel: the destination's memory starts zeroed and both CRC
+      // tables start at the zero page's CRC.
+      for (let p = 0; p < guest.pages; p++) if (!pageIsZero(p * PAGE_SIZE)) pages.push(p);
+      // Mark them dirty so an interrupted first round leaves them for the final copy.
+      for (const p of pages) guest.markDirty(p);
+      // That marking is not the guest's doing: it must not count as its dirty rate.
+      guest.dirtiedSinceMark = 0;
+    } else {
+      pages = dirtyList();
+    }
+    await sendPages(o, pages, 0);
+    if (o.stop) break; // interrupted: unsent pages are still dirty
+    // Measure the link on bytes the kernel took, not bytes queued: a small round that only
+    // filled the queue would otherwise promise a bandwidth (and a downtime) it never had.
+    await slabsDrained(o);
+    const dt = Math.max(1, performance.now() - t0);
+    const roundBytes = o.bytesSent - sentBefore;
+    const acct = linkAccount(o);
+    acct.bytes += roundBytes;
+    acct.ms += dt;
+    // Small rounds are dominated by fixed costs: the whole job's rate is the better estimate.
+    const bw = roundBytes >= 4 << 20 ? (roundBytes / dt) * 1000 : acct.ms > 0 ? (acct.bytes / acct.ms) * 1000 : 0;
+    const bandwidth = bw > 0 ? bw : o.samples.at(-1)?.bandwidth ?? 0;
+    const dirtyRate = (guest.dirtiedSinceMark * PAGE_SIZE * 1000) / dt;
+    o.round++;
+    const sample: ProgressSample = {
+      round: o.round,
+      elapsedMs: Math.round(performance.now() - o.startedAt),
+      bytesSent: o.bytesSent,
+      pagesSent: o.pagesSent,
+      dirtyPages: guest.dirtyCount,
+      dirtyRate: Math.round(dirtyRate),
+      bandwidth: Math.round(bandwidth),
+      throttle: guest.state.throttle,
+      // What the pause will carry: the dirty set now, plus what the guest dirties while the
+      // decision travels, at the measured link rate; plus the cutover's fixed costs.
+      expectedDowntimeMs: bandwidth > 0 ? Math.round(((guest.dirtyCount * PAGE_SIZE + dirtyRate * DECISION_LAG_S) * 1000) / bandwidth) + CUTOVER_FIXED_MS : 1e9,
+      state: 'precopy',
+    };
+    o.samples.push(sample);
+    if (o.samples.length > 64) o.samples.shift();
+    for (const w of o.waiters.splice(0)) w();
+    // Small dirty sets would spin; give the guest (and the decision) a moment.
+    const spent = performance.now() - t0;
+    if (spent < 20) await sleep(20 - spent);
+  }
+  // Cutover (or a stop) is next: frames still queued here reach the kernel while the guest
+  // runs, so the pause does not wait for them.
+  await slabsDrained(o);
+}
+
+async function startOutgoing(p: { migrationId: string; endpoint: { host: string; port: number }; token: string; policy: MigrationPolicy }): Promise<{ started: boolean }> {
+  if (outgoing && outgoing.id === p.migrationId && outgoing.state !== 'failed' && outgoing.state !== 'cancelled') return { started: false };
+  if (outgoing && (outgoing.state === 'precopy' || outgoing.state === 'cutover' || outgoing.state === 'stopping')) throw new Error(`VM ${cfg.spec.name} is already migrating (${outgoing.id})`);
+  if (state !== 'running') throw new Error(`VM ${cfg.spec.name} is ${state}, not running`);
+  const chan = await connectDataPlane(p.endpoint, { migrationId: p.migrationId, vm: cfg.spec.name, token: p.token, kind: 'memory', from: cfg.host });
+  const sock = { sock: chan.sock };
+  const o: Outgoing = {
+    id: p.migrationId, state: 'precopy', sock: sock.sock, chan, policy: p.policy, round: 0, bytesSent: 0, pagesSent: 0,
+    startedAt: performance.now(), crcs: new Uint32Array(guest.pages).fill(ZERO_CRC), samples: [], waiters: [], stop: false,
+    loop: Promise.resolve(), bucketAt: performance.now(),
+  };
+  chan.onFrame = (f) => {
+    if (f.type !== FrameType.Error || o.state !== 'precopy') return false;
+    fail(o, `destination refused: ${parseJson<{ message: string }>(f).message}`);
+    return true;
+  };
+  migrationId = p.migrationId;
+  outgoing = o;
+  sock.sock.on('close', () => {
+    if (o.state === 'precopy' || o.state === 'stopping') fail(o, 'data-plane connection to the destination closed');
+  });
+  o.loop = precopy(o).catch((e: Error) => fail(o, e.message));
+  persist();
+  log(`outgoing migration ${p.migrationId} to ${p.endpoint.host}:${p.endpoint.port}`);
+  return { started: true };
+}
+
+function fail(o: Outgoing, error: string): void {
+  if (o.state === 'done' || o.state === 'failed' || o.state === 'cancelled') return;
+  o.error = error;
+  o.state = 'failed';
+  o.stop = true;
+  o.sock.destroy();
+  for (const w of o.waiters.splice(0)) w();
+  log(`outgoing migration ${o.id} failed: ${error}`);
+  persist();
+}
+
+function requireOutgoing(id: unknown): Outgoing {
+  if (!outgoing || outgoing.id !== id) throw new Error(`VM ${cfg.spec.name} has no outgoing migration ${String(id)}`);
+  return outgoing;
+}
+
+async function progress(p: { migrationId: string; afterRound: number; waitMs?: number }): Promise<ProgressSample> {
+  const o = requireOutgoing(p.migrationId);
+  const deadline = performance.now() + (p.waitMs ?? 5000);
+  while (o.state === 'precopy' && o.round <= p.afterRound && performance.now() < deadline) {
+    await Promise.race([new Promise<void>((r) => o.waiters.push(r)), sleep(Math.max(1, deadline - performance.now()))]);
+  }
+  const last = o.samples.at(-1);
+  const base: ProgressSample = last ?? {
+    round: 0, elapsedMs: Math.round(performance.now() - o.startedAt), bytesSent: o.bytesSent, pagesSent: o.pagesSent,
+    dirtyPages: guest.dirtyCount, dirtyRate: 0, bandwidth: 0, throttle: guest.state.throttle, expectedDowntimeMs: 1e9, state: 'precopy',
+  };
+  if (o.state === 'failed' || o.state === 'cancelled') return { ...base, state: 'failed', error: o.error ?? o.state };
+  return { ...base, bytesSent: o.bytesSent, pagesSent: o.pagesSent };
+}
+
+function setPolicy(p: { migrationId: string; throttle?: number; maxBandwidth?: number }): { throttle: number } {
+  const o = requireOutgoing(p.migrationId);
+  if (typeof p.throttle === 'number') guest.state.throttle = Math.min(0.99, Math.max(0, p.throttle));
+  if (typeof p.maxBandwidth === 'number') o.policy.maxBandwidth = p.maxBandwidth;
+  return { throttle: guest.state.throttle };
+}
+
+async function doCutover(o: Outgoing, verify: 'digest' | 'full'): Promise<CutoverResult> {
+  o.stop = true;
+  o.state = 'stopping';
+  await o.loop;
+  if (o.error) throw new Error(o.error);
+  o.state = 'cutover';
+  mark('src:stop-loop-done'); pause(); mark('src:paused');
+  const pausedAt = Date.now();
+  const t0 = performance.now();
+  const finalList = dirtyList();
+  o.finalFlush = true;
+  mark('src:dirtyList'); await sendPages(o, finalList, 0); mark('src:final-flush-written');
+  const digest = crc32(Buffer.from(o.crcs.buffer)) >>> 0;
+  const sourceFullCrc = verify === 'full' ? crc32(guest.memory) >>> 0 : undefined;
+  await writeAll(o.sock, [jsonFrame(FrameType.Device, { device: guest.state, digest, verify })]);
+  mark('src:device-sent'); const v = await o.chan.expect<{ digest: number; fullCrc?: number }>(FrameType.Verified); mark('src:verified-received');
+  if (v.digest !== digest) throw new Error(`memory digest mismatch at cutover: source ${digest}, destination ${v.digest}`);
+  if (verify === 'full' && v.fullCrc !== sourceFullCrc) throw new Error(`full memory CRC mismatch: source ${sourceFullCrc}, destination ${v.fullCrc}`);
+  // Shared-nothing: every guest write must be on the destination's disks before it runs.
+  if (mirror && mirror.target.kind === 'remote') await mirror.drain();
+  // Handoff. From the rename on, this process can never write or run again (fencing).
+  guest.closeDisks();
+  const newEpoch = epoch + 1;
+  updateOwner(cfg.ownerPath, (cur) => {
+    if (!cur || cur.host !== cfg.host || cur.epoch !== epoch || cur.state !== 'active') throw new FencedError(cfg.host, epoch, cur);
+    return { host: destHost!, epoch: newEpoch, state: 'handoff', from: cfg.host, migrationId: o.id };
+  });
+  state = 'migrated';
+  persist();
+  mark('src:handoff-persisted'); await writeAll(o.sock, [jsonFrame(FrameType.Go, { epoch: newEpoch })]);
+  const r = await o.chan.expect<{ resumedAt: number }>(FrameType.Resumed, 30_000); mark('src:resumed-received'); dumpMarks();
+  const downtimeMs = Math.round(performance.now() - t0);
+  o.state = 'done';
+  o.sock.end();
+  mirror?.close(); // break the mirror: the destination's copy is the VM's disk now
+  const result: CutoverResult = {
+    pausedAt, resumedAt: r.resumedAt, downtimeMs, finalPages: finalList.length, bytesSent: o.bytesSent,
+    sourceDigest: digest, destinationDigest: v.digest, sourceFullCrc, destinationFullCrc: v.fullCrc, epoch: newEpoch,
+    deviceState: { vcpuTicks: guest.state.vcpuTicks, memWrites: guest.state.memWrites, diskWrites: guest.state.diskWrites },
+  };
+  o.result = result;
+  fs.writeFileSync(path.join(runtimeDir, `cutover-${o.id}.json`), JSON.stringify(result));
+  log(`cutover ${o.id} done: downtime ${downtimeMs} ms, final ${finalList.length} pages`);
+  return result;
+}
+let destHost: string | undefined;
+
+async function cutover(p: { migrationId: string; verify?: 'digest' | 'full'; destination: string }): Promise<CutoverResult> {
+  // Idempotent: a retried activity gets the running or finished cutover, never a second one.
+  const saved = path.join(runtimeDir, `cutover-${p.migrationId}.json`);
+  if (fs.existsSync(saved)) return JSON.parse(fs.readFileSync(saved, 'utf8')) as CutoverResult;
+  const o = requireOutgoing(p.migrationId);
+  if (o.state === 'failed' || o.state === 'cancelled') throw new Error(`migration ${o.id} already ${o.state}: ${o.error ?? ''}`);
+  destHost = p.destination;
+  if (!o.cutover) {
+    o.cutover = doCutover(o, p.verify ?? 'digest').catch((e: Error) => {
+      fail(o, `cutover failed: ${e.message}`);
+      throw e;
+    });
+  }
+  return o.cutover;
+}
+
+/**
+ * Rollback of the source side, safe at any point: stops the job; if this host still owns the
+ * VM it runs again; if a handoff was written but the destination never claimed it, the VM is
+ * reclaimed at a new epoch (compare-and-set: the destination's late claim then fails). If the
+ * destination did claim it, the VM lives there now and this reports so: never two copies.
+ */
+async function rollbackOutgoing(p: { migrationId: string; allowReclaim?: boolean }): Promise<{ runsOn: 'source' | 'destination' | 'undecided'; state: VmState; epoch: number }> {
+  if (outgoing && outgoing.id === p.migrationId) {
+    const o = outgoing;
+    if (o.state !== 'done' && o.state !== 'failed') { o.error = 'cancelled'; o.state = 'cancelled'; }
+    o.stop = true;
+    o.sock.destroy();
+    await o.loop.catch(() => undefined);
+    if (o.cutover) await o.cutover.catch(() => undefined);
+    for (const w of o.waiters.splice(0)) w();
+  }
+  if (state === 'running') {
+    if (migrationId === p.migrationId) { migrationId = undefined; outgoing = null; persist(); }
+    return { runsOn: 'source', state, epoch };
+  }
+  let runsOn = 'source' as 'source' | 'destination' | 'undecided';
+  const rec = updateOwner(cfg.ownerPath, (cur) => {
+    if (cur && cur.host === cfg.host && cur.state === 'active' && cur.epoch === epoch) return cur;
+    if (cur && cur.state === 'handoff' && cur.from === cfg.host && cur.migrationId === p.migrationId) {
+      // Handed off, not (yet) claimed here. With shared storage this record is the arbiter:
+      // a claim by the destination would have changed it. With local storage the destination
+      // claims its own copy, so only the caller, having aborted the destination, may reclaim.
+      if (!p.allowReclaim && !sharedOwner) { runsOn = 'undecided'; return cur; }
+      return { host: cfg.host, epoch: cur.epoch + 1, state: 'active', migrationId: p.migrationId };
+    }
+    runsOn = 'destination';
+    if (!cur) throw new FencedError(cfg.host, epoch, cur);
+    return cur;
+  });
+  if (runsOn !== 'source') {
+    state = 'migrated';
+    persist();
+    return { runsOn, state, epoch };
+  }
+  epoch = rec.epoch;
+  await run();
+  migrationId = undefined;
+  outgoing = null;
+  persist();
+  log(`rolled back ${p.migrationId}: running again at epoch ${epoch}`);
+  return { runsOn, state, epoch };
+}
+
+// ---------- disk mirror (storage migration, shared-nothing) ----------
+
+let mirror: DiskMirror | null = null;
+
+function requireMirror(id: unknown): DiskMirror {
+  if (!mirror || mirror.migrationId !== id) throw new Error(`VM ${cfg.spec.name} has no disk mirror for ${String(id)}`);
+  return mirror;
+}
+
+async function startDiskMirror(p: { migrationId: string; target: MirrorTarget; maxBandwidth?: number }): Promise<DiskMirrorStatus> {
+  if (mirror && mirror.migrationId === p.migrationId && mirror.state !== 'aborted') return mirror.status();
+  if (mirror && (mirror.state === 'copying' || mirror.state === 'synced' || mirror.state === 'disconnected')) throw new Error(`VM ${cfg.spec.name} already mirrors its disks (${mirror.migrationId})`);
+  if (state !== 'running') throw new Error(`VM ${cfg.spec.name} is ${state}, not running`);
+  if (migrationId && migrationId !== p.migrationId) throw new Error(`VM ${cfg.spec.name} is already migrating (${migrationId})`);
+  const m = new DiskMirror(p.migrationId, guest, p.target, p.maxBandwidth ?? 0);
+  await m.start();
+  mirror = m;
+  migrationId = p.migrationId;
+  persist();
+  log(`disk mirror ${p.migrationId} to ${p.target.kind === 'local' ? Object.values(p.target.paths).join(', ') : `${p.target.endpoint.host}:${p.target.endpoint.port}`}`);
+  return m.status();
+}
+
+async function abortDiskMirror(p: { migrationId: string }): Promise<{ aborted: boolean }> {
+  if (!mirror || mirror.migrationId !== p.migrationId) return { aborted: false };
+  if (mirror.state === 'switched') return { aborted: false };
+  await mirror.abort();
+  if (migrationId === p.migrationId && !outgoing) migrationId = undefined;
+  persist();
+  return { aborted: true };
+}
+
+/** The switch of a live storage migration: guest I/O moves to the new files in one tick. */
+function switchDisks(p: { migrationId: string; disks: VmSpec['disks']; diskPaths: Record<string, string> }): { switched: boolean; ownerPath: string; epoch: number; crcs: Record<string, number> } {
+  const m = requireMirror(p.migrationId);
+  if (m.state === 'switched') return { switched: true, ownerPath: cfg.ownerPath, epoch, crcs: {} };
+  if (m.state !== 'synced') throw new Error(`disk mirror is ${m.state}, not synced${m.error ? `: ${m.error}` : ''}`);
+  const crcs = m.verifyLocal();
+  const fds = m.takeLocalFds();
+  const oldFds = guest.disks.map((d) => d.fd);
+  guest.disks.forEach((d, i) => { d.fd = fds[i]!; d.path = p.diskPaths[d.id]!; });
+  for (const fd of oldFds) if (fd !== null) fs.closeSync(fd);
+  const newOwner = path.join(path.dirname(p.diskPaths[guest.disks[0]!.id]!), 'owner.json');
+  epoch += 1;
+  writeOwner(newOwner, { host: cfg.host, epoch, state: 'active', migrationId: p.migrationId });
+  cfg.ownerPath = newOwner;
+  cfg.diskPaths = p.diskPaths;
+  cfg.spec.disks = p.disks;
+  const tmp = path.join(runtimeDir, 'vm.json.tmp');
+  fs.writeFileSync(tmp, JSON.stringify(cfg, null, 2));
+  fs.renameSync(tmp, path.join(runtimeDir, 'vm.json'));
+  mirror = null;
+  migrationId = undefined;
+  persist();
+  log(`switched disks to ${Object.values(p.diskPaths).join(', ')} at epoch ${epoch}`);
+  return { switched: true, ownerPath: newOwner, epoch, crcs };
+}
+
+// ---------- incoming (destination side) ----------
+
+interface Incoming {
+  state: 'waiting' | 'receiving' | 'verified' | 'running' | 'failed' | 'aborted';
+  bytes: number;
+  pages: number;
+  crcs: Uint32Array;
+  error?: string;
+  sock?: net.Socket;
+}
+let incoming: Incoming | null = cfg.mode === 'incoming'
+  ? { state: 'waiting', bytes: 0, pages: 0, crcs: new Uint32Array(guest.pages).fill(ZERO_CRC) }
+  : null;
+
+/** The first n bytes of a frame body given in pieces (a view when the first piece holds them). */
+function bodyPrefix(parts: Buffer[], n: number): Buffer {
+  return parts.length > 0 && parts[0]!.length >= n ? parts[0]!.subarray(0, n) : Buffer.concat(parts, n);
+}
+
+/**
+ * Places one Pages frame, given as the pieces it arrived in (no joining copy): each page's CRC
+ * is checked against the index table before the page reaches guest memory.
+ */
+function applyPages(inc: Incoming, parts: Buffer[]): void {
+  let total = 0;
+  for (const b of parts) total += b.length;
+  if (total < 4) throw new Error('page frame shorter than its index');
+  const n = bodyPrefix(parts, 4).readUInt32LE(0);
+  const idxLen = 4 + n * 8;
+  if (total < idxLen) throw new Error('page frame shorter than its index');
+  const index = bodyPrefix(parts, idxLen);
+  const mem = guest.memory;
+  const crcs = inc.crcs;
+  // Cursor over the pieces: part pi, offset po; pos counts body bytes consumed.
+  let pi = 0, po = idxLen, pos = idxLen;
+  for (let k = 0; k < n; k++) {
+    const raw = index.readUInt32LE(4 + k * 8);
+    const crc = index.readUInt32LE(8 + k * 8);
+    const p = (raw & ~ZERO_FLAG) >>> 0;
+    if (p >= guest.pages) throw new Error(`page ${p} outside guest memory of ${guest.pages} pages`);
+    const dst = p * PAGE_SIZE;
+    if ((raw & ZERO_FLAG) !== 0) {
+      if (crc !== ZERO_CRC) throw new Error(`zero page ${p} with a non-zero checksum`);
+      mem.fill(0, dst, dst + PAGE_SIZE);
+      crcs[p] = crc;
+      continue;
+    }
+    if (pos + PAGE_SIZE > total) throw new Error('page frame truncated');
+    while (po >= parts[pi]!.length) { po -= parts[pi]!.length; pi++; }
+    const part = parts[pi]!;
+    if (part.length - po >= PAGE_SIZE) {
+      const data = part.subarray(po, po + PAGE_SIZE);
+      if ((crc32(data) >>> 0) !== crc) throw new Error(`page ${p} failed its checksum`);
+      mem.set(data, dst);
+      po += PAGE_SIZE;
+    } else {
+      // The page straddles two socket reads: checksum the pieces, then copy them.
+      const pieces: Buffer[] = [];
+      let c = 0;
+      for (let got = 0; got < PAGE_SIZE;) {
+        while (po >= parts[pi]!.length) { po -= parts[pi]!.length; pi++; }
+        const q = parts[pi]!;
+        const take = Math.min(PAGE_SIZE - got, q.length - po);
+        const piece = q.subarray(po, po + take);
+        c = crc32(piece, c);
+        pieces.push(piece);
+        got += take;
+        po += take;
+      }
+      if ((c >>> 0) !== crc) throw new Error(`page ${p} failed its checksum`);
+      let at = dst;
+      for (const piece of pieces) { mem.set(piece, at); at += piece.length; }
+    }
+    pos += PAGE_SIZE;
+    inc.pages++;
+    crcs[p] = crc;
+  }
+  if (pos !== total) throw new Error('page frame has trailing bytes');
+  inc.bytes += total + 12;
+}
+
+async function onIncomingFrame(inc: Incoming, f: Frame): Promise<void> {
+  switch (f.type) {
+    case FrameType.Pages:
+      applyPages(inc, f.parts ?? [f.body]);
+      return;
+    case FrameType.Device: {
+      mark('dst:device-frame');
+      const d = parseJson<{ device: DeviceState; digest: number; verify: 'digest' | 'full' }>(f);
+      guest.state = { ...d.device };
+      const digest = crc32(Buffer.from(inc.crcs.buffer)) >>> 0;
+      const fullCrc = d.verify === 'full' ? crc32(guest.memory) >>> 0 : undefined;
+      inc.state = 'verified'; mark('dst:digest-done');
+      await writeAll(inc.sock!, [jsonFrame(FrameType.Verified, { digest, fullCrc })]);
+      return;
+    }
+    case FrameType.Go: {
+      mark('dst:go-frame');
+      const g = parseJson<{ epoch: number }>(f);
+      if (inc.state !== 'verified') throw new Error(`GO before verification (state ${inc.state})`);
+      if (inc.state !== 'verified') throw new Error(`GO in state ${inc.state}`);
+      // Claim (compare-and-set): fails if the source reclaimed the VM meanwhile.
+      updateOwner(cfg.ownerPath, (o) => {
+        if (!o || o.state !== 'handoff' || o.host !== cfg.host || o.epoch !== g.epoch) throw new FencedError(cfg.host, g.epoch, o);
+        return { host: cfg.host, epoch: g.epoch, state: 'active', migrationId };
+      });
+      mark('dst:claimed'); epoch = g.epoch;
+      inc.state = 'running';
+      await run(); mark('dst:run-done');
+      guest.markAllClean();
+      migrationId = undefined; // the migration is over for this copy: it is now the VM
+      persist();
+      mark('dst:persisted'); dumpMarks(); const resumedAt = Date.now();
+      await writeAll(inc.sock!, [jsonFrame(FrameType.Resumed, { resumedAt })]);
+      log(`resumed at epoch ${epoch}`);
+      return;
+    }
+    default:
+      throw new Error(`unexpected ${FrameType[f.type]} frame on an incoming migration`);
+  }
+}
+
+function acceptIncoming(sock: net.Socket, rest: Buffer): void {
+  const inc = incoming;
+  if (!inc || inc.state !== 'waiting') {
+    sock.end(jsonFrame(FrameType.Error, { message: `VM ${cfg.spec.name} is not waiting for a migration` }));
+    return;
+  }
+  inc.state = 'receiving';
+  inc.sock = sock;
+  const chan = new FrameChannel(sock, rest);
+  let chain = Promise.resolve();
+  chan.onFrame = (f) => {
+    chain = chain.then(() => onIncomingFrame(inc, f)).catch((e: Error) => {
+      inc.error = e.message;
+      if (inc.state !== 'running') inc.state = 'failed';
+      log(`incoming failed: ${e.message}`);
+      sock.end(jsonFrame(FrameType.Error, { message: e.message }));
+      persist();
+    });
+    return true;
+  };
+  sock.on('close', () => {
+    if (inc.state === 'receiving' || inc.state === 'verified') {
+      inc.state = 'failed';
+      inc.error = 'data-plane connection closed before the switchover';
+      persist();
+    }
+  });
+  void writeAll(sock, [jsonFrame(FrameType.Welcome, { vm: cfg.spec.name, pages: guest.pages })]);
+  persist();
+}
+
+/** Destroys an incoming VM unless it already runs (then the caller must go forward instead). */
+function abortIncoming(): { aborted: boolean; state: VmState } {
+  if (state === 'running') return { aborted: false, state };
+  if (incoming) { incoming.state = 'aborted'; incoming.sock?.destroy(); }
+  state = 'stopped';
+  persist();
+  setTimeout(() => process.exit(0), 20);
+  return { aborted: true, state };
+}
+
+// ---------- control ----------
+
+function shutdown(): { state: VmState } {
+  if (workloadTimer) clearInterval(workloadTimer);
+  unbindProbe();
+  guest.closeDisks();
+  state = 'stopped';
+  persist();
+  setTimeout(() => process.exit(0), 20);
+  return { state };
+}
+
+serveControl(controlPath, {
+  status: () => status(),
+  pause: () => { if (state !== 'running') throw new Error(`VM is ${state}`); pause(); return status(); },
+  resume: async () => { if (state === 'running') return status(); if (state !== 'paused' && state !== 'migrated') throw new Error(`VM is ${state}`); await run(); return status(); },
+  verify: () => ({ state, checks: guest.verify() }),
+  startOutgoing: (p) => startOutgoing(p as Parameters<typeof startOutgoing>[0]),
+  progress: (p) => progress(p as Parameters<typeof progress>[0]),
+  setPolicy: (p) => setPolicy(p as Parameters<typeof setPolicy>[0]),
+  cutover: (p) => cutover(p as Parameters<typeof cutover>[0]),
+  rollbackOutgoing: (p) => rollbackOutgoing(p as Parameters<typeof rollbackOutgoing>[0]),
+  startDiskMirror: (p) => startDiskMirror(p as Parameters<typeof startDiskMirror>[0]),
+  diskMirrorStatus: (p) => requireMirror(p.migrationId).status(),
+  resumeDiskMirror: async (p) => { const m = requireMirror(p.migrationId); await m.resume(String(p.token)); return m.status(); },
+  abortDiskMirror: (p) => abortDiskMirror(p as Parameters<typeof abortDiskMirror>[0]),
+  switchDisks: (p) => switchDisks(p as Parameters<typeof switchDisks>[0]),
+  abortIncoming: () => abortIncoming(),
+  /** A guest disk write on demand, through the same fencing check as every open (used by tests). */
+  guestWrite: () => {
+    assertOwner(cfg.ownerPath, cfg.host, epoch);
+    if (state !== 'running') throw new Error(`VM is ${state}`);
+    guest.step(1000 * (4096 / Math.max(4096, cfg.spec.writeRate)));
+    return { diskWrites: guest.state.diskWrites };
+  },
+  shutdown: () => shutdown(),
+});
+
+// The agent hands an authenticated data-plane connection over its IPC channel (SCM_RIGHTS),
+// so pages flow socket → this process with no relay in between.
+process.on('message', (msg: { type?: string; rest?: string }, handle?: unknown) => {
+  if (msg?.type === 'dataplane' && handle instanceof net.Socket) acceptIncoming(handle, Buffer.from(msg.rest ?? '', 'base64'));
+});
+// Losing the agent must not take the VM down: the IPC channel is only for hand-overs.
+process.on('disconnect', () => log('agent IPC channel closed; VM keeps running'));
+process.on('SIGTERM', () => shutdown());
+
+async function main(): Promise<void> {
+  if (cfg.mode === 'boot') {
+    // The fencing check comes before the first byte the guest writes, its initial fill included.
+    assertOwner(cfg.ownerPath, cfg.host, epoch);
+    guest.openDisks();
+    guest.format();
+    await run();
+    log(`booted: ${cfg.spec.memoryBytes} bytes memory, ${cfg.spec.disks.length} disk(s), epoch ${epoch}`);
+  } else {
+    persist();
+    log(`waiting for incoming migration ${migrationId ?? ''}`);
+  }
+  if (process.send) process.send({ type: 'ready', state });
+}
+
+main().catch((e: Error) => {
+  log(`fatal: ${e.stack ?? e.message}`);
+  state = 'failed';
+  try { persist(); } catch { /* ignore */ }
+  process.exit(1);
+});
