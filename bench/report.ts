@@ -35,7 +35,7 @@ export interface Target { name: string; value: number | string | null; target: s
 
 const mib = (b: number): string => (b / 2 ** 20).toFixed(0);
 
-export function markdown(r: { startedAt: string; scale: number; machine: Record<string, unknown>; baselines: Record<string, number>; cases: CaseResult[]; notMeasured: Array<{ name: string; why: string }>; targets: Target[] }): string {
+export function markdown(r: { startedAt: string; scale: number; machine: Record<string, unknown>; baselines: Record<string, number>; cases: CaseResult[]; storage?: Record<string, unknown> | null; notMeasured: Array<{ name: string; why: string }>; targets: Target[] }): string {
   const L: string[] = [];
   L.push(`# vmferry bench — ${r.startedAt}`, '');
   L.push(`Scale ${r.scale}; machine: ${Object.entries(r.machine).map(([k, v]) => `${k} ${String(v)}`).join(', ')}`, '');
@@ -49,6 +49,11 @@ export function markdown(r: { startedAt: string; scale: number; machine: Record<
     L.push(`| ${c.name} | ${mib(c.memoryBytes)} MiB${c.fill < 1 ? ` (fill ${c.fill})` : ''} | ${(c.dirtyFraction * 100).toFixed(0)}% (${mib(c.dirtyRateBytesPerSec)} MiB/s) | ${c.outcome}${c.error ? ` (${c.error})` : ''} | ${c.totalMs.toFixed(0)} | ${mib(c.throughputBytesPerSec)} (${(c.throughputRatio * 100).toFixed(0)}%) | ${c.downtimeMs} | ${c.probe ? `${c.probe.lost} / ${c.probe.maxGapMs}` : '—'} | ${c.rounds} | ${c.wireRatio.toFixed(3)} | ${c.orchestrationOverheadMs.toFixed(0)} | ${agents} | ${(c.vmHwmKiB.source / 1024).toFixed(0)} / ${(c.vmHwmKiB.destination / 1024).toFixed(0)} |`);
   }
   L.push('', 'Orchestration overhead = workflow time − data movement (startOutgoing started → cutover completed, from the workflow history). Breakdown per case in latest.json.');
+  if (r.storage) {
+    const st = r.storage as { outcome?: string; reason?: string; totalMs?: number; diskBytes?: number; bytesPerSec?: number; ratioToStorageBaseline?: number; error?: string };
+    L.push('', '## Storage migration', '');
+    L.push(`${mib(st.diskBytes ?? 0)} MiB disk: ${st.outcome ?? '?'}${st.reason ? ` (${st.reason})` : ''}${st.error ? ` — ${st.error}` : ''}; ${st.totalMs ? `${st.totalMs.toFixed(0)} ms, ${mib(st.bytesPerSec ?? 0)} MiB/s = ${((st.ratioToStorageBaseline ?? 0) * 100).toFixed(0)}% of min(sequential read, write) on the same storage` : ''}`);
+  }
   if (r.notMeasured.length) {
     L.push('', '## Not measured', '');
     for (const n of r.notMeasured) L.push(`- ${n.name}: not measured: ${n.why}`);

@@ -299,6 +299,9 @@ const DECISION_LAG_S = 0.03;
 /** Cutover costs that do not depend on the dirty set (device state, handoff, resume), ms. */
 const CUTOVER_FIXED_MS = 10;
 
+/** A dirty set below this goes in the pause itself rather than in one more pre-pause round. */
+const PRE_PAUSE_MIN_BYTES = 1 << 20;
+
 /** Bytes and ms of pre-copy rounds so far: the job's link rate. */
 const linkAccounts = new WeakMap<Outgoing, { bytes: number; ms: number }>();
 function linkAccount(o: Outgoing): { bytes: number; ms: number } {
@@ -375,8 +378,16 @@ async function precopy(o: Outgoing): Promise<void> {
     const spent = performance.now() - t0;
     if (spent < 20) await sleep(20 - spent);
   }
-  // Cutover (or a stop) is next: frames still queued here reach the kernel while the guest
-  // runs, so the pause does not wait for them.
+  // Cutover is next (doCutover set 'stopping'; a rollback sets 'cancelled'): up to three
+  // last rounds while the guest still runs, so the pause carries only what it dirtied during
+  // the last one; and frames still queued here reach the kernel before the pause.
+  for (let k = 0; k < 3 && o.state === 'stopping'; k++) {
+    const list = dirtyList();
+    if (list.length * PAGE_SIZE < PRE_PAUSE_MIN_BYTES) break;
+    o.finalFlush = true; // send through the stop request
+    try { await sendPages(o, list, 0); } finally { o.finalFlush = false; }
+    await slabsDrained(o);
+  }
   await slabsDrained(o);
 }
 

@@ -16,6 +16,8 @@ const [A, B] = c.knownHosts as [string, string];
 const tag = Date.now().toString(36);
 
 async function save(name: string, workflowId: string): Promise<void> {
+  // Existing fixtures are never overwritten: they keep the old code paths replayable.
+  if (fs.existsSync(path.join(out, `${name}.json`))) { console.log(`kept existing ${name}`); return; }
   // The CLI's JSON export is the format the SDK's historyFromJSON reads (as the UI's download).
   const { connectionOptions, namespace } = temporalConfig(readLab(labDir())?.temporal.address);
   const json = execFileSync(findTemporalCli(), ['workflow', 'show', '--address', connectionOptions.address!, '--namespace', namespace, '-w', workflowId, '-o', 'json'], { encoding: 'utf8', maxBuffer: 64 << 20 });
@@ -55,5 +57,34 @@ const hr = `host-request-rec-${tag}`;
 await c.client.workflow.execute('hostRequest', { taskQueue: 'vmferry-orchestrator', workflowId: hr, args: [{ op: 'hostInfo', host: A }] });
 await save('host-request', hr);
 
-for (const n of [`rec-ok-${tag}`, `rec-cancel-${tag}`, `rec-throttle-${tag}`]) await c.destroyVm(n).catch(() => undefined);
+// 5. Live storage migration (two disks), completed; and one cancelled during the copy.
+const lab = readLab(labDir())!;
+const hostRoot = (h: string, root: string): string => path.join(lab.dir, 'hosts', h, root);
+await c.createVm({ name: `rec-st-${tag}`, host: A, memory: '16MiB', disk: '8MiB', disks: 2, storage: 'local', writeRate: '1MiB', diskFill: 0.5 });
+const st = await c.startMigration({ type: 'storage', vm: `rec-st-${tag}`, toPath: path.join(hostRoot(A, 'local2'), `rec-st-${tag}`) });
+console.log((await c.awaitMigration(st.id)).outcome);
+await save('storage-migration-completed', st.id);
+await c.createVm({ name: `rec-stc-${tag}`, host: A, memory: '16MiB', disk: '32MiB', storage: 'local', writeRate: '1MiB', diskFill: 0.5 });
+const stc = await c.startMigration({ type: 'storage', vm: `rec-stc-${tag}`, toPath: path.join(hostRoot(A, 'local2'), `rec-stc-${tag}`), maxBandwidth: 4 * 2 ** 20 });
+for (;;) {
+  if (((await c.progress(stc.id)).bytesCopied ?? 0) > 2 ** 20) break;
+  await new Promise((r) => setTimeout(r, 100));
+}
+await c.cancelMigration(stc.id);
+console.log((await c.awaitMigration(stc.id)).outcome);
+await save('storage-migration-cancelled', stc.id);
+
+// 6. Shared-nothing, completed.
+await c.createVm({ name: `rec-sn-${tag}`, host: A, memory: '16MiB', disk: '8MiB', storage: 'local', writeRate: '1MiB', diskFill: 0.5 });
+const sn = await c.startMigration({ type: 'shared-nothing', vm: `rec-sn-${tag}`, to: B });
+console.log((await c.awaitMigration(sn.id)).outcome);
+await save('shared-nothing-completed', sn.id);
+
+// 7. Live migration on the current code path (supervision ends by itself).
+await c.createVm({ name: `rec-v2-${tag}`, host: A, memory: '16MiB', disk: '4MiB', dirtyRate: '4MiB', fill: 0.5 });
+const v2 = await c.startMigration({ type: 'live', vm: `rec-v2-${tag}`, to: B });
+console.log((await c.awaitMigration(v2.id)).outcome);
+await save('live-migration-completed-v2', v2.id);
+
+for (const n of [`rec-ok-${tag}`, `rec-cancel-${tag}`, `rec-throttle-${tag}`, `rec-st-${tag}`, `rec-stc-${tag}`, `rec-sn-${tag}`, `rec-v2-${tag}`]) await c.destroyVm(n).catch(() => undefined);
 await c.close();
