@@ -5,6 +5,7 @@ import { Context, ApplicationFailure, CancelledFailure } from '@temporalio/activ
 import { hasStorageMoves, type HypervisorDriver, type IncomingTarget, type RollbackResult, type StorageMoves } from '../drivers/driver.js';
 import type { HostConfig } from '../common/host-config.js';
 import { hostTaskQueue } from '../common/names.js';
+import { faultPoint } from '../common/faults.js';
 import type { CutoverResult, DiskMirrorStatus, DiskTargetGrant, HostInfo, MigrationPolicy, ProgressSample, VerifyReport, VmInfo, VmSpec } from '../common/types.js';
 
 export interface HostActivityDeps {
@@ -184,6 +185,7 @@ export function createHostActivities({ host, driver }: HostActivityDeps) {
 
     /** Removes the source copy after a completed cutover; refuses to touch a VM that runs here. */
     async releaseSource(p: { migrationId: string; vm: string; deleteStorage: boolean }): Promise<{ destroyed: boolean }> {
+      await faultPoint('before-release-source');
       const info = await driver.get(p.vm);
       if (!info) return { destroyed: false };
       if (info.state === 'running') {

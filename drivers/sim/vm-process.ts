@@ -14,6 +14,7 @@ import { DiskMirror, type MirrorTarget } from './disk-mirror.js';
 import { PAGE_SIZE, type VmSpec, type VmState, type MigrationPolicy, type ProgressSample, type CutoverResult, type DiskMirrorStatus } from '../../common/types.js';
 import { FrameChannel, FrameType, header, jsonFrame, writeAll, crc32, ZERO_FLAG, parseJson, type Frame } from '../../dataplane/frames.js';
 import { connectDataPlane } from '../../dataplane/endpoint.js';
+import { faultPoint } from '../../common/faults.js';
 
 export interface VmRuntimeConfig {
   spec: VmSpec;
@@ -464,6 +465,7 @@ async function doCutover(o: Outgoing, verify: 'digest' | 'full'): Promise<Cutove
   o.state = 'cutover';
   pause();
   const pausedAt = Date.now();
+  await faultPoint('cutover-after-pause');
   const t0 = performance.now();
   const finalList = dirtyList();
   o.finalFlush = true;
@@ -736,6 +738,12 @@ async function onIncomingFrame(inc: Incoming, f: Frame): Promise<void> {
       migrationId = undefined; // the migration is over for this copy: it is now the VM
       persist();
       const resumedAt = Date.now();
+      if ((await faultPoint('destination-after-resume')) === 'drop-ack') {
+        // Fault injection: the VM runs here, but the source never hears of it.
+        inc.sock!.destroy();
+        log(`resumed at epoch ${epoch}; acknowledgement dropped (fault injection)`);
+        return;
+      }
       await writeAll(inc.sock!, [jsonFrame(FrameType.Resumed, { resumedAt })]);
       log(`resumed at epoch ${epoch}`);
       return;
