@@ -127,7 +127,7 @@ async function until<T>(what: string, fn: () => Promise<T | null | undefined | f
 
 function vmSize(c: Case): { memory: string; disk: string; writeRate: string; dirtyRate: string; diskFill: number; storage: string } {
   const local = c.move !== 'live';
-  return { memory: '32MiB', disk: local ? '32MiB' : '8MiB', writeRate: '1MiB', dirtyRate: '8MiB', diskFill: local ? 0.8 : 0.3, storage: local ? 'local' : 'shared' };
+  return { memory: '32MiB', disk: local ? '32MiB' : '8MiB', writeRate: '1MiB', dirtyRate: '2MiB', diskFill: local ? 0.8 : 0.3, storage: local ? 'local' : 'shared' };
 }
 
 /** Runs one case end to end and checks the invariants. */
@@ -147,9 +147,11 @@ export async function runCase(lab: FaultLab, c: Case): Promise<CaseResult> {
     const bw = slow ? 6 * MiB : 0;
     let spec: StartMigrationInput;
     const target = c.fault === 'storage-full' ? await fullTarget(lab, c.move === 'storage' ? A : B, vm) : undefined;
-    if (c.move === 'live') spec = { type: 'live', vm, to: B, policy: { maxBandwidth: bw } };
+    // Pre-copy may take a while under a fault (heartbeat timeouts, restarts): give it a minute.
+    const patience = { convergenceTimeoutMsPerGiB: 2_000_000 };
+    if (c.move === 'live') spec = { type: 'live', vm, to: B, policy: { maxBandwidth: bw, ...patience } };
     else if (c.move === 'storage') spec = { type: 'storage', vm, toPath: target ?? path.join(lab.hostConfig(A).storageRoots.find((r) => r.name === 'local2')!.path, vm), maxBandwidth: bw };
-    else spec = { type: 'shared-nothing', vm, to: B, toPath: target, policy: { maxBandwidth: bw } };
+    else spec = { type: 'shared-nothing', vm, to: B, toPath: target, policy: { maxBandwidth: bw, ...patience } };
 
     if (c.fault === 'destination-refuses') {
       // The destination's capacity is too small: it must refuse, and nothing may change.

@@ -4,3 +4,5 @@ export { progressQuery } from './tracker.js';
 export { hostRequest, inventory } from './admin.js';
 export { storageMigration } from './storage-migration.js';
 export { sharedNothingMigration } from './shared-nothing.js';
+export { evacuateHost, evacuationQuery } from './evacuate.js';
+export { approveCutoverUpdate } from './tracker.js';

@@ -1,10 +1,12 @@
 // What an operator sees of a running migration: the `progress` query, search attributes kept
 // current at each phase change, and the final result. Shared by every move type.
-import { defineQuery, setHandler, upsertSearchAttributes, workflowInfo, isCancellation } from '@temporalio/workflow';
+import { defineQuery, defineUpdate, setHandler, upsertSearchAttributes, workflowInfo, isCancellation } from '@temporalio/workflow';
 import type { DecisionRecord, MigrationPhaseProgress, MigrationResult, MigrationType as MoveType, ProgressSample, CutoverResult } from '../common/types.js';
 import { VmName, SourceHost, DestinationHost, MigrationType, MigrationPhase, MigrationOutcome } from '../common/search-attributes.js';
 
 export const progressQuery = defineQuery<MigrationPhaseProgress>('progress');
+/** Operator approval of the cutover (policy.approveCutover); the validator accepts it only while one waits. */
+export const approveCutoverUpdate = defineUpdate<{ approved: boolean }, [{ by?: string }]>('approveCutover');
 
 export class MigrationTracker {
   phaseName = 'starting';
@@ -17,6 +19,7 @@ export class MigrationTracker {
   cutover?: CutoverResult;
   bytesCopied = 0;
   bytesMirrored = 0;
+  approved = false;
   private readonly startedAt = Date.now();
 
   constructor(readonly type: MoveType, readonly input: { migrationId: string; vm: string; from: string; to: string }) {
@@ -31,6 +34,15 @@ export class MigrationTracker {
       throttle: this.throttle,
       decisions: this.decisions.slice(-20),
     }));
+    setHandler(approveCutoverUpdate, (a: { by?: string }) => {
+      this.approved = true;
+      this.decision({ round: this.round, action: 'approved', reason: `cutover approved by ${a.by ?? 'an operator'}` });
+      return { approved: true };
+    }, {
+      validator: (_a: { by?: string }) => {
+        if (this.phaseName !== 'awaiting-approval') throw new Error(`nothing to approve: the migration is in phase ${this.phaseName}`);
+      },
+    });
     upsertSearchAttributes([
       { key: VmName, value: input.vm },
       { key: SourceHost, value: input.from },

@@ -1,7 +1,7 @@
 // Shared steps of every move that carries a running VM's memory and state to another host:
 // preflight, blank VM on the destination, pre-copy rounds under the convergence policy, and
 // the cutover with its fenced resolution. Live and shared-nothing migration compose these.
-import { ApplicationFailure, CancellationScope, log, patched } from '@temporalio/workflow';
+import { ApplicationFailure, CancellationScope, condition, log, patched } from '@temporalio/workflow';
 import type { MigrationPolicy, ProgressSample, VmInfo, HostInfo } from '../../common/types.js';
 import type { HostProxies } from '../hosts.js';
 import type { Saga } from '../saga.js';
@@ -93,6 +93,15 @@ export async function moveMemory(c: MemoryMoveContext, vm: VmInfo, destSpec: VmI
     if (d.action === 'continue') continue;
     tracker.decision({ round: s.round, action: d.action === 'throttle' ? `throttle ${d.throttle}` : d.action, reason: d.reason });
     if (d.action === 'abort') throw ApplicationFailure.create({ message: d.reason, type: 'NotConverging', nonRetryable: true });
+    if (d.action === 'cutover' && policy.approveCutover && !tracker.approved) {
+      // Pre-copy keeps running in the VM process while the operator decides.
+      tracker.phase('awaiting-approval');
+      const timeout = policy.approvalTimeoutMs ?? 15 * 60_000;
+      const ok = await Promise.race([condition(() => tracker.approved, timeout), lostDestination]);
+      if (!ok) throw ApplicationFailure.create({ message: `cutover not approved within ${Math.round(timeout / 1000)} s`, type: 'NotApproved', nonRetryable: true });
+      tracker.phase('precopy');
+      continue; // decide again on a fresh sample: the dirty set moved while we waited
+    }
     if (d.action === 'throttle') {
       // The measurements behind the decision travel in the activity input: they stay in history.
       await src.quick.setOutgoingPolicy.executeWithOptions({ summary: `Auto-converge: throttle guest to ${Math.round((1 - d.throttle) * 100)}% — ${d.reason}` }, [{ ...ids, throttle: d.throttle }]);
