@@ -142,7 +142,7 @@ host.command('info <host>').description('capacity, storage roots, VMs').option('
 
 // ---- vm ----
 const vm = program.command('vm').description('virtual machines');
-vm.command('create <name>').description('create and boot a VM (simulator) with a guest workload')
+vm.command('create <name>').description('create and boot a VM (simulator, or QEMU with --driver qemu) with a guest workload')
   .requiredOption('--host <host>', 'host to create it on')
   .requiredOption('--memory <size>', 'guest memory, e.g. 256MiB')
   .requiredOption('--disk <size>', 'size of each virtual disk, e.g. 64MiB')
@@ -152,9 +152,10 @@ vm.command('create <name>').description('create and boot a VM (simulator) with a
   .option('--write-rate <size/s>', 'guest disk write rate', '256KiB/s')
   .option('--fill <fraction>', 'fraction of memory written at boot (rest stays zero)', (v) => { const n = Number(v); if (!(n >= 0 && n <= 1)) throw new InvalidArgumentError('--fill must be between 0 and 1'); return n; }, 0.5)
   .option('--disk-fill <fraction>', 'fraction of each disk written at boot', (v) => { const n = Number(v); if (!(n >= 0 && n <= 1)) throw new InvalidArgumentError('--disk-fill must be between 0 and 1'); return n; }, 0)
+  .option('--driver <sim|qemu>', 'hypervisor: the simulator, or a real QEMU guest (the test guest; workload options apply to sim only)', (v) => { if (v !== 'sim' && v !== 'qemu') throw new InvalidArgumentError('--driver must be sim or qemu'); return v; }, 'sim')
   .option('--json', 'JSON output')
-  .action(async (name: string, o: { host: string; memory: string; disk: string; disks: number; storage: string; dirtyRate: string; writeRate: string; fill: number; diskFill: number; json?: boolean }) => withClient(async (c) => {
-    const v = await c.createVm({ name, host: o.host, memory: o.memory, disk: o.disk, disks: o.disks, storage: o.storage, dirtyRate: o.dirtyRate, writeRate: o.writeRate, fill: o.fill, diskFill: o.diskFill });
+  .action(async (name: string, o: { host: string; memory: string; disk: string; disks: number; storage: string; dirtyRate: string; writeRate: string; fill: number; diskFill: number; driver: 'sim' | 'qemu'; json?: boolean }) => withClient(async (c) => {
+    const v = await c.createVm({ name, host: o.host, memory: o.memory, disk: o.disk, disks: o.disks, storage: o.storage, dirtyRate: o.dirtyRate, writeRate: o.writeRate, fill: o.fill, diskFill: o.diskFill, driver: o.driver });
     if (o.json) return out({ name: v.name, host: v.host, state: v.state, pid: v.pid, memoryBytes: v.spec.memoryBytes, probe: v.spec.probe });
     console.log(`VM ${v.name} ${v.state} on ${v.host} (pid ${v.pid}); probe ${v.spec.probe.address}:${v.spec.probe.port}`);
   }));
@@ -204,6 +205,8 @@ function policyFrom(o: Record<string, unknown>): Partial<MigrationPolicy> {
   if (o.autoConverge === false) p.autoConverge = false;
   if (o.convergenceTimeout !== undefined) p.convergenceTimeoutMsPerGiB = o.convergenceTimeout as number;
   if (o.verify !== undefined) p.verify = o.verify as MigrationPolicy['verify'];
+  if (o.approveCutover) p.approveCutover = true;
+  if (o.approvalTimeout !== undefined) p.approvalTimeoutMs = o.approvalTimeout as number;
   return p;
 }
 
@@ -217,6 +220,8 @@ migrate.command('live <vm>').description('live migration: memory and state move,
   .option('--max-rounds <n>', 'pre-copy round limit (default 30)', intArg('--max-rounds'))
   .option('--no-auto-converge', 'never throttle the guest; roll back instead when pre-copy cannot converge')
   .option('--convergence-timeout <ms>', 'pre-copy time limit per GiB of memory, ms (default 120000)', intArg('--convergence-timeout'))
+  .option('--approve-cutover', 'wait for `vmferry migration approve <id>` before the cutover')
+  .option('--approval-timeout <ms>', 'roll back if not approved within this time (default 15 min)', intArg('--approval-timeout'))
   .option('--verify <mode>', 'cutover check: digest (per-page CRC table) or full (CRC of all memory)', (v) => { if (v !== 'digest' && v !== 'full') throw new InvalidArgumentError('--verify is digest or full'); return v; })
   .action(async (vmName: string, o: Record<string, unknown>) => withClient(async (c) => {
     const policy = policyFrom(o);
@@ -250,6 +255,8 @@ migrate.command('shared-nothing <vm>').description('shared-nothing live migratio
   .option('--max-bandwidth <size/s>', 'cap on the memory stream (default: none)')
   .option('--max-rounds <n>', 'pre-copy round limit (default 30)', intArg('--max-rounds'))
   .option('--no-auto-converge', 'never throttle the guest; roll back instead when pre-copy cannot converge')
+  .option('--approve-cutover', 'wait for `vmferry migration approve <id>` before the cutover')
+  .option('--approval-timeout <ms>', 'roll back if not approved within this time (default 15 min)', intArg('--approval-timeout'))
   .option('--verify <mode>', 'cutover check: digest or full', (v) => { if (v !== 'digest' && v !== 'full') throw new InvalidArgumentError('--verify is digest or full'); return v; })
   .action(async (vmName: string, o: Record<string, unknown>) => withClient(async (c) => {
     const m = await c.startMigration({ type: 'shared-nothing', vm: vmName, to: o.to as string, toPath: o.toPath ? path.resolve(o.toPath as string) : undefined, policy: policyFrom(o) });
@@ -288,6 +295,35 @@ migration.command('cancel <id>').description('cancel: rolls back unless the dest
   .action(async (id: string) => withClient(async (c) => {
     await c.cancelMigration(id);
     console.log(`cancel requested for ${id}`);
+  }));
+migration.command('approve <id>').description('approve a cutover that waits for it (--approve-cutover)')
+  .action(async (id: string) => withClient(async (c) => {
+    await c.approveCutover(id);
+    console.log(`cutover of ${id} approved`);
+  }));
+host.command('evacuate <host>').description('move every VM off a host (maintenance mode); one failed VM does not stop the others')
+  .option('--to <hosts>', 'comma-separated destinations (default: every other host)', (v) => v.split(',').map((x) => x.trim()).filter(Boolean))
+  .option('--concurrency <n>', 'migrations at a time (default 2)', intArg('--concurrency'))
+  .option('--wait', 'wait and report each VM\'s outcome')
+  .option('--json', 'JSON output')
+  .action(async (name: string, o: { to?: string[]; concurrency?: number; wait?: boolean; json?: boolean }) => withClient(async (c) => {
+    const { id } = await c.evacuate(name, { to: o.to, concurrency: o.concurrency });
+    if (!o.wait) { if (o.json) out({ id }); else console.log(`started ${id}`); return; }
+    const done = c.awaitEvacuation(id);
+    const tty = process.stderr.isTTY && !o.json;
+    const bar = tty ? new cliProgress.SingleBar({ format: ' evacuating {host} |{bar}| {value}/{total} VMs done', stream: process.stderr, hideCursor: true }, cliProgress.Presets.shades_classic) : null;
+    let finished = false;
+    void done.finally(() => { finished = true; }).catch(() => undefined);
+    while (!finished) {
+      const st = await c.evacuationStatus(id).catch(() => null);
+      if (st && bar) { if (!bar.getTotal()) bar.start(st.items.length, 0, { host: name }); bar.update(st.items.filter((i) => i.state !== 'waiting' && i.state !== 'moving').length, { host: name }); }
+      await Promise.race([done.catch(() => undefined), new Promise((r) => setTimeout(r, 500))]);
+    }
+    bar?.stop();
+    const r = await done;
+    if (o.json) out({ id, ...r });
+    else for (const i of r.items) console.log(`${i.state === 'completed' ? '✔' : '✘'} ${i.vm} → ${i.to ?? '-'} (${i.type ?? '-'}): ${i.state}${i.reason ? ` — ${i.reason}` : ''}`);
+    process.exitCode = r.failed ? EXIT.failed : EXIT.ok;
   }));
 migration.command('list').option('--json', 'JSON output')
   .action(async (o: { json?: boolean }) => withClient(async (c) => {

@@ -42,6 +42,8 @@ export const createVmSchema = z.object({
   writeRate: z.union([z.number(), z.string()]).default('256KiB').transform((v) => (typeof v === 'number' ? v : parseRate(v, 'write rate'))),
   fill: z.number().min(0).max(1).default(0.5),
   diskFill: z.number().min(0).max(1).default(0),
+  /** 'qemu': a real QEMU guest (the test guest, built on the host by scripts/qemu/build-guest.sh); the workload fields are the simulator's. */
+  driver: z.enum(['sim', 'qemu'], { errorMap: () => ({ message: 'driver must be "sim" or "qemu"' }) }).default('sim'),
 });
 export type CreateVmInput = z.input<typeof createVmSchema>;
 
@@ -55,6 +57,8 @@ export const policySchema = z.object({
   throttleIncrement: z.number().min(0.01).max(0.99),
   throttleMax: z.number().min(0).max(0.99),
   verify: z.enum(['digest', 'full']),
+  approveCutover: z.boolean(),
+  approvalTimeoutMs: z.number().int().min(1000),
 }).partial().strict();
 
 const absDir = z.string().min(1).refine((p) => p.startsWith('/'), 'storage paths must be absolute').refine((p) => !p.split('/').includes('..'), 'storage paths may not contain ".."');
@@ -171,7 +175,7 @@ export class VmferryClient {
     if (await this.locateVm(c.name)) throw new UsageError(`a VM named ${c.name} already exists`);
     const spec: VmSpec = {
       name: c.name,
-      driver: 'sim',
+      driver: c.driver,
       memoryBytes: c.memory,
       disks: Array.from({ length: c.disks }, (_, i) => ({ id: `disk${i}`, sizeBytes: c.disk, root: c.storage })),
       dirtyRate: c.dirtyRate,
@@ -315,6 +319,44 @@ export class VmferryClient {
       if (out.length >= limit) break;
     }
     return out;
+  }
+
+  /** Approves a cutover waiting for it (policy.approveCutover); refused when none is waiting. */
+  async approveCutover(id: string, by = process.env.USER ?? 'operator'): Promise<void> {
+    await this.migrationStatus(id);
+    try {
+      await this.handle(id).executeUpdate('approveCutover', { args: [{ by }] });
+    } catch (e) {
+      const cause = (e as { cause?: { message?: string } }).cause?.message;
+      throw new UsageError(cause ?? (e as Error).message);
+    }
+  }
+
+  /** Moves every running VM off `host` (a workflow with one child workflow per VM). */
+  async evacuate(host: string, opts: { to?: string[]; concurrency?: number; policy?: z.input<typeof policySchema> } = {}): Promise<{ id: string }> {
+    this.requireHost(host);
+    for (const t of opts.to ?? []) this.requireHost(t);
+    if (opts.concurrency !== undefined && (!Number.isInteger(opts.concurrency) || opts.concurrency < 1)) throw new UsageError('concurrency must be a whole number ≥ 1');
+    const policy = opts.policy ? parseOrThrow(policySchema, opts.policy) : undefined;
+    const to = opts.to ?? this.knownHosts.filter((h) => h !== host);
+    if (to.length === 0) throw new UsageError(`no destination hosts for evacuating ${host}: pass --to`);
+    if (to.includes(host)) throw new UsageError(`cannot evacuate ${host} onto itself`);
+    const id = `evacuate-${host}-${Date.now().toString(36)}`;
+    await this.client.workflow.start('evacuateHost', {
+      taskQueue: ORCHESTRATOR_TASK_QUEUE,
+      workflowId: id,
+      args: [{ host, to, concurrency: opts.concurrency, policy }],
+      staticSummary: `evacuate ${host} → ${to.join(', ')}`,
+    });
+    return { id };
+  }
+
+  async evacuationStatus(id: string): Promise<{ host: string; items: Array<{ vm: string; to?: string; type?: string; id?: string; state: string; reason?: string; downtimeMs?: number }>; completed: number; failed: number }> {
+    return this.handle(id).query('evacuation');
+  }
+
+  async awaitEvacuation(id: string): Promise<{ host: string; items: Array<{ vm: string; to?: string; type?: string; id?: string; state: string; reason?: string; downtimeMs?: number }>; completed: number; failed: number }> {
+    return (await this.handle(id).result()) as Awaited<ReturnType<VmferryClient['evacuationStatus']>>;
   }
 
   /** Test hook: one guest disk write through the fencing check on a given host. */

@@ -17,9 +17,23 @@ export interface DiskSpec {
   dir?: string;
 }
 
+/** Hypervisor a VM runs under: the embedded simulator, or a real QEMU process. */
+export type DriverKind = 'sim' | 'qemu';
+
+/** Per-VM QEMU settings (VmSpec.qemu); anything left out comes from the host's QEMU driver (test guest). */
+export interface QemuVmExtras {
+  kernel?: string;
+  initrd?: string;
+  /** Appended to the kernel command line (after console=ttyS0 ...). */
+  append?: string;
+  vcpus?: number;
+}
+
 export interface VmSpec {
   name: string;
-  driver: 'sim';
+  driver: DriverKind;
+  /** Only for driver 'qemu'. */
+  qemu?: QemuVmExtras;
   memoryBytes: number;
   disks: DiskSpec[];
   /** Guest workload: bytes of memory dirtied per second. */
@@ -80,6 +94,10 @@ export interface MigrationPolicy {
   throttleMax: number;
   /** 'digest' compares per-page CRC tables at cutover; 'full' also CRCs the whole memory on both ends. */
   verify: 'digest' | 'full';
+  /** Wait for an operator's approval (workflow update `approveCutover`) before the cutover. */
+  approveCutover?: boolean;
+  /** How long to wait for that approval before rolling back, ms. */
+  approvalTimeoutMs?: number;
 }
 
 export const DEFAULT_POLICY: MigrationPolicy = {

@@ -28,10 +28,11 @@ export function hostProxies(name: string): HostProxies {
   return {
     name,
     probe: proxyActivities<HostActivities>({ taskQueue, scheduleToStartTimeout: '10 s', startToCloseTimeout: '30 s', scheduleToCloseTimeout: '1 m', retry: { ...retry, maximumAttempts: 3 } }),
-    quick: proxyActivities<HostActivities>({ taskQueue, startToCloseTimeout: '1 m', scheduleToCloseTimeout: '3 m', retry }),
+    quick: proxyActivities<HostActivities>({ taskQueue, startToCloseTimeout: '30 s', scheduleToCloseTimeout: '3 m', retry }),
     long: proxyActivities<HostActivities>({ taskQueue, startToCloseTimeout: '3 m', heartbeatTimeout: '5 s', scheduleToCloseTimeout: '15 m', retry }),
     copy: proxyActivities<HostActivities>({ taskQueue, startToCloseTimeout: '6 h', heartbeatTimeout: '5 s', scheduleToCloseTimeout: '7 h', retry }),
     supervise: proxyActivities<HostActivities>({ taskQueue, scheduleToStartTimeout: '15 s', heartbeatTimeout: '4 s', scheduleToCloseTimeout: '6 h', retry: { maximumAttempts: 1 } }),
-    undo: proxyActivities<HostActivities>({ taskQueue, startToCloseTimeout: '2 m', scheduleToCloseTimeout: '7 d', retry: { initialInterval: '1 s', backoffCoefficient: 2, maximumInterval: '30 s' } }),
+    // A short start-to-close: an agent killed mid-compensation is retried within seconds.
+    undo: proxyActivities<HostActivities>({ taskQueue, startToCloseTimeout: '30 s', scheduleToCloseTimeout: '7 d', retry: { initialInterval: '1 s', backoffCoefficient: 2, maximumInterval: '30 s' } }),
   };
 }
