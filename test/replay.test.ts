@@ -26,7 +26,7 @@ describe('replay of recorded histories', () => {
 
   it('has fixtures for every workflow type', () => {
     const types = new Set(histories.map((h) => h.history.events?.[0]?.workflowExecutionStartedEventAttributes?.workflowType?.name));
-    expect([...types].sort()).toEqual(['hostRequest', 'inventory', 'liveMigration', 'sharedNothingMigration', 'storageMigration']);
+    expect([...types].sort()).toEqual(['evacuateHost', 'hostRequest', 'inventory', 'liveMigration', 'sharedNothingMigration', 'storageMigration']);
   });
 
   it('replays every history with the current code', async () => {

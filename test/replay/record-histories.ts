@@ -86,5 +86,13 @@ const v2 = await c.startMigration({ type: 'live', vm: `rec-v2-${tag}`, to: B });
 console.log((await c.awaitMigration(v2.id)).outcome);
 await save('live-migration-completed-v2', v2.id);
 
+// 8. Evacuation of a host with two VMs (children: live and shared-nothing).
+await c.createVm({ name: `rec-ev1-${tag}`, host: A, memory: '16MiB', disk: '4MiB' });
+await c.createVm({ name: `rec-ev2-${tag}`, host: A, memory: '16MiB', disk: '4MiB', storage: 'local' });
+const ev = await c.evacuate(A, { to: [B] });
+console.log(JSON.stringify((await c.awaitEvacuation(ev.id)).items.map((i) => i.state)));
+await save('evacuate-host', ev.id);
+for (const n of [`rec-ev1-${tag}`, `rec-ev2-${tag}`]) await c.destroyVm(n).catch(() => undefined);
+
 for (const n of [`rec-ok-${tag}`, `rec-cancel-${tag}`, `rec-throttle-${tag}`, `rec-st-${tag}`, `rec-stc-${tag}`, `rec-sn-${tag}`, `rec-v2-${tag}`]) await c.destroyVm(n).catch(() => undefined);
 await c.close();
