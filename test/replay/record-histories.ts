@@ -22,6 +22,9 @@ async function save(name: string, workflowId: string): Promise<void> {
   const { connectionOptions, namespace } = temporalConfig(readLab(labDir())?.temporal.address);
   const json = execFileSync(findTemporalCli(), ['workflow', 'show', '--address', connectionOptions.address!, '--namespace', namespace, '-w', workflowId, '-o', 'json'], { encoding: 'utf8', maxBuffer: 64 << 20 });
   fs.writeFileSync(path.join(out, `${name}.json`), json);
+  const idsFile = path.join(out, 'workflow-ids.json');
+  const ids = fs.existsSync(idsFile) ? (JSON.parse(fs.readFileSync(idsFile, 'utf8')) as Record<string, string>) : {};
+  fs.writeFileSync(idsFile, JSON.stringify({ ...ids, [name]: workflowId }, null, 2));
   console.log(`saved ${name} (${(JSON.parse(json) as { events: unknown[] }).events.length} events) from ${workflowId}`);
 }
 
