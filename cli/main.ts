@@ -125,7 +125,7 @@ lab.command('status').description('what runs, with pids').option('--json', 'JSON
     if (o.json) return out(view);
     console.log(`lab ${st.dir}`);
     console.log(`  temporal  ${view.temporal.address} ${view.temporal.up ? 'up' : 'DOWN'}${view.temporal.pid ? ` pid ${view.temporal.pid}` : ''}${view.temporal.uiUrl ? ` UI ${view.temporal.uiUrl}` : ''}`);
-    console.log(`  worker    ${view.worker.up ? 'up' : 'DOWN'} pid ${view.worker.pid ?? '-'}`);
+    console.log(`  worker    ${view.worker.up ? 'up' : 'DOWN'} pid ${view.worker.pid ?? '-'}${view.worker.metricsUrl ? ` metrics ${view.worker.metricsUrl}` : ''}`);
     for (const h of view.hosts) console.log(`  ${h.name.padEnd(9)} ${h.up ? 'up' : 'DOWN'} pid ${h.pid ?? '-'} ${h.taskQueue} data plane ${h.dataPlane.host}:${h.dataPlane.port} VMs ${h.vms}`);
   });
 

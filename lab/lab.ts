@@ -17,14 +17,14 @@ export const DEFAULT_HOST_MEMORY = 8 * 2 ** 30;
 export interface LabState {
   dir: string;
   temporal: { address: string; uiUrl: string | null; pid: number | null; managed: boolean; namespace: string };
-  worker: { pid: number | null };
+  worker: { pid: number | null; metricsUrl?: string };
   hosts: Array<{ name: string; pid: number | null; taskQueue: string; dataPlane: { host: string; port: number }; config: string }>;
 }
 
 export interface LabStatus {
   dir: string;
   temporal: LabState['temporal'] & { up: boolean };
-  worker: { pid: number | null; up: boolean };
+  worker: { pid: number | null; up: boolean; metricsUrl?: string };
   hosts: Array<LabState['hosts'][number] & { up: boolean; vms: number }>;
 }
 
@@ -121,8 +121,9 @@ export async function labUp(opts: LabUpOptions = {}): Promise<LabStatus> {
     say('starting orchestrator worker…');
     const logFile = path.join(dir, 'orchestrator.log');
     const start = fs.existsSync(logFile) ? fs.statSync(logFile).size : 0;
-    const pid = spawnNode('worker/orchestrator.ts', [], logFile, env);
-    state.worker = { pid };
+    const metrics = `127.0.0.1:${await freePort()}`;
+    const pid = spawnNode('worker/orchestrator.ts', [], logFile, { ...env, VMFERRY_METRICS_ADDRESS: metrics });
+    state.worker = { pid, metricsUrl: `http://${metrics}/metrics` };
     pending.push(waitFor('orchestrator worker', () => fs.readFileSync(logFile, 'utf8').slice(start).includes('[orchestrator] serving'), pid, logFile));
   }
   for (const name of hostNames) {
@@ -162,7 +163,7 @@ export function labStatus(dirOpt?: string): LabStatus {
   return {
     dir,
     temporal: { ...s.temporal, up: s.temporal.managed ? alive(s.temporal.pid) : true },
-    worker: { pid: s.worker.pid, up: alive(s.worker.pid) },
+    worker: { pid: s.worker.pid, up: alive(s.worker.pid), metricsUrl: s.worker.metricsUrl },
     hosts: s.hosts.map((h) => {
       let vms = 0;
       try { vms = fs.readdirSync((JSON.parse(fs.readFileSync(h.config, 'utf8')) as HostConfig).runDir).length; } catch { /* none */ }
@@ -190,6 +191,11 @@ export async function labDown(dirOpt?: string, opts: { purge?: boolean } = {}): 
       const runDir = (JSON.parse(fs.readFileSync(h.config, 'utf8')) as HostConfig).runDir;
       for (const vm of fs.readdirSync(runDir)) {
         try { vmPids.push((JSON.parse(fs.readFileSync(path.join(runDir, vm, 'state.json'), 'utf8')) as { pid: number }).pid); } catch { /* no state */ }
+        // QEMU guests (drivers/qemu): their vm.json says kind 'qemu' and carries the QEMU pid.
+        try {
+          const q = JSON.parse(fs.readFileSync(path.join(runDir, vm, 'vm.json'), 'utf8')) as { kind?: string; pid?: number };
+          if (q.kind === 'qemu' && q.pid && fs.readFileSync(`/proc/${q.pid}/cmdline`, 'latin1').includes('qemu')) vmPids.push(q.pid);
+        } catch { /* no state */ }
       }
     } catch { /* host never started */ }
   }

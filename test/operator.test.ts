@@ -82,3 +82,23 @@ describe('cutover approval gate', () => {
     expect((await lab.client.listVms()).filter((v) => v.name === 'ap2').map((v) => v.host)).toEqual([A]);
   });
 });
+
+describe('metrics and logs', () => {
+  it('exports migration metrics on the Prometheus endpoint and logs phases with the migration id', async () => {
+    const url = lab.status().worker.metricsUrl!;
+    expect(url).toMatch(/^http:\/\/127\.0\.0\.1:\d+\/metrics$/);
+    await lab.client.createVm({ name: 'met1', host: A, memory: '16MiB', disk: '4MiB' });
+    const { id } = await lab.client.startMigration({ type: 'live', vm: 'met1', to: B });
+    expect((await lab.client.awaitMigration(id)).outcome).toBe('completed');
+    const text = await waitUntil('metrics', async () => {
+      const t = await (await fetch(url)).text();
+      return /vmferry_migrations_total\{[^}]*outcome="completed"[^}]*type="live"[^}]*\} \d+/.test(t) ? t : null;
+    });
+    expect(text).toMatch(/vmferry_migration_downtime_bucket/);
+    const fs = await import('node:fs');
+    const lines = fs.readFileSync(`${lab.dir}/orchestrator.log`, 'utf8').split('\n').filter((l) => l.startsWith('{'));
+    const mine = lines.map((l) => JSON.parse(l) as { migrationId?: string; msg: string; phase?: string }).filter((l) => l.migrationId === id);
+    expect(mine.some((l) => l.msg === 'migration phase' && l.phase === 'cutover')).toBe(true);
+    expect(mine.some((l) => l.msg === 'migration finished')).toBe(true);
+  });
+});

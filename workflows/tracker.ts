@@ -1,6 +1,6 @@
 // What an operator sees of a running migration: the `progress` query, search attributes kept
 // current at each phase change, and the final result. Shared by every move type.
-import { defineQuery, defineUpdate, setHandler, upsertSearchAttributes, workflowInfo, isCancellation } from '@temporalio/workflow';
+import { defineQuery, defineUpdate, setHandler, upsertSearchAttributes, workflowInfo, isCancellation, log, metricMeter } from '@temporalio/workflow';
 import type { DecisionRecord, MigrationPhaseProgress, MigrationResult, MigrationType as MoveType, ProgressSample, CutoverResult } from '../common/types.js';
 import { VmName, SourceHost, DestinationHost, MigrationType, MigrationPhase, MigrationOutcome } from '../common/search-attributes.js';
 
@@ -55,6 +55,7 @@ export class MigrationTracker {
 
   phase(name: string): void {
     if (name === this.phaseName) return;
+    log.info('migration phase', { phase: name, from: this.phaseName, vm: this.input.vm, type: this.type });
     this.phaseName = name;
     upsertSearchAttributes([{ key: MigrationPhase, value: name }]);
   }
@@ -80,6 +81,14 @@ export class MigrationTracker {
   finish(outcome: MigrationResult['outcome'], reason: string): MigrationResult {
     this.phase(outcome === 'completed' ? 'done' : outcome);
     upsertSearchAttributes([{ key: MigrationOutcome, value: outcome }]);
+    const durationMs = Date.now() - this.startedAt;
+    // Our migration metrics, exported with the worker's Prometheus endpoint (skipped on replay).
+    const tags = { type: this.type, outcome };
+    metricMeter.createCounter('vmferry_migrations', 'migrations', 'Migrations by type and outcome').add(1, tags);
+    metricMeter.createHistogram('vmferry_migration_duration', 'int', 'ms', 'Migration wall time').record(durationMs, tags);
+    if (this.cutover) metricMeter.createHistogram('vmferry_migration_downtime', 'int', 'ms', 'Pause to resume on the hypervisor clock').record(this.cutover.downtimeMs, tags);
+    metricMeter.createCounter('vmferry_migration_bytes', 'bytes', 'Bytes moved by migrations').add(this.bytesCopied + this.bytesMirrored + Math.max(this.bytesTransferred, this.cutover?.bytesSent ?? 0), tags);
+    log.info('migration finished', { outcome, reason, durationMs, vm: this.input.vm, type: this.type });
     return {
       id: workflowInfo().workflowId,
       type: this.type,
@@ -88,7 +97,7 @@ export class MigrationTracker {
       to: this.input.to,
       outcome,
       reason,
-      durationMs: Date.now() - this.startedAt,
+      durationMs,
       downtimeMs: this.cutover?.downtimeMs ?? 0,
       rounds: this.round,
       bytesTransferred: this.bytesCopied + this.bytesMirrored + (this.cutover ? Math.max(this.bytesTransferred, this.cutover.bytesSent) : this.bytesTransferred),
