@@ -116,9 +116,14 @@ export class FaultLab {
 
 /** Polls until `fn` returns a truthy value (errors count as not yet: the server may be down). */
 async function until<T>(what: string, fn: () => Promise<T | null | undefined | false>, timeoutMs = 60_000): Promise<T> {
+  return untilOr(what, fn, () => false, timeoutMs) as Promise<T>;
+}
+
+async function untilOr<T>(what: string, fn: () => Promise<T | null | undefined | false>, stop: () => boolean, timeoutMs = 60_000): Promise<T | null> {
   const deadline = Date.now() + timeoutMs;
   let last = '';
   while (Date.now() < deadline) {
+    if (stop()) return null;
     try { const v = await fn(); if (v) return v; } catch (e) { last = (e as Error).message; }
     await sleep(50);
   }
@@ -174,7 +179,10 @@ export async function runCase(lab: FaultLab, c: Case): Promise<CaseResult> {
       if (c.point === 'cleanup') lab.arm({ 'before-release-source': 'delay:1500' });
       if (c.fault === 'lost-ack') lab.arm({ 'destination-after-resume': 'drop-ack' });
       const { id } = await lab.client.startMigration(spec);
-      // Wait for the injection point.
+      // Wait for the injection point (or the end: a fault armed at the start may end it first).
+      let ended = false;
+      void lab.client.awaitMigration(id).then(() => { ended = true; }, () => undefined);
+      const until = <T>(what: string, fn: () => Promise<T | null | undefined | false>) => untilOr(what, fn, () => ended);
       if (c.point === 'precopy') await until('pre-copy under way', async () => { const p = await lab.client.progress(id); return p.phase === 'precopy' && p.bytesTransferred > 2 * MiB; });
       if (c.point === 'mirror') await until('mirror under way', async () => ((await lab.client.progress(id)).bytesCopied ?? 0) > 4 * MiB);
       if (c.point === 'cutover') await until('cutover', async () => (await lab.client.progress(id)).phase === 'cutover');
