@@ -182,11 +182,11 @@ export async function runCase(lab: FaultLab, c: Case): Promise<CaseResult> {
       // Wait for the injection point (or the end: a fault armed at the start may end it first).
       let ended = false;
       void lab.client.awaitMigration(id).then(() => { ended = true; }, () => undefined);
-      const until = <T>(what: string, fn: () => Promise<T | null | undefined | false>) => untilOr(what, fn, () => ended);
-      if (c.point === 'precopy') await until('pre-copy under way', async () => { const p = await lab.client.progress(id); return p.phase === 'precopy' && p.bytesTransferred > 2 * MiB; });
-      if (c.point === 'mirror') await until('mirror under way', async () => ((await lab.client.progress(id)).bytesCopied ?? 0) > 4 * MiB);
-      if (c.point === 'cutover') await until('cutover', async () => (await lab.client.progress(id)).phase === 'cutover');
-      if (c.point === 'cleanup') await until('cleanup', async () => (await lab.client.progress(id)).phase === 'cleanup');
+      const reach = <T>(what: string, fn: () => Promise<T | null | undefined | false>) => untilOr(what, fn, () => ended);
+      if (c.point === 'precopy') await reach('pre-copy under way', async () => { const p = await lab.client.progress(id); return p.phase === 'precopy' && p.bytesTransferred > 2 * MiB; });
+      if (c.point === 'mirror') await reach('mirror under way', async () => ((await lab.client.progress(id)).bytesCopied ?? 0) > 4 * MiB);
+      if (c.point === 'cutover') await reach('cutover', async () => (await lab.client.progress(id)).phase === 'cutover');
+      if (c.point === 'cleanup') await reach('cleanup', async () => (await lab.client.progress(id)).phase === 'cleanup');
       const injectedAt = Date.now();
       const srcHost = A;
       const dstHost = c.move === 'storage' ? A : B;
