@@ -185,6 +185,9 @@ export class QemuDriver implements HypervisorDriver {
   private readonly allowUnsafePrecopy: boolean;
   /** One QMP session per VM at a time (QEMU's monitor serves one client; we queue here). */
   private locks = new Map<string, Promise<unknown>>();
+  /** Directory of the default test guest, built on demand (null when opts.guest names the image). */
+  private readonly guestDir: string | null;
+  private guestBuild?: Promise<void>;
 
   constructor(private readonly host: HostConfig, private readonly log: (m: string) => void = () => undefined, opts: QemuDriverOptions = {}) {
     fs.mkdirSync(host.runDir, { recursive: true });
@@ -193,6 +196,7 @@ export class QemuDriver implements HypervisorDriver {
     this.accelOpt = opts.accel ?? (envAccel === 'kvm' || envAccel === 'tcg' ? envAccel : 'auto');
     const gdir = process.env.VMFERRY_QEMU_GUEST_DIR ?? DEFAULT_GUEST_DIR;
     this.guest = opts.guest ?? { kernel: path.join(gdir, 'vmlinuz'), initrd: path.join(gdir, 'initramfs.gz') };
+    this.guestDir = opts.guest ? null : gdir;
     this.multifd = opts.multifdChannels ?? Number(process.env.VMFERRY_QEMU_MULTIFD ?? 0);
     this.allowUnsafePrecopy = opts.allowUnsafePrecopy ?? false;
   }
@@ -279,7 +283,7 @@ export class QemuDriver implements HypervisorDriver {
     if (status === null) state = st.stopped ? 'stopped' : st.migratedTo ? 'migrated' : 'failed';
     else if (st.migratedTo) state = 'migrated';
     else state = mapRunState(status, st.mode);
-    return { name: st.spec.name, host: this.host.name, state, pid: isAlive(st.pid) ? st.pid : 0, epoch: this.epochOf(st), spec: st.spec, migrationId: st.migrationId ?? st.outgoing?.migrationId };
+    return { name: st.spec.name, host: this.host.name, state, pid: isAlive(st.pid) ? st.pid : 0, epoch: this.epochOf(st), spec: st.spec, migrationId: st.outgoing?.migrationId ?? (st.mode === 'incoming' && state !== 'running' ? st.migrationId : undefined) };
   }
 
   async list(): Promise<VmInfo[]> {
@@ -410,10 +414,25 @@ export class QemuDriver implements HypervisorDriver {
 
   // ---------------------------------------------------------------- lifecycle
 
+  /**
+   * The default test guest is built where it boots, on demand: scripts/qemu/build-guest.sh
+   * (cached; one build at a time per agent). A VM naming its own kernel/initrd is left alone:
+   * spawnQemu says what is missing.
+   */
+  async ensureGuest(spec: VmSpec): Promise<void> {
+    const q = (spec as QemuVmSpec).qemu;
+    if ([q?.kernel ?? this.guest.kernel, q?.initrd ?? this.guest.initrd].every((f) => fs.existsSync(f))) return;
+    if (!this.guestDir || q?.kernel || q?.initrd) return;
+    const dir = this.guestDir;
+    this.guestBuild ??= buildGuest(dir, this.log).finally(() => { this.guestBuild = undefined; });
+    await this.guestBuild;
+  }
+
   async create(spec: VmSpec): Promise<VmInfo> {
     const qspec = spec as QemuVmSpec;
     if (this.readState(spec.name)) throw new Error(`VM ${spec.name} already exists on ${this.host.name}`);
     this.checkCapacity(spec);
+    await this.ensureGuest(spec);
     const { diskPaths, ownerPath, dirs } = this.storagePaths(spec);
     for (const d of dirs) if (fs.existsSync(d) && fs.readdirSync(d).length > 0) throw new Error(`VM files already exist at ${d}`);
     try {
@@ -488,6 +507,7 @@ export class QemuDriver implements HypervisorDriver {
       throw new Error(`VM ${spec.name} already exists on ${this.host.name}${existing.migrationId ? ` (migration ${existing.migrationId})` : ''}`);
     }
     if (sourceHost === this.host.name) throw new Error(`source and destination are the same host (${sourceHost})`);
+    await this.ensureGuest(spec);
     for (const d of spec.disks) {
       const root = this.host.storageRoots.find((r) => r.name === d.root);
       if (root && !root.shared) throw new Error(`disk ${d.id} of VM ${spec.name} is on local root "${root.name}": shared-nothing migration (NBD + drive-mirror) is not supported by the QEMU driver yet`);
@@ -530,7 +550,10 @@ export class QemuDriver implements HypervisorDriver {
   async incomingStatus(name: string, migrationId: string): Promise<IncomingStatus> {
     const st = this.readState(name);
     if (!st || st.migrationId !== migrationId) return { exists: false, state: 'absent', bytesReceived: 0 };
-    if (!isAlive(st.pid)) return { exists: true, state: 'failed', bytesReceived: 0, error: `incoming QEMU exited: ${tail(path.join(this.runtimeDir(name), 'qemu.log'))}` };
+    if (!isAlive(st.pid)) {
+      const why = tail(path.join(this.runtimeDir(name), 'qemu.log'));
+      return { exists: true, state: 'failed', bytesReceived: 0, error: `incoming QEMU (pid ${st.pid}) exited${why ? `: ${why}` : ' without a message (killed?)'}` };
+    }
     try {
       const [run, mig] = await this.qmp(name, async (q) => [await q.execute<{ status: string }>('query-status'), await q.execute<QueryMigrate>('query-migrate')] as const);
       if (run.status === 'running') return { exists: true, state: 'running', bytesReceived: 0 };
@@ -564,6 +587,11 @@ export class QemuDriver implements HypervisorDriver {
     const st = this.readState(name);
     if (!st) throw new Error(`VM ${name} is not on host ${this.host.name}`);
     if (!isAlive(st.pid)) throw new Error(`VM ${name} is not running on ${this.host.name}`);
+    // With pause-before-switchover QEMU stops the guest as soon as it converges; waiting for an
+    // operator there would freeze the guest for as long as the approval takes.
+    if (policy.approveCutover) {
+      throw new Error(`refusing live migration of ${name}: cutover approval is not supported by the QEMU driver yet (QEMU pauses the guest once it converges, so the guest would stay paused until approved)`);
+    }
     if (st.outgoing?.migrationId === migrationId) {
       const m = await this.queryMigrate(name);
       if (m.status && m.status !== 'none' && m.status !== 'failed' && m.status !== 'cancelled') return; // already under way
@@ -627,6 +655,11 @@ export class QemuDriver implements HypervisorDriver {
       const m = await this.queryMigrate(name);
       const s = this.sample(m, st);
       const done = s.state === 'failed' || m.status === 'pre-switchover' || m.status === 'completed' || m.status === 'device';
+      // QEMU's last bitmap sync (the one that found the rest fits) may be the round the caller
+      // already saw; the pause that follows ends the pass, so it is reported as a new round:
+      // callers that wait for "a round after N" (the workflow) must see it, or the guest would
+      // sit paused in pre-switchover while they wait for a round that never comes.
+      if (done && s.state !== 'failed' && s.round <= afterRound) return { ...s, round: afterRound + 1 };
       if (done || s.round > afterRound || Date.now() >= deadline) return s;
       await sleep(Math.min(50, Math.max(10, deadline - Date.now())));
     }
@@ -745,6 +778,25 @@ function countGaps(ticks: number[]): number {
   let gaps = 0;
   for (let i = 1; i < ticks.length; i++) if (ticks[i] !== ticks[i - 1]! + 1) gaps++;
   return gaps;
+}
+
+const BUILD_GUEST = path.join(REPO_ROOT, 'scripts', 'qemu', 'build-guest.sh');
+
+/** Runs scripts/qemu/build-guest.sh <dir> without blocking the agent (it may download a kernel). */
+function buildGuest(dir: string, log: (m: string) => void): Promise<void> {
+  log(`building the QEMU test guest into ${dir} (scripts/qemu/build-guest.sh)`);
+  return new Promise((resolve, reject) => {
+    const child = spawn('bash', [BUILD_GUEST, dir], { stdio: ['ignore', 'ignore', 'pipe'] });
+    let err = '';
+    child.stderr.on('data', (b: Buffer) => { err = (err + b.toString()).slice(-4000); });
+    const timer = setTimeout(() => child.kill('SIGKILL'), 600_000);
+    child.once('error', (e) => { clearTimeout(timer); reject(new Error(`cannot run ${BUILD_GUEST}: ${e.message}`)); });
+    child.once('exit', (code, sig) => {
+      clearTimeout(timer);
+      if (code === 0) resolve();
+      else reject(new Error(`building the QEMU test guest failed (${BUILD_GUEST} ${sig ?? `exit ${code}`}): ${err.trim().split('\n').slice(-5).join('\n')}`));
+    });
+  });
 }
 
 function tail(file: string): string {
