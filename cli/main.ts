@@ -65,10 +65,13 @@ export async function follow(c: VmferryClient, id: string, memoryBytes: number, 
     if (finished) break;
     const p = await c.progress(id).catch(() => null);
     if (!p) continue;
-    const fields = { phase: p.phase.padEnd(20), round: p.round, sent: formatBytes(p.bytesTransferred), dirty: p.dirtyPages, rate: formatBytes(p.rateBytesPerSec) };
-    if (bar) bar.update(Math.min(memoryBytes, p.bytesTransferred), fields);
+    // Storage moves report bytes copied and mirrored; memory moves bytes sent.
+    const moved = p.bytesTransferred + (p.bytesCopied ?? 0) + (p.bytesMirrored ?? 0);
+    const fields = { phase: p.phase.padEnd(20), round: p.round, sent: formatBytes(moved), dirty: p.dirtyPages, rate: formatBytes(p.rateBytesPerSec) };
+    if (bar) bar.update(Math.min(memoryBytes, moved), fields);
     else {
-      const line = `${p.phase} round ${p.round} sent ${fields.sent} dirty ${p.dirtyPages} pages rate ${fields.rate}/s${p.throttle ? ` throttle ${p.throttle}` : ''}`;
+      const copy = p.bytesCopied ? ` copied ${formatBytes(p.bytesCopied)} mirrored ${formatBytes(p.bytesMirrored ?? 0)}` : '';
+      const line = `${p.phase} round ${p.round} sent ${formatBytes(p.bytesTransferred)}${copy} dirty ${p.dirtyPages} pages rate ${fields.rate}/s${p.throttle ? ` throttle ${p.throttle}` : ''}`;
       if (line !== lastLine) process.stderr.write(line + '\n');
       lastLine = line;
     }
@@ -275,6 +278,29 @@ async function report(c: VmferryClient, m: { id: string; from: string; to: strin
   else printResult(r, c.workflowUrl(r.id));
   process.exitCode = outcomeExit(r.outcome);
 }
+
+// ---- plan ----
+program.command('plan <move> <vm>').description('pre-flight only: checks and a predicted time and downtime; changes nothing')
+  .option('--to <host>', 'destination host (live, shared-nothing)')
+  .option('--to-path <dir>', 'destination directory (storage, shared-nothing)')
+  .option('--downtime-limit <ms>', 'maximum pause, ms (default 300)', intArg('--downtime-limit'))
+  .option('--json', 'JSON output')
+  .action(async (move: string, vmName: string, o: { to?: string; toPath?: string; downtimeLimit?: number; json?: boolean }) => withClient(async (c) => {
+    if (!['live', 'storage', 'shared-nothing'].includes(move)) throw new UsageError(`unknown move "${move}": live, storage or shared-nothing`);
+    const policy = o.downtimeLimit ? { downtimeLimitMs: o.downtimeLimit } : undefined;
+    const input = move === 'storage'
+      ? { type: 'storage' as const, vm: vmName, toPath: o.toPath ? path.resolve(o.toPath) : undefined }
+      : { type: move as 'live' | 'shared-nothing', vm: vmName, to: o.to ?? '', ...(move === 'shared-nothing' && o.toPath ? { toPath: path.resolve(o.toPath) } : {}), policy };
+    const p = await c.plan(input);
+    if (o.json) out(p);
+    else {
+      console.log(`${p.ok ? '✔' : '✘'} ${p.type} migration of ${p.vm}: ${p.from} → ${p.to}`);
+      for (const ch of p.checks) console.log(`  ${ch.ok ? 'ok ' : 'NO '} ${ch.name}: ${ch.detail}`);
+      console.log(`  measured dirty rate ${formatBytes(p.measured.dirtyRateBytesPerSec)}/s, link ${formatBytes(p.measured.bandwidthBytesPerSec)}/s (${p.measured.bandwidthSource})`);
+      console.log(`  predicted: total ${p.predicted.totalMs} ms, downtime ${p.predicted.downtimeMs} ms, ${p.predicted.rounds} round(s)${p.predicted.converges ? '' : ', does not converge without throttling'}`);
+    }
+    process.exitCode = p.ok ? EXIT.ok : EXIT.failed;
+  }));
 
 // ---- migration ----
 const migration = program.command('migration').description('inspect and control migrations');

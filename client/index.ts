@@ -6,9 +6,10 @@ import crypto from 'node:crypto';
 import { z } from 'zod';
 import { Client, Connection, WorkflowNotFoundError, type WorkflowHandle } from '@temporalio/client';
 import { temporalConfig } from '../common/temporal.js';
+import { dataConverter } from '../common/codec.js';
 import { ORCHESTRATOR_TASK_QUEUE, migrationIdFor } from '../common/names.js';
 import { VmName, SourceHost, DestinationHost, MigrationType as MigrationTypeKey, MigrationPhase, MigrationOutcome } from '../common/search-attributes.js';
-import { parseRate, parseSize } from '../common/sizes.js';
+import { formatBytes, parseRate, parseSize } from '../common/sizes.js';
 import type { HostInfo, MigrationPhaseProgress, MigrationPolicy, MigrationResult, MigrationType, Outcome, VerifyReport, VmInfo, VmSpec } from '../common/types.js';
 import type { HostReply, HostRequest } from '../workflows/admin.js';
 import { labDir, readLab } from '../lab/lab.js';
@@ -79,6 +80,17 @@ export type StartMigrationInput = z.input<typeof startMigrationSchema>;
 
 const WORKFLOW_FOR: Record<MigrationType, string> = { live: 'liveMigration', storage: 'storageMigration', 'shared-nothing': 'sharedNothingMigration' };
 
+export interface MigrationPlan {
+  type: MigrationType;
+  vm: string;
+  from: string;
+  to: string;
+  ok: boolean;
+  checks: Array<{ name: string; ok: boolean; detail: string }>;
+  measured: { dirtyRateBytesPerSec: number; bandwidthBytesPerSec: number; bandwidthSource: string };
+  predicted: { totalMs: number; downtimeMs: number; rounds: number; converges: boolean };
+}
+
 export interface MigrationStatus extends Omit<MigrationResult, 'outcome'> {
   outcome: Outcome;
   phase: string;
@@ -115,7 +127,7 @@ export class VmferryClient {
     const hosts = opts.hosts ?? (process.env.VMFERRY_HOSTS ? process.env.VMFERRY_HOSTS.split(',') : lab?.hosts.map((h) => h.name) ?? []);
     // UI links only when we talk to the lab's own server.
     const onLabServer = !!lab && connectionOptions.address === lab.temporal.address;
-    return new VmferryClient(new Client({ connection, namespace }), connection, namespace, hosts, onLabServer ? lab!.temporal.uiUrl ?? null : null);
+    return new VmferryClient(new Client({ connection, namespace, dataConverter: dataConverter() }), connection, namespace, hosts, onLabServer ? lab!.temporal.uiUrl ?? null : null);
   }
 
   async close(): Promise<void> {
@@ -319,6 +331,73 @@ export class VmferryClient {
       if (out.length >= limit) break;
     }
     return out;
+  }
+
+  /**
+   * Pre-flight only: the checks a migration would make and a prediction of its time and
+   * downtime from the VM's measured dirty rate and the link rate of recent migrations. Changes
+   * nothing.
+   */
+  async plan(input: StartMigrationInput, sampleMs = 1000): Promise<MigrationPlan> {
+    const m = parseOrThrow(startMigrationSchema, input);
+    const checks: MigrationPlan['checks'] = [];
+    const check = (name: string, ok: boolean, detail: string): void => { checks.push({ name, ok, detail }); };
+    if (m.type !== 'storage') this.requireHost(m.to);
+    const at = await this.locateVm(m.vm);
+    if (!at) throw new UsageError(`no VM named ${m.vm}`);
+    const to = m.type === 'storage' ? at.host : m.to;
+    check('source', at.state === 'running', `VM ${m.vm} is ${at.state} on ${at.host}`);
+    check('distinct hosts', m.type === 'storage' || at.host !== to, m.type === 'storage' ? 'same host (storage move)' : `${at.host} → ${to}`);
+    const running = await this.findRunningMigration(m.vm);
+    check('no other migration', !running, running ? `already migrating (${running})` : 'none running');
+    const first = (await this.hostRequest<VmInfo[]>({ op: 'listVms', host: at.host })).find((v) => v.name === m.vm)!;
+    const dest = await this.hostInfo(to);
+    const free = dest.memoryCapacityBytes - dest.memoryUsedBytes;
+    if (m.type !== 'storage') check('destination capacity', free >= first.spec.memoryBytes, `${formatBytes(first.spec.memoryBytes)} needed, ${formatBytes(free)} free on ${to}`);
+    if (m.type === 'live') {
+      const shared = first.spec.disks.every((d) => dest.storageRoots.some((r) => r.name === d.root && r.shared));
+      check('shared storage', shared, shared ? `${to} shares the VM's storage` : `${to} does not share it: use shared-nothing`);
+    }
+    // Measured dirty rate: the guest's page writes over a short window (an upper bound).
+    await new Promise((r) => setTimeout(r, sampleMs));
+    const second = (await this.hostRequest<VmInfo[]>({ op: 'listVms', host: at.host })).find((v) => v.name === m.vm);
+    const dirtyRate = first.device && second?.device ? Math.max(0, ((second.device.memWrites - first.device.memWrites) * 4096 * 1000) / sampleMs) : 0;
+    // Link rate: what recent completed migrations achieved, else a conservative default.
+    const recent: number[] = [];
+    for await (const w of this.client.workflow.list({ query: `MigrationOutcome = 'completed' AND MigrationType IN ('live', 'shared-nothing')` })) {
+      const r = (await this.handle(w.workflowId).result().catch(() => null)) as MigrationResult | null;
+      if (r && r.durationMs > 0 && r.cutover) recent.push((r.cutover.bytesSent * 1000) / r.durationMs);
+      if (recent.length >= 5) break;
+    }
+    const bandwidth = recent.length ? recent.reduce((a, b) => a + b, 0) / recent.length : 200 * 2 ** 20;
+    const memory = first.spec.memoryBytes;
+    const diskBytes = first.spec.disks.reduce((a, d) => a + d.sizeBytes, 0);
+    const limitMs = m.type !== 'storage' ? (m.policy?.downtimeLimitMs ?? 300) : 0;
+    let predictedTotalMs: number; let predictedDowntimeMs = 0; let rounds = 0; let converges = true;
+    if (m.type === 'storage') {
+      predictedTotalMs = (diskBytes / (m.maxBandwidth || 400 * 2 ** 20)) * 1000;
+    } else {
+      // Geometric pre-copy: each round re-sends what was dirtied during the previous one.
+      const q = dirtyRate / bandwidth;
+      let remaining = memory;
+      let t = 0;
+      while (rounds < 30) {
+        const roundMs = (remaining / bandwidth) * 1000;
+        t += roundMs;
+        rounds++;
+        remaining = Math.min(memory, dirtyRate * (roundMs / 1000));
+        if ((remaining / bandwidth) * 1000 <= limitMs) break;
+      }
+      converges = (remaining / bandwidth) * 1000 <= limitMs;
+      predictedDowntimeMs = Math.round((remaining / bandwidth) * 1000);
+      predictedTotalMs = t + predictedDowntimeMs + (m.type === 'shared-nothing' ? (diskBytes / bandwidth) * 1000 : 0);
+      check('convergence', converges || q < 1, converges ? `converges in ${rounds} round(s)` : `dirty rate ${formatBytes(dirtyRate)}/s vs link ${formatBytes(bandwidth)}/s: needs auto-converge throttling`);
+    }
+    return {
+      type: m.type, vm: m.vm, from: at.host, to, ok: checks.every((c) => c.ok), checks,
+      measured: { dirtyRateBytesPerSec: Math.round(dirtyRate), bandwidthBytesPerSec: Math.round(bandwidth), bandwidthSource: recent.length ? `mean of ${recent.length} recent migration(s)` : 'default (no completed migration yet)' },
+      predicted: { totalMs: Math.round(predictedTotalMs), downtimeMs: predictedDowntimeMs, rounds, converges },
+    };
   }
 
   /** Approves a cutover waiting for it (policy.approveCutover); refused when none is waiting. */

@@ -59,6 +59,8 @@ export interface VmInfo {
   spec: VmSpec;
   /** Migration this VM takes part in, if any (source or destination side). */
   migrationId?: string;
+  /** Guest counters (simulator): what `plan` samples to measure the dirty rate. */
+  device?: DeviceStateSummary;
 }
 
 export interface StorageRoot {

@@ -102,3 +102,23 @@ describe('metrics and logs', () => {
     expect(mine.some((l) => l.msg === 'migration finished')).toBe(true);
   });
 });
+
+describe('plan', () => {
+  it('checks and predicts without changing anything', async () => {
+    await lab.client.createVm({ name: 'pl1', host: A, memory: '32MiB', disk: '4MiB', dirtyRate: '4MiB' });
+    await lab.client.createVm({ name: 'pl2', host: A, memory: '16MiB', disk: '4MiB', storage: 'local' });
+    const before = await lab.client.listMigrations();
+    const p = await lab.client.plan({ type: 'live', vm: 'pl1', to: B });
+    expect(p.ok).toBe(true);
+    expect(p.checks.map((c) => c.name)).toEqual(expect.arrayContaining(['source', 'destination capacity', 'shared storage', 'convergence']));
+    expect(p.measured.dirtyRateBytesPerSec).toBeGreaterThan(2 * 2 ** 20);
+    expect(p.measured.dirtyRateBytesPerSec).toBeLessThan(16 * 2 ** 20);
+    expect(p.predicted.totalMs).toBeGreaterThan(0);
+    expect(p.predicted.downtimeMs).toBeLessThanOrEqual(300);
+    const bad = await lab.client.plan({ type: 'live', vm: 'pl2', to: B });
+    expect(bad.ok).toBe(false);
+    expect(bad.checks.find((c) => c.name === 'shared storage')!.detail).toMatch(/use shared-nothing/);
+    expect(await lab.client.listMigrations()).toEqual(before);
+    expect((await lab.client.listVms()).filter((v) => v.name.startsWith('pl')).map((v) => v.host)).toEqual([A, A]);
+  });
+});
