@@ -11,6 +11,11 @@ export interface HostConfig {
   runDir: string;
   dataPlane: { host: string; port: number };
   maxConcurrentMigrations: number;
+  /**
+   * Data-plane TLS (PEM files): the CA that signs every host's certificate, and this host's
+   * certificate (CN = host name) and key. Absent: plaintext data plane (see docs/SECURITY.md).
+   */
+  tls?: { ca: string; cert: string; key: string };
 }
 
 export { hostTaskQueue, ORCHESTRATOR_TASK_QUEUE } from './names.js';
@@ -36,13 +41,16 @@ export function resolveStorageDir(roots: StorageRoot[], dir: string): { root: St
   if (!path.isAbsolute(dir)) throw new Error(`storage path ${dir} must be absolute`);
   let probe = path.resolve(dir);
   const rest: string[] = [];
-  while (!fs.existsSync(probe)) {
+  // lstat, not exists: a dangling symlink is an existing entry (mkdir would follow it outside).
+  while (!fs.lstatSync(probe, { throwIfNoEntry: false })) {
     rest.unshift(path.basename(probe));
     const up = path.dirname(probe);
     if (up === probe) break;
     probe = up;
   }
-  const real = path.join(fs.realpathSync(probe), ...rest);
+  let realProbe: string;
+  try { realProbe = fs.realpathSync(probe); } catch (e) { throw new Error(`storage path ${dir}: ${probe} cannot be resolved (${(e as NodeJS.ErrnoException).code ?? (e as Error).message}; a dangling symlink?)`); }
+  const real = path.join(realProbe, ...rest);
   for (const r of roots) {
     let rootReal: string;
     try { rootReal = fs.realpathSync(r.path); } catch { continue; }

@@ -6,7 +6,7 @@ import fs from 'node:fs';
 import type net from 'node:net';
 import { BLOCK_SIZE } from '../common/types.js';
 import { FrameChannel, FrameType, crc32, jsonFrame, type Frame } from './frames.js';
-import type { Hello } from './endpoint.js';
+import { acceptSecure, type Hello, type HandOverAuth } from './endpoint.js';
 
 export interface DiskTargetSession {
   migrationId: string;
@@ -27,7 +27,24 @@ export class DiskReceiver {
     this.sessions.delete(migrationId);
   }
 
-  accept(hello: Hello, sock: net.Socket, rest: Buffer): void {
+  accept(hello: Hello, sock: net.Socket, rest: Buffer, auth?: HandOverAuth): void {
+    if (auth) {
+      // TLS mode: authenticate (certificate of the grant's source host, then the token) before
+      // a single file is opened; a refusal touches nothing.
+      acceptSecure(sock, rest, auth).then(
+        (sec) => {
+          if (!auth.settle(true)) { sec.sock.end(jsonFrame(FrameType.Error, { message: 'grant already used' })); return; }
+          this.log(`disk mirror ${auth.migrationId}: ${sec.protocol} connection from ${sec.peer}`);
+          this.serve(hello, sec.sock, sec.rest);
+        },
+        (e: Error) => { auth.settle(false, `disk ${auth.migrationId}: ${e.message}`); },
+      );
+      return;
+    }
+    this.serve(hello, sock, rest);
+  }
+
+  private serve(hello: Hello, sock: net.Socket, rest: Buffer): void {
     const s = this.sessions.get(hello.migrationId);
     if (!s || s.vm !== hello.vm) {
       sock.end(jsonFrame(FrameType.Error, { message: `no disk target for migration ${hello.migrationId}` }));

@@ -2,35 +2,202 @@
 // frame; only a grant this host issued for that migration and VM is accepted, once. The
 // authenticated socket is then given to whoever serves that kind of transfer (for memory:
 // handed to the destination VM process itself, so pages take no extra hop).
+//
+// With TLS configured (host.json `tls`, always in the lab) the HELLO is only a plaintext
+// routing preamble without secrets: the agent checks it names a grant it issued and hands the
+// socket over; the receiver (the incoming VM process, or the disk receiver) then answers
+// STARTTLS, runs the TLS handshake as server (client certificate required, lab CA), checks the
+// certificate's CN is the grant's source host, and only then reads the token (AUTH frame,
+// inside TLS). The grant is bound to migration, VM, kind, source and destination host. See
+// docs/SECURITY.md.
 import net from 'node:net';
+import tls from 'node:tls';
+import fs from 'node:fs';
 import crypto from 'node:crypto';
-import { FrameChannel, FrameReader, FrameType, jsonFrame, parseJson } from './frames.js';
+import { FrameChannel, FrameReader, FrameType, jsonFrame, parseJson, type Frame } from './frames.js';
 
 export const HELLO_TIMEOUT_MS = 10_000;
+
+/** PEM files: the CA that signs every host's certificate, this host's certificate and key. */
+export interface TlsPaths { ca: string; cert: string; key: string }
+/** Sender side: the CA to check the receiver against and (always, in practice) its own certificate. */
+export interface ClientTls { ca: string; cert?: string; key?: string }
 
 export interface Hello {
   migrationId: string;
   vm: string;
-  token: string;
+  /** Plaintext mode only: the whole grant token. In TLS mode it travels only inside TLS (AUTH). */
+  token?: string;
   kind: 'memory' | 'disk';
   from: string;
+  /** TLS mode routing preamble: the destination host and the grant's public id. */
+  to?: string;
+  grant?: string;
 }
+
+/** AUTH frame body (first frame inside TLS). */
+export interface AuthClaim { token: string; migrationId: string; vm: string; kind: Hello['kind']; from: string; to: string }
 
 export interface Grant {
   migrationId: string;
   vm: string;
   kind: Hello['kind'];
+  /** The only host that may use it (its certificate's CN, in TLS mode). */
+  source?: string;
   expiresAt: number;
+  /** SHA-256 of the token's secret part (hex). */
+  secretHash: string;
 }
 
-export type TransferHandler = (hello: Hello, sock: net.Socket, rest: Buffer) => void;
+/** What a receiver needs to check a connection after hand-over (serialisable: it crosses IPC). */
+export interface GrantCheck {
+  grantId: string;
+  secretHash: string;
+  migrationId: string;
+  vm: string;
+  kind: Hello['kind'];
+  source: string;
+  destination: string;
+  expiresAt: number;
+  tls: TlsPaths;
+}
+
+/** A TLS-mode hand-over: the receiver authenticates, then settles (true = consume the grant). */
+export interface HandOverAuth extends GrantCheck {
+  /** ok: consumes the grant, false if it was used (or revoked) meanwhile. !ok: logs the refusal. */
+  settle(ok: boolean, why?: string): boolean;
+}
+
+export type TransferHandler = (hello: Hello, sock: net.Socket, rest: Buffer, auth?: HandOverAuth) => void;
+
+/** Grant tokens: `v1.<destination host>.<grant id>.<secret>`; id and host are public, the secret is not. */
+export function parseToken(token: unknown): { destination: string; id: string; secret: string } | null {
+  if (typeof token !== 'string') return null;
+  const m = /^v1\.([A-Za-z0-9-]{1,64})\.([A-Za-z0-9_-]{8,64})\.([A-Za-z0-9_-]{16,128})$/.exec(token);
+  return m ? { destination: m[1]!, id: m[2]!, secret: m[3]! } : null;
+}
+
+const sha256 = (s: string): string => crypto.createHash('sha256').update(s).digest('hex');
+function sameHash(a: string, b: string): boolean {
+  const x = Buffer.from(a, 'hex'), y = Buffer.from(b, 'hex');
+  return x.length === y.length && x.length > 0 && crypto.timingSafeEqual(x, y);
+}
+
+/** A connection refused by the data plane (the message says why; nothing was touched). */
+export class DataPlaneRefusal extends Error {}
+
+/** TLS paths for a VM process's outgoing streams, passed down by its agent (see SimDriver). */
+export const DATAPLANE_TLS_ENV = 'VMFERRY_DATAPLANE_TLS';
+export function dataPlaneTlsFromEnv(): TlsPaths | undefined {
+  const v = process.env[DATAPLANE_TLS_ENV];
+  if (!v) return undefined;
+  const t = JSON.parse(v) as TlsPaths;
+  return t && t.ca && t.cert && t.key ? t : undefined;
+}
+
+/** Reads exactly one frame off a socket, then pauses it; bytes after the frame come back as `rest`. */
+function readOneFrame(sock: net.Socket, timeoutMs: number, what: string): Promise<{ frame: Frame; rest: Buffer }> {
+  const reader = new FrameReader();
+  return new Promise((resolve, reject) => {
+    const finish = (err: Error | null, v?: { frame: Frame; rest: Buffer }): void => {
+      clearTimeout(timer);
+      sock.off('data', onData);
+      sock.off('close', onClose);
+      sock.off('error', onError);
+      sock.pause();
+      if (err) reject(err); else resolve(v!);
+    };
+    const onData = (c: Buffer): void => {
+      let frames: Frame[];
+      try { frames = reader.feed(c); } catch (e) { finish(new DataPlaneRefusal((e as Error).message)); return; }
+      if (frames.length === 0) return;
+      if (frames.length > 1) { finish(new DataPlaneRefusal(`expected a single ${what} frame`)); return; }
+      finish(null, { frame: frames[0]!, rest: reader.rest() });
+    };
+    const onClose = (): void => finish(new DataPlaneRefusal(`connection closed before ${what}`));
+    const onError = (e: Error): void => finish(new DataPlaneRefusal(`${what}: ${e.message}`));
+    const timer = setTimeout(() => finish(new DataPlaneRefusal(`no ${what} in time`)), timeoutMs);
+    sock.on('data', onData);
+    sock.once('close', onClose);
+    sock.once('error', onError);
+    sock.resume();
+  });
+}
+
+function commonName(subject: string): string | undefined {
+  for (const line of subject.split('\n')) if (line.startsWith('CN=')) return line.slice(3);
+  return undefined;
+}
+
+/**
+ * Receiver side of a TLS-mode hand-over: STARTTLS, TLS handshake as server with a client
+ * certificate required and verified against the lab CA, CN = the grant's source host, then the
+ * AUTH frame: token and claims checked against the grant. On refusal the connection is closed
+ * (with an ERROR frame when TLS is up) and a DataPlaneRefusal thrown; nothing else happens.
+ */
+export async function acceptSecure(sock: net.Socket, rest: Buffer, check: GrantCheck, timeoutMs = HELLO_TIMEOUT_MS): Promise<{ sock: tls.TLSSocket; rest: Buffer; peer: string; protocol: string }> {
+  sock.on('error', () => undefined);
+  if (rest.length > 0) { sock.destroy(); throw new DataPlaneRefusal('data sent before STARTTLS'); }
+  let t: tls.TLSSocket | null = null;
+  let secure = false;
+  try {
+    const ca = fs.readFileSync(check.tls.ca);
+    const context = tls.createSecureContext({ ca, cert: fs.readFileSync(check.tls.cert), key: fs.readFileSync(check.tls.key), minVersion: 'TLSv1.2' });
+    await new Promise<void>((resolve, reject) => sock.write(jsonFrame(FrameType.StartTls, {}), (e) => (e ? reject(e) : resolve())));
+    const ts = new tls.TLSSocket(sock, { isServer: true, secureContext: context, requestCert: true, rejectUnauthorized: true });
+    t = ts;
+    ts.on('error', () => undefined);
+    await new Promise<void>((resolve, reject) => {
+      const timer = setTimeout(() => reject(new DataPlaneRefusal('no TLS handshake in time')), timeoutMs);
+      ts.once('secure', () => { clearTimeout(timer); resolve(); });
+      ts.once('error', (e: Error) => { clearTimeout(timer); reject(new DataPlaneRefusal(`TLS handshake failed: ${e.message.split('\n')[0]}`)); });
+      ts.once('close', () => { clearTimeout(timer); reject(new DataPlaneRefusal('connection closed during the TLS handshake')); });
+    });
+    secure = true;
+    // A bare server TLSSocket does not set `authorized`: check the chain ourselves, twice over.
+    const verifyError = (ts as unknown as { _handle?: { verifyError?: () => Error | null } })._handle?.verifyError?.();
+    const peer = ts.getPeerX509Certificate();
+    if (!peer) throw new DataPlaneRefusal('no client certificate');
+    if (verifyError) throw new DataPlaneRefusal(`client certificate not trusted: ${(verifyError as NodeJS.ErrnoException).code ?? verifyError.message}`);
+    const caCert = new crypto.X509Certificate(ca);
+    const now = Date.now();
+    if (!peer.checkIssued(caCert) || !peer.verify(caCert.publicKey)) throw new DataPlaneRefusal('client certificate not issued by the data-plane CA');
+    if (Date.parse(peer.validFrom) > now || Date.parse(peer.validTo) < now) throw new DataPlaneRefusal('client certificate expired or not yet valid');
+    const cn = commonName(peer.subject);
+    if (cn !== check.source) throw new DataPlaneRefusal(`client certificate is for host ${String(cn)}, the grant for ${check.source}`);
+    const { frame, rest: after } = await readOneFrame(ts, timeoutMs, 'AUTH');
+    if (frame.type !== FrameType.Auth) throw new DataPlaneRefusal(`expected AUTH, got ${FrameType[frame.type]}`);
+    let a: AuthClaim;
+    try { a = parseJson<AuthClaim>(frame); } catch { throw new DataPlaneRefusal('malformed AUTH'); }
+    const tok = parseToken(a.token);
+    if (!tok || tok.id !== check.grantId || tok.destination !== check.destination || !sameHash(sha256(tok.secret), check.secretHash)) throw new DataPlaneRefusal(`no valid grant for migration ${String(a.migrationId)}`);
+    if (a.migrationId !== check.migrationId || a.vm !== check.vm || a.kind !== check.kind || a.from !== check.source || a.to !== check.destination) throw new DataPlaneRefusal(`grant does not match migration ${String(a.migrationId)} / VM ${String(a.vm)}`);
+    if (check.expiresAt < Date.now()) throw new DataPlaneRefusal('grant expired');
+    return { sock: ts, rest: after, peer: cn, protocol: ts.getProtocol() ?? 'TLS' };
+  } catch (e) {
+    const why = e instanceof DataPlaneRefusal ? e.message : `TLS set-up failed: ${(e as Error).message}`;
+    if (t && secure && !t.destroyed) { t.end(jsonFrame(FrameType.Error, { message: why })); setTimeout(() => t!.destroy(), 1000).unref(); }
+    else { t?.destroy(); sock.destroy(); }
+    throw new DataPlaneRefusal(why);
+  }
+}
 
 export class DataPlaneServer {
   private grants = new Map<string, Grant>();
   private server: net.Server;
   readonly refused: string[] = [];
 
-  constructor(private readonly handlers: Partial<Record<Hello['kind'], TransferHandler>>, private readonly log: (m: string) => void = () => undefined) {
+  /** This host's name (the destination every grant names) and, when set, TLS for every transfer. */
+  readonly hostName: string;
+  readonly tls?: TlsPaths;
+
+  constructor(
+    private readonly handlers: Partial<Record<Hello['kind'], TransferHandler>>,
+    private readonly log: (m: string) => void = () => undefined,
+    opts: { hostName?: string; tls?: TlsPaths } = {},
+  ) {
+    this.hostName = opts.hostName ?? 'local';
+    this.tls = opts.tls;
     this.server = net.createServer((sock) => this.onConnection(sock));
   }
 
@@ -48,11 +215,15 @@ export class DataPlaneServer {
     this.server.close();
   }
 
-  /** Issues a one-time grant; the token goes to the source through the workflow. */
-  grant(g: Omit<Grant, 'expiresAt'>, ttlMs = 15 * 60_000): string {
-    const token = crypto.randomBytes(24).toString('base64url');
-    this.grants.set(token, { ...g, expiresAt: Date.now() + ttlMs });
-    return token;
+  /**
+   * Issues a one-time grant, bound to migration, VM, kind, source host (`source`) and this host;
+   * the token goes to the source through the workflow.
+   */
+  grant(g: Omit<Grant, 'expiresAt' | 'secretHash'>, ttlMs = 15 * 60_000): string {
+    const id = crypto.randomBytes(9).toString('base64url');
+    const secret = crypto.randomBytes(24).toString('base64url');
+    this.grants.set(id, { ...g, expiresAt: Date.now() + ttlMs, secretHash: sha256(secret) });
+    return `v1.${this.hostName}.${id}.${secret}`;
   }
 
   revoke(migrationId: string): void {
@@ -60,9 +231,42 @@ export class DataPlaneServer {
   }
 
   private refuse(sock: net.Socket, why: string): void {
-    this.refused.push(why);
-    this.log(`data plane: refused connection from ${sock.remoteAddress}:${sock.remotePort}: ${why}`);
+    this.noteRefusal(`${sock.remoteAddress}:${sock.remotePort}`, why);
     sock.end(jsonFrame(FrameType.Error, { message: why }));
+  }
+
+  private noteRefusal(peer: string, why: string): void {
+    this.refused.push(why);
+    if (this.refused.length > 1000) this.refused.shift();
+    this.log(`data plane: refused connection from ${peer}: ${why}`);
+  }
+
+  /** TLS mode: route on the plaintext preamble; the receiver authenticates after hand-over. */
+  private route(sock: net.Socket, hello: Hello, rest: Buffer): void {
+    if (hello.token !== undefined) { this.refuse(sock, 'this host takes grant tokens only inside TLS (STARTTLS)'); return; }
+    if (rest.length > 0) { this.refuse(sock, 'data sent before STARTTLS'); return; }
+    const id = typeof hello.grant === 'string' ? hello.grant : '';
+    const g = this.grants.get(id);
+    if (!g) { this.refuse(sock, `no valid grant for migration ${String(hello.migrationId)}`); return; }
+    if (g.migrationId !== hello.migrationId || g.vm !== hello.vm || g.kind !== hello.kind || hello.to !== this.hostName || (g.source !== undefined && g.source !== hello.from)) {
+      this.refuse(sock, `grant does not match migration ${String(hello.migrationId)} / VM ${String(hello.vm)}`);
+      return;
+    }
+    if (g.expiresAt < Date.now()) { this.grants.delete(id); this.refuse(sock, 'grant expired'); return; }
+    const h = this.handlers[hello.kind];
+    if (!h) { this.refuse(sock, `no ${hello.kind} transfers on this host`); return; }
+    const peer = `${sock.remoteAddress}:${sock.remotePort}`;
+    const auth: HandOverAuth = {
+      grantId: id, secretHash: g.secretHash, migrationId: g.migrationId, vm: g.vm, kind: g.kind,
+      source: g.source ?? String(hello.from), destination: this.hostName, expiresAt: g.expiresAt, tls: this.tls!,
+      settle: (ok, why) => {
+        if (!ok) { this.noteRefusal(peer, why ?? 'refused by the receiver'); return false; }
+        if (this.grants.get(id) !== g) { this.noteRefusal(peer, `grant for migration ${g.migrationId} already used`); return false; }
+        this.grants.delete(id); // one-time: a replayed grant finds nothing
+        return true;
+      },
+    };
+    h(hello, sock, Buffer.alloc(0), auth);
   }
 
   private onConnection(sock: net.Socket): void {
@@ -80,11 +284,14 @@ export class DataPlaneServer {
       if (f.type !== FrameType.Hello || frames.length > 1) { this.refuse(sock, 'expected a single HELLO frame first'); return; }
       let hello: Hello;
       try { hello = parseJson<Hello>(f); } catch { this.refuse(sock, 'malformed HELLO'); return; }
-      const g = typeof hello.token === 'string' ? this.grants.get(hello.token) : undefined;
-      if (!g) { this.refuse(sock, `no valid grant for migration ${String(hello.migrationId)}`); return; }
-      if (g.migrationId !== hello.migrationId || g.vm !== hello.vm || g.kind !== hello.kind) { this.refuse(sock, `grant does not match migration ${String(hello.migrationId)} / VM ${String(hello.vm)}`); return; }
-      if (g.expiresAt < Date.now()) { this.grants.delete(hello.token); this.refuse(sock, 'grant expired'); return; }
-      this.grants.delete(hello.token); // one-time: a replayed HELLO finds nothing
+      if (!hello || typeof hello !== 'object') { this.refuse(sock, 'malformed HELLO'); return; }
+      if (this.tls) { this.route(sock, hello, reader.rest()); return; }
+      const tok = parseToken(hello.token);
+      const g = tok ? this.grants.get(tok.id) : undefined;
+      if (!tok || !g || tok.destination !== this.hostName || !sameHash(sha256(tok.secret), g.secretHash)) { this.refuse(sock, `no valid grant for migration ${String(hello.migrationId)}`); return; }
+      if (g.migrationId !== hello.migrationId || g.vm !== hello.vm || g.kind !== hello.kind || (g.source !== undefined && g.source !== hello.from)) { this.refuse(sock, `grant does not match migration ${String(hello.migrationId)} / VM ${String(hello.vm)}`); return; }
+      if (g.expiresAt < Date.now()) { this.grants.delete(tok.id); this.refuse(sock, 'grant expired'); return; }
+      this.grants.delete(tok.id); // one-time: a replayed HELLO finds nothing
       const h = this.handlers[hello.kind];
       if (!h) { this.refuse(sock, `no ${hello.kind} transfers on this host`); return; }
       h(hello, sock, reader.rest());
@@ -93,14 +300,19 @@ export class DataPlaneServer {
   }
 }
 
-/** Connects to a host's data plane and waits for WELCOME from whoever serves the transfer. */
-export async function connectDataPlane(endpoint: { host: string; port: number }, hello: Hello): Promise<FrameChannel> {
+/**
+ * Connects to a host's data plane and waits for WELCOME from whoever serves the transfer. With
+ * `tls`, the token never leaves this process in plaintext: routing preamble, STARTTLS, TLS with
+ * this host's certificate (the receiver's must be the grant's destination host, lab CA), AUTH.
+ */
+export async function connectDataPlane(endpoint: { host: string; port: number }, hello: Hello, tlsOpts?: ClientTls): Promise<FrameChannel> {
   const sock = net.connect(endpoint.port, endpoint.host);
   sock.setNoDelay(true);
   await new Promise<void>((resolve, reject) => {
     sock.once('connect', resolve);
     sock.once('error', (e) => reject(new Error(`data plane ${endpoint.host}:${endpoint.port}: ${e.message}`)));
   });
+  if (tlsOpts) return connectSecure(endpoint, sock, hello, tlsOpts);
   const chan = new FrameChannel(sock);
   sock.write(jsonFrame(FrameType.Hello, hello));
   try {
@@ -108,6 +320,52 @@ export async function connectDataPlane(endpoint: { host: string; port: number },
   } catch (e) {
     sock.destroy();
     throw new Error(`data plane ${endpoint.host}:${endpoint.port} refused the ${hello.kind} transfer: ${(e as Error).message}`);
+  }
+  return chan;
+}
+
+async function connectSecure(endpoint: { host: string; port: number }, sock: net.Socket, hello: Hello, opts: ClientTls): Promise<FrameChannel> {
+  const where = `data plane ${endpoint.host}:${endpoint.port}`;
+  const fail = (why: string): Error => { sock.destroy(); return new Error(`${where} refused the ${hello.kind} transfer: ${why}`); };
+  sock.on('error', () => undefined);
+  const tok = parseToken(hello.token);
+  if (!tok) throw fail('malformed grant token');
+  const preamble: Hello = { migrationId: hello.migrationId, vm: hello.vm, kind: hello.kind, from: hello.from, to: tok.destination, grant: tok.id };
+  sock.write(jsonFrame(FrameType.Hello, preamble));
+  let first: { frame: Frame; rest: Buffer };
+  try { first = await readOneFrame(sock, HELLO_TIMEOUT_MS, 'STARTTLS'); } catch (e) { throw fail((e as Error).message); }
+  if (first.frame.type === FrameType.Error) throw fail(`peer: ${parseJson<{ message: string }>(first.frame).message}`);
+  if (first.frame.type !== FrameType.StartTls || first.rest.length > 0) throw fail(`expected STARTTLS, got ${FrameType[first.frame.type]}`);
+  let ts: tls.TLSSocket;
+  try {
+    ts = tls.connect({
+      socket: sock,
+      ca: fs.readFileSync(opts.ca),
+      cert: opts.cert ? fs.readFileSync(opts.cert) : undefined,
+      key: opts.key ? fs.readFileSync(opts.key) : undefined,
+      servername: tok.destination,
+      minVersion: 'TLSv1.2',
+      // The receiver must be the host that issued the grant (the workflow told us which).
+      checkServerIdentity: (_name, cert) => (cert.subject?.CN === tok.destination ? undefined : new Error(`receiver certificate is for ${String(cert.subject?.CN)}, expected ${tok.destination}`)),
+    });
+    ts.on('error', () => undefined);
+    await new Promise<void>((resolve, reject) => {
+      const timer = setTimeout(() => reject(new Error('no TLS handshake in time')), HELLO_TIMEOUT_MS);
+      ts.once('secureConnect', () => { clearTimeout(timer); resolve(); });
+      ts.once('error', (e: Error) => { clearTimeout(timer); reject(new Error(`TLS: ${e.message.split('\n')[0]}`)); });
+      ts.once('close', () => { clearTimeout(timer); reject(new Error('connection closed during the TLS handshake')); });
+    });
+  } catch (e) {
+    throw fail((e as Error).message);
+  }
+  const chan = new FrameChannel(ts);
+  const auth: AuthClaim = { token: hello.token!, migrationId: hello.migrationId, vm: hello.vm, kind: hello.kind, from: hello.from, to: tok.destination };
+  ts.write(jsonFrame(FrameType.Auth, auth));
+  try {
+    await chan.expect<{ vm: string }>(FrameType.Welcome, HELLO_TIMEOUT_MS);
+  } catch (e) {
+    ts.destroy();
+    throw fail((e as Error).message);
   }
   return chan;
 }

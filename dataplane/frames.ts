@@ -22,6 +22,10 @@ export enum FrameType {
   Done = 10,
   RoundEnd = 11,
   Ack = 12,
+  /** Plaintext, receiver → sender: routed; start the TLS handshake now (sender is the client). */
+  StartTls = 13,
+  /** First frame inside TLS, sender → receiver: the grant token and what it claims to be for. */
+  Auth = 14,
 }
 
 export interface Frame {

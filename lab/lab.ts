@@ -9,6 +9,7 @@ import type { HostConfig } from '../common/host-config.js';
 import { hostTaskQueue } from '../common/names.js';
 import { PROJECT_ROOT, ensureSearchAttributes, freePort, portOpen, startDevServer } from './temporal-server.js';
 import { isAlive } from '../drivers/sim/sim-driver.js';
+import { ensureLabPki } from './pki.js';
 
 import { TSX_LOADER as TSX } from '../common/tsx.js';
 export const DEFAULT_HOSTS = ['hostA', 'hostB'];
@@ -126,13 +127,17 @@ export async function labUp(opts: LabUpOptions = {}): Promise<LabStatus> {
     state.worker = { pid, metricsUrl: `http://${metrics}/metrics` };
     pending.push(waitFor('orchestrator worker', () => fs.readFileSync(logFile, 'utf8').slice(start).includes('[orchestrator] serving'), pid, logFile));
   }
+  // Data-plane TLS: a lab CA and one certificate per host (lab/pki.ts), always on in the lab.
+  const pki = ensureLabPki(dir, hostNames);
   for (const name of hostNames) {
     const home = path.join(dir, 'hosts', name);
     const configFile = path.join(home, 'host.json');
     let cfg: HostConfig;
-    if (fs.existsSync(configFile)) cfg = JSON.parse(fs.readFileSync(configFile, 'utf8')) as HostConfig;
-    else {
-      cfg = hostConfigFor(dir, name, await freePort());
+    if (fs.existsSync(configFile)) {
+      cfg = JSON.parse(fs.readFileSync(configFile, 'utf8')) as HostConfig;
+      if (!cfg.tls) { cfg.tls = pki[name]; fs.writeFileSync(configFile, JSON.stringify(cfg, null, 2)); }
+    } else {
+      cfg = { ...hostConfigFor(dir, name, await freePort()), tls: pki[name] };
       fs.mkdirSync(home, { recursive: true });
       fs.writeFileSync(configFile, JSON.stringify(cfg, null, 2));
     }

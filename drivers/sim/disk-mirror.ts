@@ -10,7 +10,7 @@ import { BLOCK_SIZE } from '../../common/types.js';
 import type { DiskMirrorStatus } from '../../common/types.js';
 import type { Guest } from './guest.js';
 import { FrameChannel, FrameType, crc32, header, writeAll, parseJson } from '../../dataplane/frames.js';
-import { connectDataPlane, type Hello } from '../../dataplane/endpoint.js';
+import { connectDataPlane, dataPlaneTlsFromEnv, type Hello } from '../../dataplane/endpoint.js';
 
 const CHUNK_BLOCKS = 256; // 1 MiB per bulk frame
 const ZERO_BLOCK = Buffer.alloc(BLOCK_SIZE);
@@ -80,7 +80,8 @@ export class DiskMirror {
 
   private async connect(token: string): Promise<void> {
     if (this.target.kind !== 'remote') return;
-    const chan = await connectDataPlane(this.target.endpoint, { ...this.target.hello, token, kind: 'disk' });
+    // TLS with this host's certificate when the agent configured it (see SimDriver.spawnVm).
+    const chan = await connectDataPlane(this.target.endpoint, { ...this.target.hello, token, kind: 'disk' }, dataPlaneTlsFromEnv());
     chan.onFrame = (f) => {
       if (f.type === FrameType.Ack) this.onAck(parseJson<{ seq: number }>(f).seq);
       else if (f.type === FrameType.Error) this.fail(new Error(`destination: ${parseJson<{ message: string }>(f).message}`));

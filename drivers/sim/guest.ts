@@ -65,11 +65,13 @@ export class Guest {
   /** Pages that turned dirty since the counter was last reset (dirty-rate measurement). */
   dirtiedSinceMark = 0;
 
-  constructor(readonly spec: VmSpec, diskPaths: Record<string, string>) {
+  constructor(readonly spec: VmSpec, diskPaths: Record<string, string>, touch = true) {
     this.pages = Math.floor(spec.memoryBytes / PAGE_SIZE);
     this.memory = Buffer.alloc(this.pages * PAGE_SIZE);
-    // Touch every page now: first-touch page faults must not land inside a migration.
-    this.memory.fill(0);
+    // A booting guest touches every page now: first-touch faults must not land in a migration's
+    // downtime. An incoming guest skips it (it would cost ~1 s/GiB before the first page can
+    // arrive); its pages are touched as they are received, during pre-copy.
+    if (touch) this.memory.fill(0);
     this.dirty = new Uint8Array(this.pages);
     let off = PAGE_SIZE;
     this.memLedgerOff = off;

@@ -13,7 +13,8 @@ import { vmStorageDir, resolveStorageDir, type HostConfig } from '../../common/h
 import { callControl, ControlError } from './control.js';
 import { writeOwner } from './ownership.js';
 import type { VmRuntimeConfig, VmStatus } from './vm-process.js';
-import type { DataPlaneServer, Hello } from '../../dataplane/endpoint.js';
+import { DATAPLANE_TLS_ENV, type DataPlaneServer, type Hello, type HandOverAuth, type GrantCheck } from '../../dataplane/endpoint.js';
+import crypto from 'node:crypto';
 import type { DiskReceiver } from '../../dataplane/disk-receiver.js';
 import type { MirrorTarget } from './disk-mirror.js';
 import { FrameType, jsonFrame } from '../../dataplane/frames.js';
@@ -43,6 +44,8 @@ export class SimDriver implements HypervisorDriver {
     const dir = this.runtimeDir(vm);
     let cfg: VmRuntimeConfig;
     try { cfg = JSON.parse(fs.readFileSync(path.join(dir, 'vm.json'), 'utf8')) as VmRuntimeConfig; } catch { return null; }
+    // host.runDir is shared with the QEMU driver, whose vm.json says kind 'qemu': not ours.
+    if ((cfg as { kind?: string }).kind === 'qemu') return null;
     let status: VmStatus | null = null;
     try { status = JSON.parse(fs.readFileSync(path.join(dir, 'state.json'), 'utf8')) as VmStatus; } catch { /* still starting */ }
     return { cfg, status };
@@ -55,24 +58,22 @@ export class SimDriver implements HypervisorDriver {
   private toInfo(cfg: VmRuntimeConfig, st: VmStatus | null): VmInfo {
     const alive = st ? isAlive(st.pid) : false;
     const state: VmState = !st ? 'stopped' : alive ? st.state : st.state === 'stopped' ? 'stopped' : 'failed';
-    return { name: cfg.spec.name, host: this.host.name, state, pid: st?.pid ?? 0, epoch: st?.epoch ?? cfg.epoch, spec: cfg.spec, migrationId: st?.migrationId };
+    const device = st ? { vcpuTicks: st.device.vcpuTicks, memWrites: st.device.memWrites, diskWrites: st.device.diskWrites } : undefined;
+    return { name: cfg.spec.name, host: this.host.name, state, pid: st?.pid ?? 0, epoch: st?.epoch ?? cfg.epoch, spec: cfg.spec, migrationId: st?.migrationId, device };
   }
 
   async list(): Promise<VmInfo[]> {
-    const out: VmInfo[] = [];
-    for (const name of fs.readdirSync(this.host.runDir).sort()) {
-      const rt = this.readRuntime(name);
-      if (rt) out.push(this.toInfo(rt.cfg, rt.status));
-    }
-    return out;
+    const names = fs.readdirSync(this.host.runDir).sort();
+    const infos = await Promise.all(names.map((n) => this.get(n, 1000)));
+    return infos.filter((v): v is VmInfo => !!v);
   }
 
-  async get(name: string): Promise<VmInfo | undefined> {
+  async get(name: string, timeoutMs = 5000): Promise<VmInfo | undefined> {
     const rt = this.readRuntime(name);
     if (!rt) return undefined;
     // Ask the process itself when it answers: the state file may be a moment behind.
     try {
-      const st = await this.control<VmStatus>(name, 'status', {}, 5000);
+      const st = await this.control<VmStatus>(name, 'status', {}, timeoutMs);
       return this.toInfo(rt.cfg, st);
     } catch {
       return this.toInfo(rt.cfg, rt.status);
@@ -135,9 +136,15 @@ export class SimDriver implements HypervisorDriver {
     fs.writeFileSync(path.join(dir, 'vm.json'), JSON.stringify(cfg, null, 2));
     const logFd = fs.openSync(path.join(dir, 'vm.log'), 'a');
     // Detached, own process group: killing the agent never kills its VMs.
+    // The VM process's outgoing data-plane streams (memory, disk mirror) use this host's
+    // certificate: its TLS paths go down with the runtime environment.
+    const env = { ...process.env };
+    delete env[DATAPLANE_TLS_ENV];
+    if (this.host.tls) env[DATAPLANE_TLS_ENV] = JSON.stringify(this.host.tls);
     const child = spawn(process.execPath, ['--import', TSX, VM_PROCESS, dir], {
       detached: true,
       stdio: ['ignore', logFd, logFd, 'ipc'],
+      env,
     });
     fs.closeSync(logFd);
     child.unref();
@@ -226,18 +233,39 @@ export class SimDriver implements HypervisorDriver {
       this.children.set(spec.name, { child, migrationId });
       child.once('exit', () => this.children.delete(spec.name));
     }
-    const token = this.dataPlane.grant({ migrationId, vm: spec.name, kind: 'memory' });
+    const token = this.dataPlane.grant({ migrationId, vm: spec.name, kind: 'memory', source: sourceHost });
     return { endpoint: this.host.dataPlane, token };
   }
 
   /** Data-plane handler: gives the authenticated socket to the incoming VM process. */
-  handOver(hello: Hello, sock: net.Socket, rest: Buffer): void {
+  handOver(hello: Hello, sock: net.Socket, rest: Buffer, auth?: HandOverAuth): void {
     const c = this.children.get(hello.vm);
     if (!c || c.migrationId !== hello.migrationId || !c.child.connected) {
-      sock.end(jsonFrame(FrameType.Error, { message: `no incoming VM ${hello.vm} for migration ${hello.migrationId} on ${this.host.name}` }));
+      const why = `no incoming VM ${hello.vm} for migration ${hello.migrationId} on ${this.host.name}`;
+      sock.end(jsonFrame(FrameType.Error, { message: why }));
+      auth?.settle(false, why);
       return;
     }
-    c.child.send({ type: 'dataplane', rest: rest.toString('base64') }, sock);
+    if (!auth) {
+      c.child.send({ type: 'dataplane', rest: rest.toString('base64') }, sock);
+      return;
+    }
+    // TLS mode: the VM process authenticates the sender (TLS, certificate, token) and reports
+    // back; only then is the grant consumed. The key paths go along, never the token itself.
+    const nonce = crypto.randomBytes(8).toString('hex');
+    const child = c.child;
+    const done = (): void => { clearTimeout(timer); child.off('message', onMessage); child.off('exit', onExit); };
+    const onMessage = (m: { type?: string; nonce?: string; ok?: boolean; why?: string }): void => {
+      if (m?.type !== 'dataplane-auth' || m.nonce !== nonce) return;
+      done();
+      auth.settle(m.ok === true, m.why);
+    };
+    const onExit = (): void => { done(); auth.settle(false, `incoming VM ${hello.vm} exited during authentication`); };
+    const timer = setTimeout(() => { done(); auth.settle(false, `incoming VM ${hello.vm} did not report on the connection`); }, 30_000);
+    child.on('message', onMessage);
+    child.once('exit', onExit);
+    const check: GrantCheck = { grantId: auth.grantId, secretHash: auth.secretHash, migrationId: auth.migrationId, vm: auth.vm, kind: auth.kind, source: auth.source, destination: auth.destination, expiresAt: auth.expiresAt, tls: auth.tls };
+    child.send({ type: 'dataplane', rest: rest.toString('base64'), auth: check, nonce }, sock);
   }
 
   async incomingStatus(name: string, migrationId: string): Promise<IncomingStatus> {
@@ -408,7 +436,7 @@ export class SimDriver implements HypervisorDriver {
       writeOwner(ownerPath, { host: this.host.name, epoch, state: 'handoff', from: sourceHost, migrationId });
     }
     this.diskReceiver.register({ migrationId, vm: spec.name, disks: destSpec.disks.map((d) => ({ id: d.id, path: diskPaths[d.id]!, blocks: Math.floor(d.sizeBytes / 4096) })) });
-    const token = this.dataPlane.grant({ migrationId, vm: spec.name, kind: 'disk' });
+    const token = this.dataPlane.grant({ migrationId, vm: spec.name, kind: 'disk', source: sourceHost });
     return { endpoint: this.host.dataPlane, token, paths: diskPaths, spec: destSpec };
   }
 

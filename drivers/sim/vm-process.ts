@@ -13,7 +13,7 @@ import { assertOwner, updateOwner, writeOwner, FencedError } from './ownership.j
 import { DiskMirror, type MirrorTarget } from './disk-mirror.js';
 import { PAGE_SIZE, type VmSpec, type VmState, type MigrationPolicy, type ProgressSample, type CutoverResult, type DiskMirrorStatus } from '../../common/types.js';
 import { FrameChannel, FrameType, header, jsonFrame, writeAll, crc32, ZERO_FLAG, parseJson, type Frame } from '../../dataplane/frames.js';
-import { connectDataPlane } from '../../dataplane/endpoint.js';
+import { connectDataPlane, acceptSecure, dataPlaneTlsFromEnv, type GrantCheck } from '../../dataplane/endpoint.js';
 import { faultPoint } from '../../common/faults.js';
 
 export interface VmRuntimeConfig {
@@ -50,7 +50,7 @@ const controlPath = path.join(runtimeDir, 'control.sock');
 const ZERO_CRC = crc32(ZERO_PAGE) >>> 0;
 const BATCH = 64;
 
-const guest = new Guest(cfg.spec, cfg.diskPaths);
+const guest = new Guest(cfg.spec, cfg.diskPaths, cfg.mode === 'boot');
 let state: VmState = cfg.mode === 'incoming' ? 'incoming' : 'paused';
 let epoch = cfg.epoch;
 let migrationId = cfg.migrationId;
@@ -396,7 +396,7 @@ async function startOutgoing(p: { migrationId: string; endpoint: { host: string;
   if (outgoing && outgoing.id === p.migrationId && outgoing.state !== 'failed' && outgoing.state !== 'cancelled') return { started: false };
   if (outgoing && (outgoing.state === 'precopy' || outgoing.state === 'cutover' || outgoing.state === 'stopping')) throw new Error(`VM ${cfg.spec.name} is already migrating (${outgoing.id})`);
   if (state !== 'running') throw new Error(`VM ${cfg.spec.name} is ${state}, not running`);
-  const chan = await connectDataPlane(p.endpoint, { migrationId: p.migrationId, vm: cfg.spec.name, token: p.token, kind: 'memory', from: cfg.host });
+  const chan = await connectDataPlane(p.endpoint, { migrationId: p.migrationId, vm: cfg.spec.name, token: p.token, kind: 'memory', from: cfg.host }, dataPlaneTlsFromEnv());
   const sock = { sock: chan.sock };
   const o: Outgoing = {
     id: p.migrationId, state: 'precopy', sock: sock.sock, chan, policy: p.policy, round: 0, bytesSent: 0, pagesSent: 0,
@@ -753,7 +753,37 @@ async function onIncomingFrame(inc: Incoming, f: Frame): Promise<void> {
   }
 }
 
-function acceptIncoming(sock: net.Socket, rest: Buffer): void {
+function acceptIncoming(sock: net.Socket, rest: Buffer, handOver?: { auth?: GrantCheck; nonce?: string }): void {
+  const auth = handOver?.auth;
+  if (auth) {
+    // TLS mode: this process is the TLS server. Nothing changes here (state, memory, files)
+    // until the sender proved it is the grant's source host and holds the token; the agent
+    // hears the outcome (it consumes the grant, or logs the refusal).
+    const settle = (ok: boolean, why?: string): void => {
+      if (!ok) log(`refused incoming data-plane connection: ${why}`);
+      try { process.send?.({ type: 'dataplane-auth', nonce: handOver!.nonce, ok, why }); } catch { /* agent gone */ }
+    };
+    if (!incoming || incoming.state !== 'waiting' || auth.migrationId !== migrationId || auth.vm !== cfg.spec.name || auth.kind !== 'memory') {
+      sock.end(jsonFrame(FrameType.Error, { message: `VM ${cfg.spec.name} is not waiting for migration ${auth.migrationId}` }));
+      settle(false, `VM ${cfg.spec.name} is not waiting for migration ${auth.migrationId}`);
+      return;
+    }
+    acceptSecure(sock, rest, auth).then(
+      (sec) => {
+        if (!incoming || incoming.state !== 'waiting') {
+          sec.sock.end(jsonFrame(FrameType.Error, { message: `VM ${cfg.spec.name} is not waiting for a migration` }));
+          settle(false, 'a second authenticated connection for the same migration');
+          return;
+        }
+        settle(true);
+        log(`incoming data plane: ${sec.protocol} from ${sec.peer}, client certificate verified`);
+        acceptIncoming(sec.sock, sec.rest);
+        sec.sock.resume();
+      },
+      (e: Error) => settle(false, e.message),
+    );
+    return;
+  }
   const inc = incoming;
   if (!inc || inc.state !== 'waiting') {
     sock.end(jsonFrame(FrameType.Error, { message: `VM ${cfg.spec.name} is not waiting for a migration` }));
@@ -835,7 +865,7 @@ serveControl(controlPath, {
 // The agent hands an authenticated data-plane connection over its IPC channel (SCM_RIGHTS),
 // so pages flow socket → this process with no relay in between.
 process.on('message', (msg: { type?: string; rest?: string }, handle?: unknown) => {
-  if (msg?.type === 'dataplane' && handle instanceof net.Socket) acceptIncoming(handle, Buffer.from(msg.rest ?? '', 'base64'));
+  if (msg?.type === 'dataplane' && handle instanceof net.Socket) acceptIncoming(handle, Buffer.from(msg.rest ?? '', 'base64'), msg as { auth?: GrantCheck; nonce?: string });
 });
 // Losing the agent must not take the VM down: the IPC channel is only for hand-overs.
 process.on('disconnect', () => log('agent IPC channel closed; VM keeps running'));
