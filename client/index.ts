@@ -7,6 +7,7 @@ import { z } from 'zod';
 import { Client, Connection, WorkflowNotFoundError, type WorkflowHandle } from '@temporalio/client';
 import { temporalConfig } from '../common/temporal.js';
 import { dataConverter } from '../common/codec.js';
+import { policyInputSchema, describeIssues } from '../common/schemas.js';
 import { ORCHESTRATOR_TASK_QUEUE, migrationIdFor } from '../common/names.js';
 import { VmName, SourceHost, DestinationHost, MigrationType as MigrationTypeKey, MigrationPhase, MigrationOutcome } from '../common/search-attributes.js';
 import { formatBytes, parseRate, parseSize } from '../common/sizes.js';
@@ -48,19 +49,7 @@ export const createVmSchema = z.object({
 });
 export type CreateVmInput = z.input<typeof createVmSchema>;
 
-export const policySchema = z.object({
-  downtimeLimitMs: z.number().int().min(1).max(60_000),
-  maxBandwidth: z.number().int().min(0),
-  maxRounds: z.number().int().min(1).max(10_000),
-  convergenceTimeoutMsPerGiB: z.number().int().min(1000),
-  autoConverge: z.boolean(),
-  throttleInitial: z.number().min(0).max(0.99),
-  throttleIncrement: z.number().min(0.01).max(0.99),
-  throttleMax: z.number().min(0).max(0.99),
-  verify: z.enum(['digest', 'full']),
-  approveCutover: z.boolean(),
-  approvalTimeoutMs: z.number().int().min(1000),
-}).partial().strict();
+export const policySchema = policyInputSchema;
 
 const absDir = z.string().min(1).refine((p) => p.startsWith('/'), 'storage paths must be absolute').refine((p) => !p.split('/').includes('..'), 'storage paths may not contain ".."');
 export const startMigrationSchema = z.discriminatedUnion('type', [
@@ -104,13 +93,10 @@ export function probeAddressFor(name: string): { address: string; port: number }
   return { address: `127.77.${h[0]! % 256}.${1 + (h[1]! % 254)}`, port: 20000 + (h.readUInt16LE(2) % 20000) };
 }
 
-function zodMessage(e: z.ZodError): string {
-  return e.issues.map((i) => (i.path.length ? `${i.path.join('.')}: ${i.message}` : i.message)).join('; ');
-}
 
 export function parseOrThrow<S extends z.ZodTypeAny>(schema: S, value: unknown): z.output<S> {
   const r = schema.safeParse(value);
-  if (!r.success) throw new UsageError(zodMessage(r.error));
+  if (!r.success) throw new UsageError(describeIssues(r.error));
   return r.data;
 }
 
@@ -315,7 +301,11 @@ export class VmferryClient {
       const r = await this.awaitMigration(id);
       return { ...r, phase: sa.get(MigrationPhase) ?? 'done', uiUrl: base.uiUrl };
     }
-    return { ...base, outcome: 'failed', phase: sa.get(MigrationPhase) ?? 'unknown', reason: `workflow ${d.status.name.toLowerCase()}`, durationMs: (d.closeTime?.getTime() ?? Date.now()) - d.startTime.getTime(), downtimeMs: 0, rounds: 0, bytesTransferred: 0, decisions: [] };
+    let why = `workflow ${d.status.name.toLowerCase()}`;
+    if (d.status.name === 'FAILED') {
+      try { await this.handle(id).result(); } catch (e) { let c = e as { message?: string; cause?: unknown }; while (c.cause) c = c.cause as typeof c; why = c.message ?? why; }
+    }
+    return { ...base, outcome: 'failed', phase: sa.get(MigrationPhase) ?? 'unknown', reason: why, durationMs: (d.closeTime?.getTime() ?? Date.now()) - d.startTime.getTime(), downtimeMs: 0, rounds: 0, bytesTransferred: 0, decisions: [] };
   }
 
   async cancelMigration(id: string): Promise<void> {

@@ -122,3 +122,23 @@ describe('plan', () => {
     expect((await lab.client.listVms()).filter((v) => v.name.startsWith('pl')).map((v) => v.host)).toEqual([A, A]);
   });
 });
+
+describe('workflow input validation', () => {
+  it('a workflow started directly with bad input fails with a message naming the problem, and nothing moves', async () => {
+    const bad = [
+      ['liveMigration', { migrationId: 'x1', vm: '../etc', from: A, to: B }, /vm: names are letters/],
+      ['liveMigration', { migrationId: 'x2', vm: 'ok1', from: A, to: A }, /same host/],
+      ['liveMigration', { migrationId: 'x3', vm: 'ok1', from: A, to: B, policy: { downtimeLimitMs: -5 } }, /policy.downtimeLimitMs/],
+      ['storageMigration', { migrationId: 'x4', vm: 'ok1', host: A, targets: { disk0: 'relative/dir' } }, /storage paths must be absolute/],
+      ['evacuateHost', { host: A, to: [A] }, /onto itself/],
+    ] as const;
+    const before = await lab.client.listVms();
+    for (const [wf, input, message] of bad) {
+      const h = await lab.client.client.workflow.start(wf, { taskQueue: ORCHESTRATOR_TASK_QUEUE, workflowId: `bad-${wf}-${Math.random().toString(36).slice(2)}`, args: [input] });
+      await expect(h.result()).rejects.toThrow();
+      const err = await h.result().catch((e: { cause?: { message?: string } }) => e.cause?.message ?? '');
+      expect(err).toMatch(message);
+    }
+    expect(await lab.client.listVms()).toEqual(before);
+  });
+});

@@ -7,6 +7,8 @@ import { defineQuery, executeChild, setHandler, upsertSearchAttributes, workflow
 import type { HostInfo, MigrationPolicy, MigrationResult, MigrationType as MoveType } from '../common/types.js';
 import { hostProxies } from './hosts.js';
 import { MigrationType, SourceHost, MigrationPhase, MigrationOutcome } from '../common/search-attributes.js';
+import { evacuateInputSchema } from '../common/schemas.js';
+import { validated } from './validate.js';
 
 export interface EvacuateInput {
   host: string;
@@ -39,6 +41,7 @@ export interface EvacuationResult {
 export const evacuationQuery = defineQuery<EvacuationResult>('evacuation');
 
 export async function evacuateHost(input: EvacuateInput): Promise<EvacuationResult> {
+  validated(evacuateInputSchema, input, 'evacuation');
   const items: EvacuationItem[] = [];
   const summary = (): EvacuationResult => ({ host: input.host, items, completed: items.filter((i) => i.state === 'completed').length, failed: items.filter((i) => i.state !== 'completed' && i.state !== 'waiting' && i.state !== 'moving').length });
   setHandler(evacuationQuery, summary);

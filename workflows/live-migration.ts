@@ -8,8 +8,11 @@ import { hostProxies } from './hosts.js';
 import { Saga } from './saga.js';
 import { MigrationTracker, reasonOf } from './tracker.js';
 import { moveMemory, preflight } from './steps/memory.js';
+import { liveMigrationInputSchema } from '../common/schemas.js';
+import { validated } from './validate.js';
 
 export async function liveMigration(input: LiveMigrationInput): Promise<MigrationResult> {
+  validated(liveMigrationInputSchema, input, 'live migration');
   const tracker = new MigrationTracker('live', input);
   const policy = { ...DEFAULT_POLICY, ...input.policy };
   const src = hostProxies(input.from);

@@ -10,8 +10,11 @@ import { Saga } from './saga.js';
 import { MigrationTracker, reasonOf } from './tracker.js';
 import { moveMemory, preflight } from './steps/memory.js';
 import { awaitMirrorSynced } from './steps/storage.js';
+import { sharedNothingInputSchema } from '../common/schemas.js';
+import { validated } from './validate.js';
 
 export async function sharedNothingMigration(input: SharedNothingInput): Promise<MigrationResult> {
+  validated(sharedNothingInputSchema, input, 'shared-nothing migration');
   const tracker = new MigrationTracker('shared-nothing', input);
   const policy = { ...DEFAULT_POLICY, ...input.policy };
   const src = hostProxies(input.from);

@@ -8,8 +8,11 @@ import { hostProxies } from './hosts.js';
 import { Saga } from './saga.js';
 import { MigrationTracker, reasonOf } from './tracker.js';
 import { awaitMirrorSynced } from './steps/storage.js';
+import { storageMigrationInputSchema } from '../common/schemas.js';
+import { validated } from './validate.js';
 
 export async function storageMigration(input: StorageMigrationInput): Promise<MigrationResult> {
+  validated(storageMigrationInputSchema, input, 'storage migration');
   const tracker = new MigrationTracker('storage', { migrationId: input.migrationId, vm: input.vm, from: input.host, to: input.host });
   const h = hostProxies(input.host);
   const ids = { migrationId: input.migrationId, vm: input.vm };
