@@ -89,6 +89,7 @@ export function createHostActivities({ host, driver }: HostActivityDeps) {
     },
 
     async abortIncoming(p: { migrationId: string; vm: string }): Promise<{ aborted: boolean; running: boolean }> {
+      await faultPoint('rollback-step');
       return driver.abortIncoming(p.vm, p.migrationId);
     },
 
@@ -118,6 +119,7 @@ export function createHostActivities({ host, driver }: HostActivityDeps) {
     },
 
     async rollbackOutgoing(p: { migrationId: string; vm: string; allowReclaim?: boolean }): Promise<RollbackResult> {
+      await faultPoint('rollback-step');
       try { return await driver.rollbackOutgoing(p.vm, p.migrationId, p.allowReclaim); } catch (e) {
         if ((e as Error).name === 'VmGone') return nonRetryable(e, 'VmGone');
         throw e;

@@ -213,19 +213,24 @@ function policyFrom(o: Record<string, unknown>): Partial<MigrationPolicy> {
   return p;
 }
 
+/** Policy flags shared by the moves that carry memory (live, shared-nothing). */
+function withPolicyOptions(c: Command): Command {
+  return c
+    .option('--downtime-limit <ms>', 'maximum pause, ms (default 300)', intArg('--downtime-limit'))
+    .option('--max-bandwidth <size/s>', 'cap on the memory stream (default: none)')
+    .option('--max-rounds <n>', 'pre-copy round limit (default 30)', intArg('--max-rounds'))
+    .option('--no-auto-converge', 'never throttle the guest; roll back instead when pre-copy cannot converge')
+    .option('--approve-cutover', 'wait for `vmferry migration approve <id>` before the cutover')
+    .option('--approval-timeout <ms>', 'roll back if not approved within this time (default 15 min)', intArg('--approval-timeout'))
+    .option('--verify <mode>', 'cutover check: digest (per-page CRC table) or full (CRC of all memory)', (v) => { if (v !== 'digest' && v !== 'full') throw new InvalidArgumentError('--verify is digest or full'); return v; });
+}
+
 const migrate = program.command('migrate').description('start a migration');
-migrate.command('live <vm>').description('live migration: memory and state move, storage shared by both hosts')
+withPolicyOptions(migrate.command('live <vm>')).description('live migration: memory and state move, storage shared by both hosts')
   .requiredOption('--to <host>', 'destination host')
   .option('--wait', 'wait for the outcome, showing progress')
   .option('--json', 'JSON output')
-  .option('--downtime-limit <ms>', 'maximum pause, ms (default 300)', intArg('--downtime-limit'))
-  .option('--max-bandwidth <size/s>', 'cap on the memory stream (default: none)')
-  .option('--max-rounds <n>', 'pre-copy round limit (default 30)', intArg('--max-rounds'))
-  .option('--no-auto-converge', 'never throttle the guest; roll back instead when pre-copy cannot converge')
   .option('--convergence-timeout <ms>', 'pre-copy time limit per GiB of memory, ms (default 120000)', intArg('--convergence-timeout'))
-  .option('--approve-cutover', 'wait for `vmferry migration approve <id>` before the cutover')
-  .option('--approval-timeout <ms>', 'roll back if not approved within this time (default 15 min)', intArg('--approval-timeout'))
-  .option('--verify <mode>', 'cutover check: digest (per-page CRC table) or full (CRC of all memory)', (v) => { if (v !== 'digest' && v !== 'full') throw new InvalidArgumentError('--verify is digest or full'); return v; })
   .action(async (vmName: string, o: Record<string, unknown>) => withClient(async (c) => {
     const policy = policyFrom(o);
     const m = await c.startMigration({ type: 'live', vm: vmName, to: o.to as string, policy });
@@ -249,18 +254,11 @@ migrate.command('storage <vm>').description('live storage migration: the VM stay
     const m = await c.startMigration({ type: 'storage', vm: vmName, toPath: o.toPath ? path.resolve(o.toPath) : undefined, disks: o.disk.length ? disks : undefined, maxBandwidth });
     await report(c, m, vmName, o);
   }));
-migrate.command('shared-nothing <vm>').description('shared-nothing live migration: storage mirrored to the destination, then memory and state')
+withPolicyOptions(migrate.command('shared-nothing <vm>')).description('shared-nothing live migration: storage mirrored to the destination, then memory and state')
   .requiredOption('--to <host>', 'destination host')
   .option('--to-path <dir>', 'directory on the destination (inside one of its storage roots)')
   .option('--wait', 'wait for the outcome, showing progress')
   .option('--json', 'JSON output')
-  .option('--downtime-limit <ms>', 'maximum pause, ms (default 300)', intArg('--downtime-limit'))
-  .option('--max-bandwidth <size/s>', 'cap on the memory stream (default: none)')
-  .option('--max-rounds <n>', 'pre-copy round limit (default 30)', intArg('--max-rounds'))
-  .option('--no-auto-converge', 'never throttle the guest; roll back instead when pre-copy cannot converge')
-  .option('--approve-cutover', 'wait for `vmferry migration approve <id>` before the cutover')
-  .option('--approval-timeout <ms>', 'roll back if not approved within this time (default 15 min)', intArg('--approval-timeout'))
-  .option('--verify <mode>', 'cutover check: digest or full', (v) => { if (v !== 'digest' && v !== 'full') throw new InvalidArgumentError('--verify is digest or full'); return v; })
   .action(async (vmName: string, o: Record<string, unknown>) => withClient(async (c) => {
     const m = await c.startMigration({ type: 'shared-nothing', vm: vmName, to: o.to as string, toPath: o.toPath ? path.resolve(o.toPath as string) : undefined, policy: policyFrom(o) });
     await report(c, m, vmName, o as { wait?: boolean; json?: boolean });

@@ -16,7 +16,7 @@ import type { HostConfig } from '../common/host-config.js';
 import type { MigrationResult } from '../common/types.js';
 
 export type Move = 'live' | 'storage' | 'shared-nothing';
-export type Point = 'preflight' | 'precopy' | 'mirror' | 'cutover' | 'cleanup';
+export type Point = 'preflight' | 'precopy' | 'mirror' | 'cutover' | 'cleanup' | 'rollback';
 export type Fault =
   | 'kill-source-agent'
   | 'kill-destination-agent'
@@ -148,7 +148,7 @@ export async function runCase(lab: FaultLab, c: Case): Promise<CaseResult> {
     const size = vmSize(c);
     await lab.client.createVm({ name: vm, host: A, fill: 0.6, ...size });
     // The move, slowed down so the fault lands where it is meant to.
-    const slow = c.point === 'precopy' || c.point === 'mirror';
+    const slow = c.point === 'precopy' || c.point === 'mirror' || c.point === 'rollback';
     const bw = slow ? 6 * MiB : 0;
     let spec: StartMigrationInput;
     const target = c.fault === 'storage-full' ? await fullTarget(lab, c.move === 'storage' ? A : B, vm) : undefined;
@@ -178,6 +178,7 @@ export async function runCase(lab: FaultLab, c: Case): Promise<CaseResult> {
       if (c.point === 'cutover' && c.fault !== 'lost-ack') lab.arm({ 'cutover-after-pause': 'delay:1500' });
       if (c.point === 'cleanup') lab.arm({ 'before-release-source': 'delay:1500' });
       if (c.fault === 'lost-ack') lab.arm({ 'destination-after-resume': 'drop-ack' });
+      if (c.point === 'rollback') lab.arm({ 'rollback-step': 'delay:1500' });
       const { id } = await lab.client.startMigration(spec);
       // Wait for the injection point (or the end: a fault armed at the start may end it first).
       let ended = false;
@@ -187,6 +188,12 @@ export async function runCase(lab: FaultLab, c: Case): Promise<CaseResult> {
       if (c.point === 'mirror') await reach('mirror under way', async () => ((await lab.client.progress(id)).bytesCopied ?? 0) > 4 * MiB);
       if (c.point === 'cutover') await reach('cutover', async () => (await lab.client.progress(id)).phase === 'cutover');
       if (c.point === 'cleanup') await reach('cleanup', async () => (await lab.client.progress(id)).phase === 'cleanup');
+      if (c.point === 'rollback') {
+        // Crash during the rollback itself: cancel mid-copy, then strike while compensations run.
+        await reach('copy under way', async () => { const p = await lab.client.progress(id); return p.bytesTransferred + (p.bytesCopied ?? 0) > 2 * MiB; });
+        await lab.client.cancelMigration(id);
+        await reach('rollback', async () => (await lab.client.progress(id)).phase === 'rollback');
+      }
       const injectedAt = Date.now();
       const srcHost = A;
       const dstHost = c.move === 'storage' ? A : B;
@@ -292,6 +299,9 @@ export function matrix(): Case[] {
   add('shared-nothing', 'precopy', ['kill-destination-agent', 'cut-dataplane', 'cancel']);
   add('shared-nothing', 'cutover', ['kill-source-agent', 'lost-ack']);
   add('shared-nothing', 'cleanup', ['kill-source-agent']);
+  // Rollback must itself survive crashes (and is idempotent when retried).
+  add('live', 'rollback', ['kill-source-agent', 'kill-destination-agent', 'kill-worker']);
+  add('shared-nothing', 'rollback', ['kill-source-agent', 'kill-destination-agent']);
   return cases;
 }
 
@@ -309,5 +319,6 @@ export function representative(): Case[] {
     { move: 'storage', point: 'mirror', fault: 'storage-full' },
     { move: 'shared-nothing', point: 'mirror', fault: 'kill-destination-agent' },
     { move: 'shared-nothing', point: 'precopy', fault: 'cancel' },
+    { move: 'shared-nothing', point: 'rollback', fault: 'kill-source-agent' },
   ];
 }

@@ -6,7 +6,7 @@ import { ApplicationFailure, CancellationScope } from '@temporalio/workflow';
 import { DEFAULT_POLICY, type LiveMigrationInput, type MigrationResult } from '../common/types.js';
 import { hostProxies } from './hosts.js';
 import { Saga } from './saga.js';
-import { MigrationTracker, reasonOf } from './tracker.js';
+import { MigrationTracker, rollBack } from './tracker.js';
 import { moveMemory, preflight } from './steps/memory.js';
 import { liveMigrationInputSchema } from '../common/schemas.js';
 import { validated } from './validate.js';
@@ -35,11 +35,7 @@ export async function liveMigration(input: LiveMigrationInput): Promise<Migratio
     started = true;
     await moveMemory({ migrationId: input.migrationId, vm: input.vm, src, dst, policy, tracker, saga }, vm);
   } catch (err) {
-    tracker.phase('rollback');
-    const errors = await saga.compensate();
-    const reason = reasonOf(err);
-    if (errors.length) return tracker.finish('failed', `${reason}; rollback incomplete: ${errors.join('; ')}`);
-    return tracker.finish(started ? 'rolled-back' : 'failed', reason);
+    return rollBack(tracker, saga, err, started);
   }
   // Past the point of no return: the VM runs on the destination. Cleanup cannot be cancelled.
   tracker.phase('cleanup');

@@ -7,7 +7,7 @@ import { CancellationScope } from '@temporalio/workflow';
 import { DEFAULT_POLICY, type MigrationResult, type SharedNothingInput } from '../common/types.js';
 import { hostProxies } from './hosts.js';
 import { Saga } from './saga.js';
-import { MigrationTracker, reasonOf } from './tracker.js';
+import { MigrationTracker, rollBack } from './tracker.js';
 import { moveMemory, preflight } from './steps/memory.js';
 import { awaitMirrorSynced } from './steps/storage.js';
 import { sharedNothingInputSchema } from '../common/schemas.js';
@@ -41,11 +41,7 @@ export async function sharedNothingMigration(input: SharedNothingInput): Promise
     // The mirror stays in place (guest writes keep flowing) through the memory move.
     await moveMemory({ migrationId: input.migrationId, vm: input.vm, src, dst, policy, tracker, saga }, vm, grant.spec);
   } catch (err) {
-    tracker.phase('rollback');
-    const errors = await saga.compensate();
-    const reason = reasonOf(err);
-    if (errors.length) return tracker.finish('failed', `${reason}; rollback incomplete: ${errors.join('; ')}`);
-    return tracker.finish(started ? 'rolled-back' : 'failed', reason);
+    return rollBack(tracker, saga, err, started);
   }
   tracker.phase('cleanup');
   await CancellationScope.nonCancellable(async () => {

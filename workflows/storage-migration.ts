@@ -6,7 +6,7 @@ import { ApplicationFailure, CancellationScope } from '@temporalio/workflow';
 import type { MigrationResult, StorageMigrationInput } from '../common/types.js';
 import { hostProxies } from './hosts.js';
 import { Saga } from './saga.js';
-import { MigrationTracker, reasonOf } from './tracker.js';
+import { MigrationTracker, rollBack } from './tracker.js';
 import { awaitMirrorSynced } from './steps/storage.js';
 import { storageMigrationInputSchema } from '../common/schemas.js';
 import { validated } from './validate.js';
@@ -41,11 +41,7 @@ export async function storageMigration(input: StorageMigrationInput): Promise<Mi
     // The switch is recorded (this activity's completion): from here on, forward only.
     saga.clear();
   } catch (err) {
-    tracker.phase('rollback');
-    const errors = await saga.compensate();
-    const reason = reasonOf(err);
-    if (errors.length) return tracker.finish('failed', `${reason}; rollback incomplete: ${errors.join('; ')}`);
-    return tracker.finish(started ? 'rolled-back' : 'failed', reason);
+    return rollBack(tracker, saga, err, started);
   }
   tracker.phase('cleanup');
   await CancellationScope.nonCancellable(() =>

@@ -118,3 +118,12 @@ export function reasonOf(err: unknown): string {
   }
   return msg;
 }
+
+/** The ending every move shares when it fails: compensate, then say what happened. */
+export async function rollBack(tracker: MigrationTracker, saga: { compensate(): Promise<string[]> }, err: unknown, started: boolean): Promise<MigrationResult> {
+  tracker.phase('rollback');
+  const errors = await saga.compensate();
+  const reason = reasonOf(err);
+  if (errors.length) return tracker.finish('failed', `${reason}; rollback incomplete: ${errors.join('; ')}`);
+  return tracker.finish(started ? 'rolled-back' : 'failed', reason);
+}
