@@ -203,9 +203,10 @@ export async function runCase(lab: FaultLab, c: Case): Promise<CaseResult> {
         case 'kill-worker': await lab.kill('worker'); await sleep(300); await lab.heal(); break;
         case 'restart-temporal': await lab.restartTemporal(); break;
         case 'cut-dataplane': {
-          // The destination side of the stream dies: its incoming VM process (memory).
-          const pid = lab.vmPid(B, vm);
-          if (pid && isAlive(pid)) process.kill(pid, 'SIGKILL');
+          // A real connection cut: the kernel aborts every TCP connection to the destination's
+          // data-plane port (ss -K), as a failing link or middlebox reset would; both ends see it.
+          const dp = lab.hostConfig(B).dataPlane;
+          execFileSync('ss', ['-K', 'dst', dp.host, 'dport', '=', `:${dp.port}`], { stdio: 'ignore' });
           break;
         }
         case 'stall-dataplane': {
@@ -295,7 +296,7 @@ export function matrix(): Case[] {
   add('storage', 'mirror', ['kill-source-agent', 'kill-worker', 'restart-temporal', 'activity-timeout', 'cancel', 'storage-full']);
   add('storage', 'cleanup', ['kill-source-agent']);
   add('shared-nothing', 'preflight', ['destination-refuses']);
-  add('shared-nothing', 'mirror', ['kill-source-agent', 'kill-destination-agent', 'kill-worker', 'restart-temporal', 'cancel', 'storage-full']);
+  add('shared-nothing', 'mirror', ['kill-source-agent', 'kill-destination-agent', 'kill-worker', 'restart-temporal', 'cut-dataplane', 'cancel', 'storage-full']);
   add('shared-nothing', 'precopy', ['kill-destination-agent', 'cut-dataplane', 'cancel']);
   add('shared-nothing', 'cutover', ['kill-source-agent', 'lost-ack']);
   add('shared-nothing', 'cleanup', ['kill-source-agent']);
