@@ -39,8 +39,9 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import type { HypervisorDriver, IncomingStatus, IncomingTarget, RollbackResult } from '../driver.js';
 import type { CutoverResult, MigrationPolicy, ProgressSample, VerifyReport, VmInfo, VmSpec, VmState } from '../../common/types.js';
 import { vmStorageDir, type HostConfig } from '../../common/host-config.js';
-import { readOwner, updateOwner, writeOwner } from '../sim/ownership.js';
+import { readOwner, updateOwner } from '../sim/ownership.js';
 import { QmpClient, QmpConnectionError, withQmp } from './qmp.js';
+import { createVmFiles } from '../disk-files.js';
 
 const REPO_ROOT = fileURLToPath(new URL('../../', import.meta.url));
 export const DEFAULT_GUEST_DIR = path.join(REPO_ROOT, '.cache', 'qemu-guest');
@@ -436,13 +437,7 @@ export class QemuDriver implements HypervisorDriver {
     const { diskPaths, ownerPath, dirs } = this.storagePaths(spec);
     for (const d of dirs) if (fs.existsSync(d) && fs.readdirSync(d).length > 0) throw new Error(`VM files already exist at ${d}`);
     try {
-      for (const d of dirs) fs.mkdirSync(d, { recursive: true });
-      for (const d of spec.disks) {
-        const fd = fs.openSync(diskPaths[d.id]!, 'wx');
-        fs.ftruncateSync(fd, d.sizeBytes);
-        fs.closeSync(fd);
-      }
-      writeOwner(ownerPath, { host: this.host.name, epoch: 1, state: 'active' });
+      createVmFiles(this.host.name, spec, { dirs, diskPaths, ownerPath });
       fs.mkdirSync(this.runtimeDir(spec.name), { recursive: true });
       const st: QemuState = {
         kind: 'qemu', spec: qspec, host: this.host.name, mode: 'boot', epoch: 1, pid: 0, accel: await this.accel(), qemuVersion: '',

@@ -12,6 +12,7 @@ import type { CutoverResult, DiskMirrorStatus, DiskTargetGrant, MigrationPolicy,
 import { vmStorageDir, resolveStorageDir, type HostConfig } from '../../common/host-config.js';
 import { callControl, ControlError } from './control.js';
 import { writeOwner } from './ownership.js';
+import { createVmFiles } from '../disk-files.js';
 import type { VmRuntimeConfig, VmStatus } from './vm-process.js';
 import { DATAPLANE_TLS_ENV, type DataPlaneServer, type Hello, type HandOverAuth, type GrantCheck } from '../../dataplane/endpoint.js';
 import crypto from 'node:crypto';
@@ -165,13 +166,7 @@ export class SimDriver implements HypervisorDriver {
     const { diskPaths, ownerPath, dirs, sharedOwner } = this.storagePaths(spec);
     for (const d of dirs) if (fs.existsSync(d) && fs.readdirSync(d).length > 0) throw new Error(`VM files already exist at ${d}`);
     try {
-      for (const d of dirs) fs.mkdirSync(d, { recursive: true });
-      for (const d of spec.disks) {
-        const fd = fs.openSync(diskPaths[d.id]!, 'wx');
-        fs.ftruncateSync(fd, d.sizeBytes);
-        fs.closeSync(fd);
-      }
-      writeOwner(ownerPath, { host: this.host.name, epoch: 1, state: 'active' });
+      createVmFiles(this.host.name, spec, { dirs, diskPaths, ownerPath });
       await this.spawnVm({ spec, host: this.host.name, mode: 'boot', epoch: 1, diskPaths, ownerPath, sharedOwner }, false);
     } catch (e) {
       // Nothing half-made stays behind.
@@ -351,17 +346,17 @@ export class SimDriver implements HypervisorDriver {
     // Partial copies of a local move go, even if the VM process is gone (it deleted what it knew).
     if (rt && targets) {
       const current = Object.values(this.storagePaths(rt.cfg.spec).diskPaths);
-      for (const p of Object.values(this.planDiskMoveLoose(rt.cfg.spec, targets))) if (!current.includes(p)) fs.rmSync(p, { force: true });
+      for (const p of Object.values(this.targetDiskPaths(targets))) if (!current.includes(p)) fs.rmSync(p, { force: true });
     }
     return r;
   }
 
-  private planDiskMoveLoose(spec: VmSpec, targets: Record<string, string>): Record<string, string> {
+  /** Where a storage move to `targets` puts each disk (targets outside the roots: nothing of ours). */
+  private targetDiskPaths(targets: Record<string, string>): Record<string, string> {
     const out: Record<string, string> = {};
     for (const [id, dir] of Object.entries(targets)) {
-      try { out[id] = path.join(resolveStorageDir(this.host.storageRoots, dir).dir, `${id}.img`); } catch { /* outside roots: nothing of ours */ }
+      try { out[id] = path.join(resolveStorageDir(this.host.storageRoots, dir).dir, `${id}.img`); } catch { /* outside roots */ }
     }
-    void spec;
     return out;
   }
 
