@@ -60,12 +60,16 @@ describe('live migration', () => {
     // The workload continues where it stopped: its counters moved on from the cutover values.
     const after = (await lab.client.hostInfo(B)).vms.find((x) => x.name === 'web1')!;
     expect(after.epoch).toBe(cut.epoch);
-    const state = JSON.parse(fs.readFileSync(`${lab.runDir(B)}/web1/state.json`, 'utf8')) as { device: { memWrites: number; diskWrites: number } };
-    await sleep(200);
-    const later = JSON.parse(fs.readFileSync(`${lab.runDir(B)}/web1/state.json`, 'utf8')) as { device: { memWrites: number } };
-    expect(state.device.memWrites).toBeGreaterThanOrEqual(cut.deviceState.memWrites);
-    expect(state.device.diskWrites).toBeGreaterThanOrEqual(cut.deviceState.diskWrites);
-    void later;
+    const device = async (): Promise<{ memWrites: number; diskWrites: number }> => {
+      const vms = (await lab.client.client.workflow.execute('hostRequest', { taskQueue: ORCHESTRATOR_TASK_QUEUE, workflowId: `dev-${Date.now()}-${Math.random()}`, args: [{ op: 'listVms', host: B }] })) as Array<{ name: string; device: { memWrites: number; diskWrites: number } }>;
+      return vms.find((x) => x.name === 'web1')!.device;
+    };
+    const now = await device();
+    await sleep(300);
+    const later = await device();
+    expect(now.memWrites).toBeGreaterThanOrEqual(cut.deviceState.memWrites);
+    expect(now.diskWrites).toBeGreaterThanOrEqual(cut.deviceState.diskWrites);
+    expect(later.memWrites).toBeGreaterThan(now.memWrites);
     // The probe address moved with the VM: it answers on the destination.
     expect(stats.received).toBeGreaterThan(stats.sent * 0.8);
     const p2 = new Prober(vm.spec.probe, 10).start();
