@@ -84,7 +84,8 @@ export function createHostActivities({ host, driver }: HostActivityDeps) {
           throw ApplicationFailure.create({ message: `destination ${host.name}: incoming VM ${st.state}${st.error ? `: ${st.error}` : ''}`, type: 'DestinationFailed', nonRetryable: true });
         }
         if (st.state === 'running') return { state: st.state };
-        try { await ctx.sleep(200); } catch { return { state: 'supervision-cancelled' }; }
+        // Short: the workflow's cleanup waits for this to end after the cutover.
+        try { await ctx.sleep(50); } catch { return { state: 'supervision-cancelled' }; }
       }
     },
 

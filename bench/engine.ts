@@ -25,6 +25,8 @@ export interface EngineRunOptions {
   memoryBytes: number;
   fill: number;
   dirtyRate: number;
+  /** Fraction of each page that is repetitive (compressible). */
+  compressible?: number;
   policy?: Partial<MigrationPolicy>;
   /** Directory for --cpu-prof output of both VM processes. */
   profDir?: string;
@@ -73,7 +75,7 @@ export async function runEngine(o: EngineRunOptions): Promise<EngineRunResult> {
   const say = o.log ?? (() => undefined);
   const policy: MigrationPolicy = { ...DEFAULT_POLICY, ...o.policy };
   const spec: VmSpec = {
-    name: 'eng1', driver: 'sim', memoryBytes: o.memoryBytes, disks: [], dirtyRate: o.dirtyRate, writeRate: 0, fill: o.fill,
+    name: 'eng1', driver: 'sim', memoryBytes: o.memoryBytes, disks: [], dirtyRate: o.dirtyRate, writeRate: 0, fill: o.fill, compressible: o.compressible,
     probe: { address: '127.0.0.1', port: 0 },
   };
   const ownerPath = path.join(tmp, 'owner.json');
@@ -140,7 +142,8 @@ if (process.argv[1] && fileURLToPath(import.meta.url) === path.resolve(process.a
     memoryBytes: parseSize(arg('memory', '256MiB'), 'memory'),
     fill: Number(arg('fill', '1')),
     dirtyRate: parseSize(arg('dirty', '0'), 'dirty rate'),
-    policy: { downtimeLimitMs: Number(arg('limit', '300')), verify: arg('verify', 'digest') as 'digest' | 'full', autoConverge: arg('autoconverge', 'true') === 'true' },
+    compressible: Number(arg('compressible', '0')),
+    policy: { downtimeLimitMs: Number(arg('limit', '300')), verify: arg('verify', 'digest') as 'digest' | 'full', autoConverge: arg('autoconverge', 'true') === 'true', compression: arg('compression', 'none') as 'none' | 'deflate' },
     profDir: process.argv.includes('--prof') ? path.resolve(arg('prof', 'bench/prof')) : undefined,
     log: (m) => process.stderr.write(m + '\n'),
   });

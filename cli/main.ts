@@ -155,10 +155,11 @@ vm.command('create <name>').description('create and boot a VM (simulator, or QEM
   .option('--write-rate <size/s>', 'guest disk write rate', '256KiB/s')
   .option('--fill <fraction>', 'fraction of memory written at boot (rest stays zero)', (v) => { const n = Number(v); if (!(n >= 0 && n <= 1)) throw new InvalidArgumentError('--fill must be between 0 and 1'); return n; }, 0.5)
   .option('--disk-fill <fraction>', 'fraction of each disk written at boot', (v) => { const n = Number(v); if (!(n >= 0 && n <= 1)) throw new InvalidArgumentError('--disk-fill must be between 0 and 1'); return n; }, 0)
+  .option('--compressible <fraction>', 'fraction of each memory page that is repetitive rather than random (default 0)', (v) => { const n = Number(v); if (!(n >= 0 && n <= 1)) throw new InvalidArgumentError('--compressible must be between 0 and 1'); return n; }, 0)
   .option('--driver <sim|qemu>', 'hypervisor: the simulator, or a real QEMU guest (the test guest; workload options apply to sim only)', (v) => { if (v !== 'sim' && v !== 'qemu') throw new InvalidArgumentError('--driver must be sim or qemu'); return v; }, 'sim')
   .option('--json', 'JSON output')
-  .action(async (name: string, o: { host: string; memory: string; disk: string; disks: number; storage: string; dirtyRate: string; writeRate: string; fill: number; diskFill: number; driver: 'sim' | 'qemu'; json?: boolean }) => withClient(async (c) => {
-    const v = await c.createVm({ name, host: o.host, memory: o.memory, disk: o.disk, disks: o.disks, storage: o.storage, dirtyRate: o.dirtyRate, writeRate: o.writeRate, fill: o.fill, diskFill: o.diskFill, driver: o.driver });
+  .action(async (name: string, o: { host: string; memory: string; disk: string; disks: number; storage: string; dirtyRate: string; writeRate: string; fill: number; diskFill: number; compressible: number; driver: 'sim' | 'qemu'; json?: boolean }) => withClient(async (c) => {
+    const v = await c.createVm({ name, host: o.host, memory: o.memory, disk: o.disk, disks: o.disks, storage: o.storage, dirtyRate: o.dirtyRate, writeRate: o.writeRate, fill: o.fill, diskFill: o.diskFill, compressible: o.compressible, driver: o.driver });
     if (o.json) return out({ name: v.name, host: v.host, state: v.state, pid: v.pid, memoryBytes: v.spec.memoryBytes, probe: v.spec.probe });
     console.log(`VM ${v.name} ${v.state} on ${v.host} (pid ${v.pid}); probe ${v.spec.probe.address}:${v.spec.probe.port}`);
   }));
@@ -200,6 +201,15 @@ vm.command('destroy <name>').description('stop a VM and delete its files')
   }));
 
 // ---- migrate ----
+function throttleSteps(v: string): Pick<MigrationPolicy, 'throttleInitial' | 'throttleIncrement'> & { throttleMax?: number } {
+  const parts = v.split(',').map((x) => Number(x.trim()));
+  if (parts.length < 2 || parts.length > 3 || parts.some((x) => !Number.isFinite(x) || x < 0 || x > 0.99)) {
+    throw new InvalidArgumentError('--throttle-steps is initial,increment[,max], fractions between 0 and 0.99 (e.g. 0.2,0.1,0.99)');
+  }
+  if (parts[1]! < 0.01) throw new InvalidArgumentError('--throttle-steps: the increment must be at least 0.01');
+  return { throttleInitial: parts[0]!, throttleIncrement: parts[1]!, ...(parts[2] !== undefined ? { throttleMax: parts[2] } : {}) };
+}
+
 function policyFrom(o: Record<string, unknown>): Partial<MigrationPolicy> {
   const p: Partial<MigrationPolicy> = {};
   if (o.downtimeLimit !== undefined) p.downtimeLimitMs = o.downtimeLimit as number;
@@ -208,6 +218,8 @@ function policyFrom(o: Record<string, unknown>): Partial<MigrationPolicy> {
   if (o.autoConverge === false) p.autoConverge = false;
   if (o.convergenceTimeout !== undefined) p.convergenceTimeoutMsPerGiB = o.convergenceTimeout as number;
   if (o.verify !== undefined) p.verify = o.verify as MigrationPolicy['verify'];
+  if (o.compress) p.compression = 'deflate';
+  if (o.throttleSteps !== undefined) Object.assign(p, o.throttleSteps);
   if (o.approveCutover) p.approveCutover = true;
   if (o.approvalTimeout !== undefined) p.approvalTimeoutMs = o.approvalTimeout as number;
   return p;
@@ -220,6 +232,8 @@ function withPolicyOptions(c: Command): Command {
     .option('--max-bandwidth <size/s>', 'cap on the memory stream (default: none)')
     .option('--max-rounds <n>', 'pre-copy round limit (default 30)', intArg('--max-rounds'))
     .option('--no-auto-converge', 'never throttle the guest; roll back instead when pre-copy cannot converge')
+    .option('--throttle-steps <initial,increment[,max]>', 'auto-converge throttle steps as fractions of guest CPU (default 0.2,0.1,0.99)', throttleSteps)
+    .option('--compress', 'deflate the memory stream (fewer bytes for compressible memory, more source CPU)')
     .option('--approve-cutover', 'wait for `vmferry migration approve <id>` before the cutover')
     .option('--approval-timeout <ms>', 'roll back if not approved within this time (default 15 min)', intArg('--approval-timeout'))
     .option('--verify <mode>', 'cutover check: digest (per-page CRC table) or full (CRC of all memory)', (v) => { if (v !== 'digest' && v !== 'full') throw new InvalidArgumentError('--verify is digest or full'); return v; });
@@ -328,10 +342,11 @@ migration.command('approve <id>').description('approve a cutover that waits for 
 host.command('evacuate <host>').description('move every VM off a host (maintenance mode); one failed VM does not stop the others')
   .option('--to <hosts>', 'comma-separated destinations (default: every other host)', (v) => v.split(',').map((x) => x.trim()).filter(Boolean))
   .option('--concurrency <n>', 'migrations at a time (default 2)', intArg('--concurrency'))
+  .option('--per-host-limit <n>', 'migrations at a time touching any one host (default 2)', intArg('--per-host-limit'))
   .option('--wait', 'wait and report each VM\'s outcome')
   .option('--json', 'JSON output')
-  .action(async (name: string, o: { to?: string[]; concurrency?: number; wait?: boolean; json?: boolean }) => withClient(async (c) => {
-    const { id } = await c.evacuate(name, { to: o.to, concurrency: o.concurrency });
+  .action(async (name: string, o: { to?: string[]; concurrency?: number; perHostLimit?: number; wait?: boolean; json?: boolean }) => withClient(async (c) => {
+    const { id } = await c.evacuate(name, { to: o.to, concurrency: o.concurrency, perHostLimit: o.perHostLimit });
     if (!o.wait) { if (o.json) out({ id }); else console.log(`started ${id}`); return; }
     const done = c.awaitEvacuation(id);
     const tty = process.stderr.isTTY && !o.json;

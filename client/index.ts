@@ -44,6 +44,7 @@ export const createVmSchema = z.object({
   writeRate: z.union([z.number(), z.string()]).default('256KiB').transform((v) => (typeof v === 'number' ? v : parseRate(v, 'write rate'))),
   fill: z.number().min(0).max(1).default(0.5),
   diskFill: z.number().min(0).max(1).default(0),
+  compressible: z.number().min(0).max(1).default(0),
   /** 'qemu': a real QEMU guest (the test guest, built on the host by scripts/qemu/build-guest.sh); the workload fields are the simulator's. */
   driver: z.enum(['sim', 'qemu'], { errorMap: () => ({ message: 'driver must be "sim" or "qemu"' }) }).default('sim'),
 });
@@ -180,6 +181,7 @@ export class VmferryClient {
       writeRate: c.writeRate,
       fill: c.fill,
       diskFill: c.diskFill,
+      ...(c.compressible > 0 ? { compressible: c.compressible } : {}),
       probe: probeAddressFor(c.name),
     };
     return this.hostRequest<VmInfo>({ op: 'createVm', host: c.host, spec });
@@ -402,10 +404,11 @@ export class VmferryClient {
   }
 
   /** Moves every running VM off `host` (a workflow with one child workflow per VM). */
-  async evacuate(host: string, opts: { to?: string[]; concurrency?: number; policy?: z.input<typeof policySchema> } = {}): Promise<{ id: string }> {
+  async evacuate(host: string, opts: { to?: string[]; concurrency?: number; perHostLimit?: number; policy?: z.input<typeof policySchema> } = {}): Promise<{ id: string }> {
     this.requireHost(host);
     for (const t of opts.to ?? []) this.requireHost(t);
     if (opts.concurrency !== undefined && (!Number.isInteger(opts.concurrency) || opts.concurrency < 1)) throw new UsageError('concurrency must be a whole number ≥ 1');
+    if (opts.perHostLimit !== undefined && (!Number.isInteger(opts.perHostLimit) || opts.perHostLimit < 1 || opts.perHostLimit > 64)) throw new UsageError('per-host limit must be a whole number from 1 to 64');
     const policy = opts.policy ? parseOrThrow(policySchema, opts.policy) : undefined;
     const to = opts.to ?? this.knownHosts.filter((h) => h !== host);
     if (to.length === 0) throw new UsageError(`no destination hosts for evacuating ${host}: pass --to`);
@@ -414,7 +417,7 @@ export class VmferryClient {
     await this.client.workflow.start('evacuateHost', {
       taskQueue: ORCHESTRATOR_TASK_QUEUE,
       workflowId: id,
-      args: [{ host, to, concurrency: opts.concurrency, policy }],
+      args: [{ host, to, concurrency: opts.concurrency, ...(opts.perHostLimit !== undefined ? { perHostLimit: opts.perHostLimit } : {}), policy }],
       staticSummary: `evacuate ${host} → ${to.join(', ')}`,
     });
     return { id };

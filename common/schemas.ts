@@ -17,6 +17,7 @@ export const policyInputSchema = z.object({
   throttleIncrement: z.number().min(0.01).max(0.99),
   throttleMax: z.number().min(0).max(0.99),
   verify: z.enum(['digest', 'full']),
+  compression: z.enum(['none', 'deflate']),
   approveCutover: z.boolean(),
   approvalTimeoutMs: z.number().int().min(1000),
 }).partial().strict();

@@ -44,6 +44,8 @@ export interface VmSpec {
   fill: number;
   /** Fraction of each disk's blocks written at boot (default 0). */
   diskFill?: number;
+  /** Fraction of each written page that is repetitive (compressible) rather than random (default 0). */
+  compressible?: number;
   /** Stable loopback address the guest answers UDP echo probes on; it moves with the VM. */
   probe: { address: string; port: number };
 }
@@ -96,6 +98,11 @@ export interface MigrationPolicy {
   throttleMax: number;
   /** 'digest' compares per-page CRC tables at cutover; 'full' also CRCs the whole memory on both ends. */
   verify: 'digest' | 'full';
+  /**
+   * Memory stream compression: 'deflate' (level 1, per 1 MiB frame, kept only where it is
+   * smaller) trades source CPU for bytes on the wire; 'none' by default.
+   */
+  compression?: 'none' | 'deflate';
   /** Wait for an operator's approval (workflow update `approveCutover`) before the cutover. */
   approveCutover?: boolean;
   /** How long to wait for that approval before rolling back, ms. */
@@ -132,6 +139,9 @@ export interface ProgressSample {
   expectedDowntimeMs: number;
   state: 'precopy' | 'failed';
   error?: string;
+  /** With compression: what the frames would have weighed uncompressed, and the CPU it cost. */
+  rawBytes?: number;
+  compressCpuMs?: number;
 }
 
 export interface CutoverResult {
@@ -140,6 +150,9 @@ export interface CutoverResult {
   downtimeMs: number;
   finalPages: number;
   bytesSent: number;
+  /** With compression (see ProgressSample). */
+  rawBytes?: number;
+  compressCpuMs?: number;
   sourceDigest: number;
   destinationDigest: number;
   sourceFullCrc?: number;

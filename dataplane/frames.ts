@@ -9,6 +9,18 @@ export const HEADER = 12;
 export const MAX_BODY = 16 << 20;
 export const ZERO_FLAG = 0x8000_0000;
 
+/** Frame flags (byte 1 of the header). */
+export const FrameFlag = {
+  /**
+   * Pages frames read from a running guest: a page may have been rewritten after its CRC was
+   * taken (it is dirty again at the source and travels again), so a mismatch is not an error
+   * there; the cutover digest still compares every page's final CRC.
+   */
+  Live: 0x01,
+  /** The data region (after the index) is deflate-raw compressed. */
+  Deflate: 0x02,
+} as const;
+
 export enum FrameType {
   Hello = 1,
   Welcome = 2,
@@ -36,16 +48,18 @@ export interface Frame {
    * can checksum and place pages without first joining them; `body` joins on first use.
    */
   parts?: Buffer[];
+  /** Header flags (FrameFlag). */
+  flags?: number;
 }
 
 export const crc32: (data: Buffer | Uint8Array, value?: number) => number = (zlib as unknown as {
   crc32: (data: Buffer | Uint8Array, value?: number) => number;
 }).crc32;
 
-export function header(type: FrameType, body: Buffer | number, crc: number): Buffer {
+export function header(type: FrameType, body: Buffer | number, crc: number, flags = 0): Buffer {
   const h = Buffer.allocUnsafe(HEADER);
   h.writeUInt8(type, 0);
-  h.writeUInt8(0, 1);
+  h.writeUInt8(flags, 1);
   h.writeUInt16LE(0, 2);
   h.writeUInt32LE(typeof body === 'number' ? body : body.length, 4);
   h.writeUInt32LE(crc >>> 0, 8);
@@ -91,6 +105,7 @@ export class FrameReader {
       if (this.buffered < HEADER) break;
       const head = this.peek(HEADER);
       const type = head.readUInt8(0);
+      const flags = head.readUInt8(1);
       const len = head.readUInt32LE(4);
       const crc = head.readUInt32LE(8);
       if (!(type in FrameType)) throw new ProtocolError(`unknown frame type ${type}`);
@@ -117,6 +132,7 @@ export class FrameReader {
         covered = joinPrefix(frame.parts ?? [frame.body], head + n * 8);
       } else covered = frame.body;
       if ((crc32(covered) >>> 0) !== crc) throw new ProtocolError(`checksum mismatch on frame type ${FrameType[type]}`);
+      if (flags) frame.flags = flags;
       out.push(frame);
     }
     return out;

@@ -59,6 +59,10 @@ export async function startDevServer(opts: { dbFile?: string; logFile: string; p
   if (opts.headless) args.push('--headless');
   else args.push('--ui-disable-news-fetch');
   for (const [k, v] of Object.entries(SEARCH_ATTRIBUTES)) args.push('--search-attribute', `${k}=${v}`);
+  // One partition per task queue: each host queue has one agent polling it, and with the
+  // default four a task can land on a partition without a waiting poller and wait to be
+  // forwarded (measured here: ~46 → ~33 ms per sequential activity).
+  for (const k of ['matching.numTaskqueueReadPartitions', 'matching.numTaskqueueWritePartitions']) args.push('--dynamic-config-value', `${k}=1`);
   const log = fs.openSync(opts.logFile, 'a');
   const child = spawn(findTemporalCli(), args, { detached: true, stdio: ['ignore', log, log] });
   fs.closeSync(log);

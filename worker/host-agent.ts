@@ -42,6 +42,7 @@ driver.dataPlane = dataPlane;
 driver.diskReceiver = diskReceiver;
 const addr = await dataPlane.listen(host.dataPlane.host, host.dataPlane.port);
 host.dataPlane = addr;
+driver.warmSpare();
 
 installRuntime(`host-agent ${host.name}`);
 const { connectionOptions, namespace } = temporalConfig();

@@ -19,6 +19,7 @@ export async function liveMigration(input: LiveMigrationInput): Promise<Migratio
   const dst = hostProxies(input.to);
   const saga = new Saga();
   let started = false;
+  let supervisionEnded: Promise<void> = Promise.resolve();
   try {
     tracker.phase('preflight');
     const { vm, dest } = await preflight({ vm: input.vm, src, dst });
@@ -33,16 +34,17 @@ export async function liveMigration(input: LiveMigrationInput): Promise<Migratio
       }
     }
     started = true;
-    await moveMemory({ migrationId: input.migrationId, vm: input.vm, src, dst, policy, tracker, saga }, vm);
+    ({ supervisionEnded } = await moveMemory({ migrationId: input.migrationId, vm: input.vm, src, dst, policy, tracker, saga }, vm));
   } catch (err) {
     return rollBack(tracker, saga, err, started);
   }
   // Past the point of no return: the VM runs on the destination. Cleanup cannot be cancelled.
   tracker.phase('cleanup');
-  await CancellationScope.nonCancellable(() =>
+  await CancellationScope.nonCancellable(() => Promise.all([
     src.undo.releaseSource.executeWithOptions({ summary: `Remove the paused, fenced copy of ${input.vm} from ${input.from}` }, [
       { migrationId: input.migrationId, vm: input.vm, deleteStorage: false },
     ]),
-  );
+    supervisionEnded,
+  ]));
   return tracker.finish('completed', `VM ${input.vm} runs on ${input.to}`);
 }

@@ -22,6 +22,7 @@ export async function sharedNothingMigration(input: SharedNothingInput): Promise
   const ids = { migrationId: input.migrationId, vm: input.vm };
   const saga = new Saga();
   let started = false;
+  let supervisionEnded: Promise<void> = Promise.resolve();
   try {
     tracker.phase('preflight');
     const { vm } = await preflight({ vm: input.vm, src, dst });
@@ -39,7 +40,7 @@ export async function sharedNothingMigration(input: SharedNothingInput): Promise
     await awaitMirrorSynced({ ...ids, host: src, tracker }, async () => (await prepare()).token);
 
     // The mirror stays in place (guest writes keep flowing) through the memory move.
-    await moveMemory({ migrationId: input.migrationId, vm: input.vm, src, dst, policy, tracker, saga }, vm, grant.spec);
+    ({ supervisionEnded } = await moveMemory({ migrationId: input.migrationId, vm: input.vm, src, dst, policy, tracker, saga }, vm, grant.spec));
   } catch (err) {
     return rollBack(tracker, saga, err, started);
   }
@@ -47,6 +48,7 @@ export async function sharedNothingMigration(input: SharedNothingInput): Promise
   await CancellationScope.nonCancellable(async () => {
     await dst.undo.adoptDiskTargets({ ...ids, dir: input.toPath });
     await src.undo.releaseSource.executeWithOptions({ summary: `Break the mirror; remove ${input.vm} and its files from ${input.from}` }, [{ ...ids, deleteStorage: true }]);
+    await supervisionEnded;
   });
   return tracker.finish('completed', `VM ${input.vm} runs on ${input.to} with its own copy of the storage`);
 }

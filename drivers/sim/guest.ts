@@ -22,14 +22,17 @@ const POOL: Buffer = (() => {
 })();
 
 /** Writes the content that (kind, index, generation) must have into dst. */
-export function fillPattern(dst: Buffer, kind: number, index: number, gen: number): void {
+export function fillPattern(dst: Buffer, kind: number, index: number, gen: number, compressible = 0): void {
   dst.writeUInt32LE(MAGIC, 0);
   dst.writeUInt32LE(kind, 4);
   dst.writeUInt32LE(index, 8);
   dst.writeUInt32LE(gen, 12);
   const off = (Math.imul(index, 2654435761) + Math.imul(gen, 40503)) >>> 0;
   const start = (off % (POOL_SIZE - PAGE_SIZE)) & ~7;
-  POOL.copy(dst, 16, start, start + dst.length - 16);
+  // The tail fraction `compressible` of the page is one repeated byte (like text or sparse data).
+  const plain = compressible > 0 ? 16 + Math.floor((dst.length - 16) * (1 - Math.min(1, compressible))) : dst.length;
+  POOL.copy(dst, 16, start, start + plain - 16);
+  if (plain < dst.length) dst.fill((index + gen) & 0xff, plain);
 }
 
 export interface DeviceState extends DeviceStateSummary {
@@ -132,7 +135,7 @@ export class Guest {
 
   private writePage(page: number): void {
     const gen = this.memory.readUInt32LE(this.memLedgerOff + page * 4) + 1;
-    fillPattern(this.memory.subarray(page * PAGE_SIZE, (page + 1) * PAGE_SIZE), 1, page, gen);
+    fillPattern(this.memory.subarray(page * PAGE_SIZE, (page + 1) * PAGE_SIZE), 1, page, gen, this.spec.compressible);
     this.markDirty(page);
     this.ledgerSet(this.memLedgerOff, page, gen);
     this.state.memWrites++;
@@ -184,7 +187,7 @@ export class Guest {
       const actual = this.memory.subarray(p * PAGE_SIZE, (p + 1) * PAGE_SIZE);
       let ok: boolean;
       if (gen === 0) ok = actual.equals(zero);
-      else { written++; fillPattern(expect, 1, p, gen); ok = actual.equals(expect); }
+      else { written++; fillPattern(expect, 1, p, gen, this.spec.compressible); ok = actual.equals(expect); }
       if (!ok) { bad++; if (firstBad < 0) firstBad = p; }
     }
     checks.push({ name: 'memory-ledger', ok: bad === 0, detail: bad === 0 ? `${written} written pages match the guest ledger` : `${bad} pages disagree with the ledger (first: page ${firstBad})` });

@@ -131,24 +131,73 @@ export class SimDriver implements HypervisorDriver {
     }
   }
 
+  /** Environment of a VM process: its data-plane streams use this host's certificate. */
+  private vmEnv(): NodeJS.ProcessEnv {
+    const env = { ...process.env };
+    delete env[DATAPLANE_TLS_ENV];
+    if (this.host.tls) env[DATAPLANE_TLS_ENV] = JSON.stringify(this.host.tls);
+    return env;
+  }
+
+  /**
+   * Starts a VM process that loads its code and waits to be given a VM (see vm-process.ts):
+   * prepareIncoming adopts it instead of paying the process start inside the migration.
+   * VMFERRY_SPARE_VM=0 turns this off.
+   */
+  warmSpare(delayMs = 0): void {
+    if (this.spare || this.spareTimer || process.env.VMFERRY_SPARE_VM === '0') return;
+    this.spareTimer = setTimeout(() => {
+      this.spareTimer = null;
+      // Next to the run directory (same file system: the log is renamed into the VM's directory),
+      // not in it: the run directory lists VMs only.
+      const dir = path.join(path.dirname(this.host.runDir), `.spare-vm-${path.basename(this.host.runDir)}`);
+      fs.mkdirSync(dir, { recursive: true });
+      const log = path.join(dir, `${Date.now()}-${process.pid}.log`);
+      const logFd = fs.openSync(log, 'a');
+      const child = spawn(process.execPath, ['--import', TSX, VM_PROCESS, '--spare'], { detached: true, stdio: ['ignore', logFd, logFd, 'ipc'], env: this.vmEnv() });
+      fs.closeSync(logFd);
+      child.unref();
+      child.channel?.unref();
+      const spare = { child, log, ready: false };
+      this.spare = spare;
+      child.once('message', () => { spare.ready = true; });
+      child.once('exit', () => {
+        if (this.spare === spare) this.spare = null;
+        fs.rmSync(log, { force: true });
+      });
+    }, delayMs);
+    this.spareTimer.unref();
+  }
+
+  private spare: { child: ChildProcess; log: string; ready: boolean } | null = null;
+  private spareTimer: NodeJS.Timeout | null = null;
+
   private async spawnVm(cfg: VmRuntimeConfig, withIpc: boolean): Promise<ChildProcess> {
     const dir = this.runtimeDir(cfg.spec.name);
     fs.mkdirSync(dir, { recursive: true });
     fs.writeFileSync(path.join(dir, 'vm.json'), JSON.stringify(cfg, null, 2));
-    const logFd = fs.openSync(path.join(dir, 'vm.log'), 'a');
-    // Detached, own process group: killing the agent never kills its VMs.
-    // The VM process's outgoing data-plane streams (memory, disk mirror) use this host's
-    // certificate: its TLS paths go down with the runtime environment.
-    const env = { ...process.env };
-    delete env[DATAPLANE_TLS_ENV];
-    if (this.host.tls) env[DATAPLANE_TLS_ENV] = JSON.stringify(this.host.tls);
-    const child = spawn(process.execPath, ['--import', TSX, VM_PROCESS, dir], {
-      detached: true,
-      stdio: ['ignore', logFd, logFd, 'ipc'],
-      env,
-    });
-    fs.closeSync(logFd);
-    child.unref();
+    let child: ChildProcess;
+    const spare = this.spare;
+    if (spare?.ready && spare.child.connected && spare.child.exitCode === null) {
+      this.spare = null;
+      child = spare.child;
+      child.removeAllListeners('exit');
+      child.channel?.ref();
+      fs.renameSync(spare.log, path.join(dir, 'vm.log')); // its output file becomes the VM's log
+      child.send({ type: 'adopt', dir });
+      // The next spare starts once this VM has settled, not while it migrates.
+      this.warmSpare(5_000);
+    } else {
+      const logFd = fs.openSync(path.join(dir, 'vm.log'), 'a');
+      // Detached, own process group: killing the agent never kills its VMs.
+      child = spawn(process.execPath, ['--import', TSX, VM_PROCESS, dir], {
+        detached: true,
+        stdio: ['ignore', logFd, logFd, 'ipc'],
+        env: this.vmEnv(),
+      });
+      fs.closeSync(logFd);
+      child.unref();
+    }
     await new Promise<void>((resolve, reject) => {
       const timer = setTimeout(() => reject(new Error(`VM ${cfg.spec.name} did not start within 30 s (see ${dir}/vm.log)`)), 30_000);
       child.once('message', () => { clearTimeout(timer); resolve(); });
@@ -183,7 +232,10 @@ export class SimDriver implements HypervisorDriver {
     if (!rt) return { destroyed: false };
     if (opts.onlyMigration && rt.cfg.migrationId !== opts.onlyMigration) return { destroyed: false };
     const pid = rt.status?.pid;
-    if (pid && isAlive(pid)) {
+    if (pid && isAlive(pid) && rt.status?.state === 'migrated') {
+      // A handed-off source is paused, fenced and has closed its disks: nothing to shut down.
+      try { process.kill(pid, 'SIGKILL'); } catch { /* gone */ }
+    } else if (pid && isAlive(pid)) {
       try { await this.control(name, 'shutdown', {}, 5000); } catch { /* fall through to kill */ }
       for (let i = 0; i < 100 && isAlive(pid); i++) await sleep(20);
       if (isAlive(pid)) { try { process.kill(pid, 'SIGKILL'); } catch { /* gone */ } }

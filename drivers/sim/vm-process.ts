@@ -6,13 +6,14 @@ import fs from 'node:fs';
 import path from 'node:path';
 import net from 'node:net';
 import dgram from 'node:dgram';
+import zlib from 'node:zlib';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { Guest, ZERO_PAGE, type DeviceState } from './guest.js';
 import { serveControl } from './control.js';
 import { assertOwner, updateOwner, writeOwner, FencedError } from './ownership.js';
 import { DiskMirror, type MirrorTarget } from './disk-mirror.js';
 import { PAGE_SIZE, type VmSpec, type VmState, type MigrationPolicy, type ProgressSample, type CutoverResult, type DiskMirrorStatus } from '../../common/types.js';
-import { FrameChannel, FrameType, header, jsonFrame, writeAll, crc32, ZERO_FLAG, parseJson, type Frame } from '../../dataplane/frames.js';
+import { FrameChannel, FrameType, FrameFlag, header, jsonFrame, writeAll, crc32, ZERO_FLAG, parseJson, type Frame } from '../../dataplane/frames.js';
 import { connectDataPlane, acceptSecure, dataPlaneTlsFromEnv, type GrantCheck } from '../../dataplane/endpoint.js';
 import { faultPoint } from '../../common/faults.js';
 
@@ -43,7 +44,27 @@ export interface VmStatus {
   startedAt: string;
 }
 
-const runtimeDir = path.resolve(process.argv[2] ?? '.');
+/**
+ * A spare: modules loaded (most of a VM's start time, under tsx), no VM yet. The agent keeps one
+ * waiting and sends it the runtime directory when it needs a VM; a spare whose agent goes away
+ * has nothing to keep and exits.
+ */
+function adoption(): Promise<string> {
+  return new Promise((resolve) => {
+    const onDisconnect = (): void => process.exit(0);
+    const onMessage = (m: { type?: string; dir?: string }): void => {
+      if (m?.type !== 'adopt' || typeof m.dir !== 'string') return;
+      process.off('message', onMessage);
+      process.off('disconnect', onDisconnect);
+      resolve(path.resolve(m.dir));
+    };
+    process.on('message', onMessage);
+    process.once('disconnect', onDisconnect);
+    process.send?.({ type: 'spare-ready' });
+  });
+}
+
+const runtimeDir = process.argv[2] === '--spare' ? await adoption() : path.resolve(process.argv[2] ?? '.');
 const cfg = JSON.parse(fs.readFileSync(path.join(runtimeDir, 'vm.json'), 'utf8')) as VmRuntimeConfig;
 const statePath = path.join(runtimeDir, 'state.json');
 const controlPath = path.join(runtimeDir, 'control.sock');
@@ -160,51 +181,25 @@ interface Outgoing {
   bucketAt: number;
   /** Set during cutover: the last dirty pages go out even though pre-copy was stopped. */
   finalFlush?: boolean;
+  /** Bytes the frames would have had uncompressed, and CPU spent compressing (µs). */
+  rawBytes: number;
+  compressCpuUs: number;
+  compressSkip: number;
 }
 let outgoing: Outgoing | null = null;
 
-// Page frames: up to FRAME_PAGES pages (1 MiB of data) each. While the guest runs, a page is
-// copied once into a reusable slab (header + index + data, one write per frame) and its CRC
-// is taken of that copy, so what the CRC covers is exactly what goes out even if the guest
-// rewrites the page before the kernel has the bytes. While it is paused (final flush), pages
-// go straight from guest memory, contiguous runs as one buffer, in one writev.
+// Page frames: up to FRAME_PAGES pages (1 MiB of data) each, written straight from guest
+// memory (contiguous runs as one buffer, one writev per frame): no copy in this process. A
+// page's CRC is taken when its frame is built; if the guest rewrites the page before the kernel
+// has taken the bytes, that write re-dirtied the page, so it travels again, and the frame's Live
+// flag tells the destination that such a mismatch is expected (see FrameFlag.Live). Frames sent
+// while the guest is paused are exact.
 const FRAME_PAGES = 256;
 const HEADER = header(FrameType.Pages, 0, 0).length; // frame header bytes (dataplane/frames.ts)
-const SLAB_BYTES = HEADER + 4 + FRAME_PAGES * 8 + FRAME_PAGES * PAGE_SIZE;
-/** Slabs in flight per connection (8 MiB): the back-pressure of the memory stream. */
-const SLABS_IN_FLIGHT = 8;
-
-interface SlabPool { free: Buffer[]; made: number; waiters: Array<{ resolve: () => void; reject: (e: Error) => void }>; closed: boolean }
-const slabPools = new WeakMap<Outgoing, SlabPool>();
-
-function slabPool(o: Outgoing): SlabPool {
-  let pool = slabPools.get(o);
-  if (!pool) {
-    const pl: SlabPool = { free: [], made: 0, waiters: [], closed: false };
-    o.sock.once('close', () => {
-      pl.closed = true;
-      for (const w of pl.waiters.splice(0)) w.reject(new Error('data-plane connection closed'));
-    });
-    slabPools.set(o, pl);
-    pool = pl;
-  }
-  return pool;
-}
-
-async function takeSlab(o: Outgoing, pool: SlabPool): Promise<Buffer> {
-  for (;;) {
-    if (pool.closed || o.sock.destroyed || !o.sock.writable) throw new Error('data-plane connection closed');
-    const s = pool.free.pop();
-    if (s) return s;
-    if (pool.made < SLABS_IN_FLIGHT) { pool.made++; return Buffer.allocUnsafeSlow(SLAB_BYTES); }
-    await new Promise<void>((resolve, reject) => pool.waiters.push({ resolve, reject }));
-  }
-}
-
-function giveSlab(pool: SlabPool, slab: Buffer): void {
-  pool.free.push(slab);
-  pool.waiters.shift()?.resolve();
-}
+/** Bytes queued in this process per connection before the sender waits (back-pressure). */
+const QUEUE_BYTES = 8 << 20;
+/** The sender yields to the event loop (guest workload, probe, control) at least this often, ms. */
+const YIELD_MS = 4;
 
 /** True if the page at byte offset `off` of guest memory is all zeroes (no allocation). */
 function pageIsZero(off: number): boolean {
@@ -213,76 +208,88 @@ function pageIsZero(off: number): boolean {
   return m.compare(ZERO_PAGE, 0, PAGE_SIZE, off, off + PAGE_SIZE) === 0;
 }
 
+/** Resolves once the socket has taken everything queued (or closed). */
+function queueDrained(sock: net.Socket): Promise<void> {
+  if (sock.writableLength === 0 || sock.destroyed) return Promise.resolve();
+  return new Promise<void>((resolve) => {
+    const done = (): void => { sock.off('drain', done); sock.off('close', done); resolve(); };
+    sock.once('drain', done);
+    sock.once('close', done);
+  });
+}
+
+const yieldNow = (): Promise<void> => new Promise((r) => setImmediate(r));
+
 async function sendPages(o: Outgoing, pages: number[], from: number): Promise<number> {
   // Returns how many of `pages` (starting at `from`) went out; stops early when asked to.
-  const pool = slabPool(o);
   const mem = guest.memory;
   const dirty = guest.dirty;
   let i = from;
+  let lastYield = performance.now();
   while (i < pages.length) {
     if (o.stop && !o.finalFlush) break;
+    if (o.sock.destroyed || !o.sock.writable) throw new Error('data-plane connection closed');
     const n = Math.min(FRAME_PAGES, pages.length - i);
-    const paused = state !== 'running';
-    let slab: Buffer;
-    let parts: Buffer[] | null = null;
-    if (paused) { slab = Buffer.allocUnsafe(HEADER + 4 + n * 8); parts = [slab]; } else slab = await takeSlab(o, pool);
-    if (o.stop && !o.finalFlush) { if (!paused) giveSlab(pool, slab); break; }
-    slab.writeUInt32LE(n, HEADER);
-    const dataStart = HEADER + 4 + n * 8;
-    let at = dataStart;
+    const live = state === 'running';
+    const head = Buffer.allocUnsafe(HEADER + 4 + n * 8);
+    head.writeUInt32LE(n, HEADER);
+    const runs: Buffer[] = [];
     let data = 0;
-    let runStart = -1, runEnd = -1; // contiguous run of guest memory (paused path)
+    let runStart = -1, runEnd = -1; // contiguous run of guest memory
     for (let k = 0; k < n; k++) {
       const p = pages[i + k]!;
-      // Clear the dirty bit and copy in the same tick: a later write re-dirties the page.
+      // Clear the dirty bit and read the page in the same tick: a later write re-dirties it.
       if (dirty[p]) { dirty[p] = 0; guest.dirtyCount--; }
       const off = p * PAGE_SIZE;
       const ix = HEADER + 4 + k * 8;
       let crc: number;
       if (pageIsZero(off)) {
-        slab.writeUInt32LE((p | ZERO_FLAG) >>> 0, ix);
+        head.writeUInt32LE((p | ZERO_FLAG) >>> 0, ix);
         crc = ZERO_CRC;
       } else {
-        slab.writeUInt32LE(p, ix);
-        if (paused) {
-          crc = crc32(mem.subarray(off, off + PAGE_SIZE)) >>> 0;
-          if (off === runEnd) runEnd += PAGE_SIZE;
-          else { if (runStart >= 0) parts!.push(mem.subarray(runStart, runEnd)); runStart = off; runEnd = off + PAGE_SIZE; }
-        } else {
-          mem.copy(slab, at, off, off + PAGE_SIZE);
-          crc = crc32(slab.subarray(at, at + PAGE_SIZE)) >>> 0;
-          at += PAGE_SIZE;
-        }
+        head.writeUInt32LE(p, ix);
+        crc = crc32(mem.subarray(off, off + PAGE_SIZE)) >>> 0;
+        if (off === runEnd) runEnd += PAGE_SIZE;
+        else { if (runStart >= 0) runs.push(mem.subarray(runStart, runEnd)); runStart = off; runEnd = off + PAGE_SIZE; }
         data++;
       }
-      slab.writeUInt32LE(crc, ix + 4);
+      head.writeUInt32LE(crc, ix + 4);
       o.crcs[p] = crc;
     }
+    if (runStart >= 0) runs.push(mem.subarray(runStart, runEnd));
     i += n;
-    const bodyLen = 4 + n * 8 + data * PAGE_SIZE;
-    slab.writeUInt8(FrameType.Pages, 0);
-    slab.writeUInt8(0, 1);
-    slab.writeUInt16LE(0, 2);
-    slab.writeUInt32LE(bodyLen, 4);
-    slab.writeUInt32LE(crc32(slab.subarray(HEADER, dataStart)) >>> 0, 8);
-    if (paused) {
-      if (runStart >= 0) parts!.push(mem.subarray(runStart, runEnd));
-      o.sock.cork(); // one writev for the frame
-      let w: Promise<void> | void;
-      try { w = writeAll(o.sock, parts!); } finally { o.sock.uncork(); }
-      await w;
-    } else {
-      if (o.sock.destroyed || !o.sock.writable) { giveSlab(pool, slab); throw new Error('data-plane connection closed'); }
-      o.sock.write(slab.subarray(0, HEADER + bodyLen), () => giveSlab(pool, slab));
+    let flags = live ? FrameFlag.Live : 0;
+    let payload = runs;
+    let dataLen = data * PAGE_SIZE;
+    if (o.policy.compression === 'deflate' && data > 0 && o.compressSkip-- <= 0) {
+      // Deflate level 1, kept only when it saves; memory that does not compress (saves < 10%)
+      // is sent plain for the next 32 frames before trying again, so it costs little CPU.
+      const c0 = process.cpuUsage();
+      const z = zlib.deflateRawSync(runs.length === 1 ? runs[0]! : Buffer.concat(runs, dataLen), { level: 1 });
+      const c = process.cpuUsage(c0);
+      o.compressCpuUs += c.user + c.system;
+      o.compressSkip = z.length > dataLen * 0.9 ? 32 : 0;
+      if (z.length < dataLen) { payload = [z]; dataLen = z.length; flags |= FrameFlag.Deflate; }
     }
+    const bodyLen = 4 + n * 8 + dataLen;
+    head.writeUInt8(FrameType.Pages, 0);
+    head.writeUInt8(flags, 1);
+    head.writeUInt16LE(0, 2);
+    head.writeUInt32LE(bodyLen, 4);
+    head.writeUInt32LE(crc32(head.subarray(HEADER)) >>> 0, 8);
+    o.sock.cork(); // one writev for the frame
+    try { for (const b of [head, ...payload]) o.sock.write(b); } finally { o.sock.uncork(); }
     o.bytesSent += bodyLen + HEADER;
+    o.rawBytes += HEADER + 4 + n * 8 + data * PAGE_SIZE;
     o.pagesSent += data;
+    if (o.sock.writableLength > QUEUE_BYTES) await queueDrained(o.sock);
     if (o.policy.maxBandwidth > 0) {
       // Token bucket on wall time: sleep until the bytes sent so far are within the cap.
       o.bucketAt = Math.max(o.bucketAt, performance.now() - 50) + ((bodyLen + HEADER) / o.policy.maxBandwidth) * 1000;
       const wait = o.bucketAt - performance.now();
-      if (wait > 1) await sleep(wait);
+      if (wait > 1) { await sleep(wait); lastYield = performance.now(); }
     }
+    if (performance.now() - lastYield > YIELD_MS) { await yieldNow(); lastYield = performance.now(); }
   }
   return i;
 }
@@ -311,18 +318,6 @@ function linkAccount(o: Outgoing): { bytes: number; ms: number } {
   return a;
 }
 
-/** Resolves once every slab of this job is back from the kernel (or the connection is gone). */
-function slabsDrained(o: Outgoing): Promise<void> {
-  const pool = slabPools.get(o);
-  if (!pool) return Promise.resolve();
-  return new Promise<void>((resolve) => {
-    const check = (): void => {
-      if (pool.closed || pool.free.length >= pool.made) resolve();
-      else pool.waiters.push({ resolve: check, reject: () => resolve() });
-    };
-    check();
-  });
-}
 
 async function precopy(o: Outgoing): Promise<void> {
   while (!o.stop) {
@@ -335,7 +330,12 @@ async function precopy(o: Outgoing): Promise<void> {
       pages = [];
       // Zero pages need not travel: the destination's memory starts zeroed and both CRC
       // tables start at the zero page's CRC.
-      for (let p = 0; p < guest.pages; p++) if (!pageIsZero(p * PAGE_SIZE)) pages.push(p);
+      // (In slices: a mostly-zero memory takes a while to scan and the guest keeps running;
+      // a page it writes meanwhile is dirty either way.)
+      for (let p = 0; p < guest.pages; p++) {
+        if (!pageIsZero(p * PAGE_SIZE)) pages.push(p);
+        if ((p & 0x3fff) === 0x3fff) await yieldNow();
+      }
       // Mark them dirty so an interrupted first round leaves them for the final copy.
       for (const p of pages) guest.markDirty(p);
       // That marking is not the guest's doing: it must not count as its dirty rate.
@@ -347,7 +347,7 @@ async function precopy(o: Outgoing): Promise<void> {
     if (o.stop) break; // interrupted: unsent pages are still dirty
     // Measure the link on bytes the kernel took, not bytes queued: a small round that only
     // filled the queue would otherwise promise a bandwidth (and a downtime) it never had.
-    await slabsDrained(o);
+    await queueDrained(o.sock);
     const dt = Math.max(1, performance.now() - t0);
     const roundBytes = o.bytesSent - sentBefore;
     const acct = linkAccount(o);
@@ -387,9 +387,9 @@ async function precopy(o: Outgoing): Promise<void> {
     if (list.length * PAGE_SIZE < PRE_PAUSE_MIN_BYTES) break;
     o.finalFlush = true; // send through the stop request
     try { await sendPages(o, list, 0); } finally { o.finalFlush = false; }
-    await slabsDrained(o);
+    await queueDrained(o.sock);
   }
-  await slabsDrained(o);
+  await queueDrained(o.sock);
 }
 
 async function startOutgoing(p: { migrationId: string; endpoint: { host: string; port: number }; token: string; policy: MigrationPolicy }): Promise<{ started: boolean }> {
@@ -401,7 +401,7 @@ async function startOutgoing(p: { migrationId: string; endpoint: { host: string;
   const o: Outgoing = {
     id: p.migrationId, state: 'precopy', sock: sock.sock, chan, policy: p.policy, round: 0, bytesSent: 0, pagesSent: 0,
     startedAt: performance.now(), crcs: new Uint32Array(guest.pages).fill(ZERO_CRC), samples: [], waiters: [], stop: false,
-    loop: Promise.resolve(), bucketAt: performance.now(),
+    loop: Promise.resolve(), bucketAt: performance.now(), rawBytes: 0, compressCpuUs: 0, compressSkip: 0,
   };
   chan.onFrame = (f) => {
     if (f.type !== FrameType.Error || o.state !== 'precopy') return false;
@@ -430,6 +430,10 @@ function fail(o: Outgoing, error: string): void {
   persist();
 }
 
+function compressionFigures(o: Outgoing): { rawBytes?: number; compressCpuMs?: number } {
+  return o.policy.compression === 'deflate' ? { rawBytes: o.rawBytes, compressCpuMs: Math.round(o.compressCpuUs / 1000) } : {};
+}
+
 function requireOutgoing(id: unknown): Outgoing {
   if (!outgoing || outgoing.id !== id) throw new Error(`VM ${cfg.spec.name} has no outgoing migration ${String(id)}`);
   return outgoing;
@@ -447,7 +451,7 @@ async function progress(p: { migrationId: string; afterRound: number; waitMs?: n
     dirtyPages: guest.dirtyCount, dirtyRate: 0, bandwidth: 0, throttle: guest.state.throttle, expectedDowntimeMs: 1e9, state: 'precopy',
   };
   if (o.state === 'failed' || o.state === 'cancelled') return { ...base, state: 'failed', error: o.error ?? o.state };
-  return { ...base, bytesSent: o.bytesSent, pagesSent: o.pagesSent };
+  return { ...base, bytesSent: o.bytesSent, pagesSent: o.pagesSent, ...compressionFigures(o) };
 }
 
 function setPolicy(p: { migrationId: string; throttle?: number; maxBandwidth?: number }): { throttle: number } {
@@ -494,7 +498,7 @@ async function doCutover(o: Outgoing, verify: 'digest' | 'full'): Promise<Cutove
   o.sock.end();
   mirror?.close(); // break the mirror: the destination's copy is the VM's disk now
   const result: CutoverResult = {
-    pausedAt, resumedAt: r.resumedAt, downtimeMs, finalPages: finalList.length, bytesSent: o.bytesSent,
+    pausedAt, resumedAt: r.resumedAt, downtimeMs, finalPages: finalList.length, bytesSent: o.bytesSent, ...compressionFigures(o),
     sourceDigest: digest, destinationDigest: v.digest, sourceFullCrc, destinationFullCrc: v.fullCrc, epoch: newEpoch,
     deviceState: { vcpuTicks: guest.state.vcpuTicks, memWrites: guest.state.memWrites, diskWrites: guest.state.diskWrites },
   };
@@ -634,11 +638,13 @@ interface Incoming {
   bytes: number;
   pages: number;
   crcs: Uint32Array;
+  /** Live pages whose bytes no longer matched their CRC (rewritten at the source meanwhile). */
+  torn: number;
   error?: string;
   sock?: net.Socket;
 }
 let incoming: Incoming | null = cfg.mode === 'incoming'
-  ? { state: 'waiting', bytes: 0, pages: 0, crcs: new Uint32Array(guest.pages).fill(ZERO_CRC) }
+  ? { state: 'waiting', bytes: 0, pages: 0, torn: 0, crcs: new Uint32Array(guest.pages).fill(ZERO_CRC) }
   : null;
 
 /** The first n bytes of a frame body given in pieces (a view when the first piece holds them). */
@@ -650,7 +656,7 @@ function bodyPrefix(parts: Buffer[], n: number): Buffer {
  * Places one Pages frame, given as the pieces it arrived in (no joining copy): each page's CRC
  * is checked against the index table before the page reaches guest memory.
  */
-function applyPages(inc: Incoming, parts: Buffer[]): void {
+function applyPages(inc: Incoming, parts: Buffer[], flags = 0): void {
   let total = 0;
   for (const b of parts) total += b.length;
   if (total < 4) throw new Error('page frame shorter than its index');
@@ -658,6 +664,16 @@ function applyPages(inc: Incoming, parts: Buffer[]): void {
   const idxLen = 4 + n * 8;
   if (total < idxLen) throw new Error('page frame shorter than its index');
   const index = bodyPrefix(parts, idxLen);
+  const wireBytes = total;
+  if (flags & FrameFlag.Deflate) {
+    // Inflate the data region; the limit refuses a frame that would expand beyond its pages.
+    const z = Buffer.concat(parts).subarray(idxLen);
+    let data: Buffer;
+    try { data = zlib.inflateRawSync(z, { maxOutputLength: n * PAGE_SIZE }); } catch (e) { throw new Error(`page frame does not inflate: ${(e as Error).message}`); }
+    parts = [index, data];
+    total = idxLen + data.length;
+  }
+  const live = (flags & FrameFlag.Live) !== 0;
   const mem = guest.memory;
   const crcs = inc.crcs;
   // Cursor over the pieces: part pi, offset po; pos counts body bytes consumed.
@@ -679,9 +695,19 @@ function applyPages(inc: Incoming, parts: Buffer[]): void {
     const part = parts[pi]!;
     if (part.length - po >= PAGE_SIZE) {
       const data = part.subarray(po, po + PAGE_SIZE);
-      if ((crc32(data) >>> 0) !== crc) throw new Error(`page ${p} failed its checksum`);
+      const got = crc32(data) >>> 0;
       mem.set(data, dst);
       po += PAGE_SIZE;
+      if (got !== crc) {
+        if (!live) throw new Error(`page ${p} failed its checksum`);
+        // Rewritten at the source after its CRC was taken: dirty there, so it travels again.
+        // Our table keeps what arrived; the cutover digest settles it.
+        crcs[p] = got;
+        inc.torn++;
+        pos += PAGE_SIZE;
+        inc.pages++;
+        continue;
+      }
     } else {
       // The page straddles two socket reads: checksum the pieces, then copy them.
       const pieces: Buffer[] = [];
@@ -696,22 +722,29 @@ function applyPages(inc: Incoming, parts: Buffer[]): void {
         got += take;
         po += take;
       }
-      if ((c >>> 0) !== crc) throw new Error(`page ${p} failed its checksum`);
       let at = dst;
       for (const piece of pieces) { mem.set(piece, at); at += piece.length; }
+      if ((c >>> 0) !== crc) {
+        if (!live) throw new Error(`page ${p} failed its checksum`);
+        crcs[p] = c >>> 0;
+        inc.torn++;
+        pos += PAGE_SIZE;
+        inc.pages++;
+        continue;
+      }
     }
     pos += PAGE_SIZE;
     inc.pages++;
     crcs[p] = crc;
   }
   if (pos !== total) throw new Error('page frame has trailing bytes');
-  inc.bytes += total + 12;
+  inc.bytes += wireBytes + 12;
 }
 
 async function onIncomingFrame(inc: Incoming, f: Frame): Promise<void> {
   switch (f.type) {
     case FrameType.Pages:
-      applyPages(inc, f.parts ?? [f.body]);
+      applyPages(inc, f.parts ?? [f.body], f.flags);
       return;
     case FrameType.Device: {
       const d = parseJson<{ device: DeviceState; digest: number; verify: 'digest' | 'full' }>(f);
