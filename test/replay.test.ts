@@ -34,6 +34,17 @@ describe('replay of recorded histories', () => {
     expect([...types].sort()).toEqual(['evacuateHost', 'hostRequest', 'inventory', 'liveMigration', 'sharedNothingMigration', 'storageMigration']);
   });
 
+  it('keeps fixtures of both sides of every patch', () => {
+    // The newest fixtures were recorded on the patched path, the older ones before it existed.
+    const patchesOf = (name: string): string[] => (histories.find((h) => h.name === name)?.history.events ?? [])
+      .map((e) => e.markerRecordedEventAttributes?.details?.['patch-data']?.payloads?.[0]?.data)
+      .filter((d): d is Uint8Array => !!d)
+      .map((d) => (JSON.parse(Buffer.from(d).toString('utf8')) as { id?: string }).id ?? '');
+    for (const name of ['live-migration-completed-v3', 'shared-nothing-completed-v3']) expect(patchesOf(name)).toContain('fast-path-v3');
+    for (const name of ['live-migration-completed-v2', 'shared-nothing-completed']) expect(patchesOf(name)).not.toContain('fast-path-v3');
+    expect(patchesOf('live-migration-completed-v2')).toContain('supervision-ends-by-itself');
+  });
+
   it('replays every history with the current code', async () => {
     const results = [];
     for await (const r of Worker.runReplayHistories({ workflowBundle: bundle, replayName: 'vmferry-replay' }, iterate())) results.push(r);

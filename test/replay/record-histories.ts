@@ -97,5 +97,16 @@ console.log(JSON.stringify((await c.awaitEvacuation(ev.id)).items.map((i) => i.s
 await save('evacuate-host', ev.id);
 for (const n of [`rec-ev1-${tag}`, `rec-ev2-${tag}`]) await c.destroyVm(n).catch(() => undefined);
 
-for (const n of [`rec-ok-${tag}`, `rec-cancel-${tag}`, `rec-throttle-${tag}`, `rec-st-${tag}`, `rec-stc-${tag}`, `rec-sn-${tag}`, `rec-v2-${tag}`]) await c.destroyVm(n).catch(() => undefined);
+// 9. Live and shared-nothing migrations on the fast path (patch 'fast-path-v3': preflight in
+// parallel, cleanup overlapping the end of supervision).
+await c.createVm({ name: `rec-v3-${tag}`, host: A, memory: '16MiB', disk: '4MiB', dirtyRate: '4MiB', fill: 0.5 });
+const v3 = await c.startMigration({ type: 'live', vm: `rec-v3-${tag}`, to: B });
+console.log((await c.awaitMigration(v3.id)).outcome);
+await save('live-migration-completed-v3', v3.id);
+await c.createVm({ name: `rec-sn3-${tag}`, host: A, memory: '16MiB', disk: '8MiB', storage: 'local', writeRate: '1MiB', diskFill: 0.5 });
+const sn3 = await c.startMigration({ type: 'shared-nothing', vm: `rec-sn3-${tag}`, to: B });
+console.log((await c.awaitMigration(sn3.id)).outcome);
+await save('shared-nothing-completed-v3', sn3.id);
+
+for (const n of [`rec-v3-${tag}`, `rec-sn3-${tag}`, `rec-ok-${tag}`, `rec-cancel-${tag}`, `rec-throttle-${tag}`, `rec-st-${tag}`, `rec-stc-${tag}`, `rec-sn-${tag}`, `rec-v2-${tag}`]) await c.destroyVm(n).catch(() => undefined);
 await c.close();
