@@ -7,9 +7,10 @@
 //                                 kind 'qemu'); a VM on neither goes to the simulator, whose
 //                                 answers for absent VMs (VmGone, aborted: true, ...) stand
 //   list                          the union
-//   storage moves                 simulator only; refused for QEMU VMs (their compensations
-//                                 and clean-ups are no-ops there: nothing was started, and a
-//                                 throwing compensation would be retried forever)
+//   storage moves                 by the VM's kind (prepareDiskTargets by spec.driver); a
+//                                 QEMU VM's compensations and clean-ups are no-ops when the
+//                                 QEMU driver is missing (nothing was started, and a throwing
+//                                 compensation would be retried forever)
 import fs from 'node:fs';
 import path from 'node:path';
 import { spawnSync } from 'node:child_process';
@@ -73,15 +74,9 @@ export class DriverRouter implements HypervisorDriver, StorageMoves {
     return this.recordedKind(name) === 'qemu' ? this.qemuOrThrow(`VM ${name} is a QEMU VM`) : this.sim;
   }
 
-  /** Storage moves exist for simulated VMs only. */
-  private storage(name: string): SimDriver {
-    if (this.recordedKind(name) === 'qemu') throw new Error(`storage moves of VM ${name}: not supported by the QEMU driver yet (live migration with shared storage only)`);
-    return this.sim;
-  }
-
-  private storageForSpec(spec: VmSpec): SimDriver {
-    if (spec.driver === 'qemu') throw new Error(`storage moves of VM ${spec.name}: not supported by the QEMU driver yet (live migration with shared storage only)`);
-    return this.sim;
+  /** Storage moves go to the driver that owns the VM (QEMU: block jobs over QMP, NBD). */
+  private storage(name: string): HypervisorDriver & StorageMoves {
+    return this.recordedKind(name) === 'qemu' ? this.qemuOrThrow(`storage move of QEMU VM ${name}`) : this.sim;
   }
 
   /**
@@ -164,7 +159,7 @@ export class DriverRouter implements HypervisorDriver, StorageMoves {
     return this.byName(name).rollbackOutgoing(name, migrationId, allowReclaim);
   }
 
-  // ---------------------------------------------------------------- StorageMoves (simulator only)
+  // ---------------------------------------------------------------- StorageMoves
 
   async startLocalDiskMirror(name: string, migrationId: string, targets: Record<string, string>, maxBandwidth?: number): Promise<DiskMirrorStatus> {
     return this.storage(name).startLocalDiskMirror(name, migrationId, targets, maxBandwidth);
@@ -182,8 +177,11 @@ export class DriverRouter implements HypervisorDriver, StorageMoves {
     return this.storage(name).resumeDiskMirror(name, migrationId, token);
   }
 
+  // Compensations and clean-ups of QEMU VMs are no-ops when the QEMU driver is missing (nothing
+  // could have been started, and a throwing compensation would be retried forever).
+
   async abortDiskMirror(name: string, migrationId: string, targets?: Record<string, string>): Promise<{ aborted: boolean }> {
-    if (this.recordedKind(name) === 'qemu') return { aborted: false };
+    if (this.recordedKind(name) === 'qemu') return this.qemu ? this.qemu.abortDiskMirror(name, migrationId, targets) : { aborted: false };
     return this.sim.abortDiskMirror(name, migrationId, targets);
   }
 
@@ -192,21 +190,32 @@ export class DriverRouter implements HypervisorDriver, StorageMoves {
   }
 
   async deleteOldDiskFiles(name: string, paths: string[]): Promise<{ deleted: string[] }> {
-    if (this.recordedKind(name) === 'qemu') return { deleted: [] };
+    if (this.recordedKind(name) === 'qemu') return this.qemu ? this.qemu.deleteOldDiskFiles(name, paths) : { deleted: [] };
     return this.sim.deleteOldDiskFiles(name, paths);
   }
 
   async prepareDiskTargets(spec: VmSpec, migrationId: string, sourceHost: string, epoch: number, dir?: string): Promise<DiskTargetGrant & { spec: VmSpec }> {
-    return this.storageForSpec(spec).prepareDiskTargets(spec, migrationId, sourceHost, epoch, dir);
+    if (spec.driver === 'qemu') {
+      // The QEMU destination starts its incoming process here already: admitted like one.
+      const q = this.qemuOrThrow(`VM ${spec.name} needs QEMU`);
+      await this.admit(spec, q);
+      return q.prepareDiskTargets(spec, migrationId, sourceHost, epoch, dir);
+    }
+    return this.sim.prepareDiskTargets(spec, migrationId, sourceHost, epoch, dir);
   }
 
   async deleteDiskTargets(name: string, migrationId: string, dir?: string): Promise<{ deleted: boolean }> {
-    if (this.recordedKind(name) === 'qemu') return { deleted: false };
-    return this.sim.deleteDiskTargets(name, migrationId, dir);
+    const kind = this.recordedKind(name);
+    if (kind === 'qemu') return this.qemu ? this.qemu.deleteDiskTargets(name, migrationId, dir) : { deleted: false };
+    const r = await this.sim.deleteDiskTargets(name, migrationId, dir);
+    // No runtime dir (a QEMU destination whose process abortIncoming already removed): its
+    // images are found by the migration's marker, as the simulator's are.
+    if (!r.deleted && kind === null && this.qemu) return this.qemu.deleteDiskTargets(name, migrationId, dir);
+    return r;
   }
 
   async adoptDiskTargets(name: string, migrationId: string, dir?: string): Promise<void> {
-    if (this.recordedKind(name) === 'qemu') return;
+    if (this.recordedKind(name) === 'qemu') return this.qemu?.adoptDiskTargets(name, migrationId, dir);
     return this.sim.adoptDiskTargets(name, migrationId, dir);
   }
 }

