@@ -31,6 +31,25 @@ export function createHostActivities({ host, driver }: HostActivityDeps) {
   const nonRetryable = (e: unknown, type: string): never => {
     throw ApplicationFailure.create({ message: (e as Error).message, type, nonRetryable: true });
   };
+  /**
+   * The host's limit on simultaneous migrations (host.json maxConcurrentMigrations, default 2).
+   * A full host answers with a retryable HostBusy: the activity's retry policy makes the
+   * migration wait for a slot (visible in the UI as the pending activity's last failure) until
+   * its schedule-to-close deadline. A destination counts everything in flight on it; a source
+   * counts its outgoing moves only, so two hosts migrating to each other cannot deadlock.
+   */
+  const admitMigration = async (migrationId: string, vm: string, direction: 'incoming' | 'outgoing'): Promise<void> => {
+    const limit = host.maxConcurrentMigrations > 0 ? host.maxConcurrentMigrations : 2;
+    const busy = (await driver.list()).filter((v) => v.migrationId && v.migrationId !== migrationId && v.name !== vm
+      && v.state !== 'stopped' && v.state !== 'failed' && v.state !== 'migrated'
+      && (direction === 'incoming' || v.state !== 'incoming'));
+    if (busy.length >= limit) {
+      throw ApplicationFailure.create({
+        message: `host ${host.name} is busy: ${busy.length} migration(s) in flight (${busy.map((v) => v.name).join(', ')}), limit ${limit}; waiting for a slot`,
+        type: 'HostBusy',
+      });
+    }
+  };
 
   return {
     async hostInfo(): Promise<HostInfo> {
@@ -68,6 +87,7 @@ export function createHostActivities({ host, driver }: HostActivityDeps) {
     },
 
     async prepareIncoming(p: { migrationId: string; spec: VmSpec; sourceHost: string }): Promise<IncomingTarget> {
+      await admitMigration(p.migrationId, p.spec.name, 'incoming');
       try { return await driver.prepareIncoming(p.spec, p.migrationId, p.sourceHost); } catch (e) { return nonRetryable(e, 'DestinationRefused'); }
     },
 
@@ -95,6 +115,7 @@ export function createHostActivities({ host, driver }: HostActivityDeps) {
     },
 
     async startOutgoing(p: { migrationId: string; vm: string; target: IncomingTarget; policy: MigrationPolicy }): Promise<void> {
+      await admitMigration(p.migrationId, p.vm, 'outgoing');
       try { await driver.startOutgoing(p.vm, p.migrationId, p.target, p.policy); } catch (e) { nonRetryable(e, 'SourceRefused'); }
     },
 
@@ -130,10 +151,12 @@ export function createHostActivities({ host, driver }: HostActivityDeps) {
     // ---- storage moves ----
 
     async startLocalDiskMirror(p: { migrationId: string; vm: string; targets: Record<string, string>; maxBandwidth?: number }): Promise<DiskMirrorStatus> {
+      await admitMigration(p.migrationId, p.vm, 'outgoing');
       try { return await storage().startLocalDiskMirror(p.vm, p.migrationId, p.targets, p.maxBandwidth); } catch (e) { return nonRetryable(e, 'StorageRefused'); }
     },
 
     async startRemoteDiskMirror(p: { migrationId: string; vm: string; grant: DiskTargetGrant; maxBandwidth?: number }): Promise<DiskMirrorStatus> {
+      await admitMigration(p.migrationId, p.vm, 'outgoing');
       try {
         return await storage().startDiskMirror(p.vm, p.migrationId, { kind: 'remote', endpoint: p.grant.endpoint, token: p.grant.token, hello: { migrationId: p.migrationId, vm: p.vm, from: host.name } }, p.maxBandwidth);
       } catch (e) { return nonRetryable(e, 'StorageRefused'); }
@@ -175,6 +198,7 @@ export function createHostActivities({ host, driver }: HostActivityDeps) {
     },
 
     async prepareDiskTargets(p: { migrationId: string; spec: VmSpec; sourceHost: string; epoch: number; dir?: string }): Promise<DiskTargetGrant & { spec: VmSpec }> {
+      await admitMigration(p.migrationId, p.spec.name, 'incoming');
       try { return await storage().prepareDiskTargets(p.spec, p.migrationId, p.sourceHost, p.epoch, p.dir); } catch (e) { return nonRetryable(e, 'DestinationRefused'); }
     },
 

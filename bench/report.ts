@@ -29,13 +29,19 @@ export interface CaseResult {
   verified: boolean | null;
   cleanRollback?: boolean;
   error?: string;
+  /** Bytes on the wire ÷ pre-copy time (startOutgoing returned → cutover began): the bandwidth-cap check. */
+  linkBytesPerSec?: number;
+  /** With compression: uncompressed frame bytes and the source CPU spent compressing. */
+  compression?: { rawBytes: number; cpuMs: number };
 }
+
+export interface EvacuationRun { from: string; to: string; concurrency: number; vms: number; memoryBytes: number; totalMs: number; completed: number; failed: number; maxDowntimeMs: number; meanDowntimeMs: number; vmsPerMinute: number; error?: string }
 
 export interface Target { name: string; value: number | string | null; target: string; pass: boolean }
 
 const mib = (b: number): string => (b / 2 ** 20).toFixed(0);
 
-export function markdown(r: { startedAt: string; scale: number; machine: Record<string, unknown>; baselines: Record<string, number>; cases: CaseResult[]; storage?: Record<string, unknown> | null; notMeasured: Array<{ name: string; why: string }>; targets: Target[] }): string {
+export function markdown(r: { startedAt: string; scale: number; machine: Record<string, unknown>; baselines: Record<string, number>; cases: CaseResult[]; storage?: Record<string, unknown> | null; evacuations?: EvacuationRun[]; notMeasured: Array<{ name: string; why: string }>; targets: Target[] }): string {
   const L: string[] = [];
   L.push(`# vmferry bench — ${r.startedAt}`, '');
   L.push(`Scale ${r.scale}; machine: ${Object.entries(r.machine).map(([k, v]) => `${k} ${String(v)}`).join(', ')}`, '');
@@ -53,6 +59,12 @@ export function markdown(r: { startedAt: string; scale: number; machine: Record<
     const st = r.storage as { outcome?: string; reason?: string; totalMs?: number; diskBytes?: number; bytesPerSec?: number; ratioToStorageBaseline?: number; error?: string };
     L.push('', '## Storage migration', '');
     L.push(`${mib(st.diskBytes ?? 0)} MiB disk: ${st.outcome ?? '?'}${st.reason ? ` (${st.reason})` : ''}${st.error ? ` — ${st.error}` : ''}; ${st.totalMs ? `${st.totalMs.toFixed(0)} ms, ${mib(st.bytesPerSec ?? 0)} MiB/s = ${((st.ratioToStorageBaseline ?? 0) * 100).toFixed(0)}% of min(sequential read, write) on the same storage` : ''}`);
+  }
+  if (r.evacuations?.length) {
+    L.push('', '## Evacuation', '', '| from → to | VMs | at a time | completed | total s | VMs/min | downtime mean / max ms |', '|---|---|---|---|---|---|---|');
+    for (const e of r.evacuations) {
+      L.push(`| ${e.from} → ${e.to} | ${e.vms} × ${mib(e.memoryBytes)} MiB | ${e.concurrency} | ${e.completed}${e.error ? ` (${e.error})` : ''} | ${(e.totalMs / 1000).toFixed(1)} | ${e.vmsPerMinute} | ${e.meanDowntimeMs} / ${e.maxDowntimeMs} |`);
+    }
   }
   if (r.notMeasured.length) {
     L.push('', '## Not measured', '');

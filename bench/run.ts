@@ -13,7 +13,7 @@ import { VmferryClient, startMigrationSchema } from '../client/index.js';
 import { Prober, type ProbeStats } from '../client/probe.js';
 import type { MigrationPolicy, MigrationResult } from '../common/types.js';
 import { loopbackThroughput, storageThroughput } from './baselines.js';
-import { markdown, svg, type CaseResult, type Target } from './report.js';
+import { markdown, svg, type CaseResult, type EvacuationRun, type Target } from './report.js';
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 const RESULTS = path.join(HERE, 'results');
@@ -30,6 +30,8 @@ const profDir = flag('prof');
 const keep = argv.includes('--keep');
 /** Streams the engine uses for one migration (one TCP connection per memory job). */
 const ENGINE_STREAMS: number = 1;
+/** The bandwidth-cap case's --max-bandwidth. */
+const BANDWIDTH_CAP = 64 * 2 ** 20;
 /** Policy of every case unless a case says otherwise; recorded in the results. */
 const BENCH_POLICY: Partial<MigrationPolicy> = { downtimeLimitMs: 40 };
 
@@ -64,6 +66,8 @@ interface CaseDef {
   dirtyFraction: number;
   policy?: Partial<MigrationPolicy>;
   expect: 'completed' | 'rolled-back';
+  /** Fraction of each page that is repetitive (the compression cases). */
+  compressible?: number;
 }
 
 async function main(): Promise<void> {
@@ -113,7 +117,8 @@ async function main(): Promise<void> {
   const [A, B] = hosts as [string, string];
   say('starting lab (orchestrator, agents)…');
   cleanups.push(() => labDown(labDir, { purge: false }));
-  await labUp({ dir: labDir, hosts });
+  // Host limit 4: the evacuation case runs 4 migrations at a time.
+  await labUp({ dir: labDir, hosts, maxConcurrentMigrations: 4 });
   if (profDir) delete process.env.NODE_OPTIONS;
   const client = await VmferryClient.connect({ labDir });
   cleanups.push(() => client.close());
@@ -137,6 +142,11 @@ async function main(): Promise<void> {
     }
   }
   cases.push({ name: `${scale === 1 ? '1GiB' : `1GiB×${scale}`} zero-heavy (90% zero pages)`, memoryBytes: memBig, fill: 0.1, dirtyFraction: 0, expect: 'completed' });
+  const small = scale === 1 ? '256MiB' : `256MiB×${scale}`;
+  cases.push({ name: `${small} bandwidth cap ${BANDWIDTH_CAP / MiB} MiB/s`, memoryBytes: memSmall, fill: 1, dirtyFraction: 0, expect: 'completed', policy: { maxBandwidth: BANDWIDTH_CAP } });
+  for (const compression of ['none', 'deflate'] as const) {
+    cases.push({ name: `${small} 70% compressible, compression ${compression}`, memoryBytes: memSmall, fill: 1, dirtyFraction: 0, expect: 'completed', compressible: 0.7, policy: { compression } });
+  }
   const selected = cases.filter((c) => !only || only.some((o) => c.name.includes(o)));
 
   const results: CaseResult[] = [];
@@ -158,8 +168,25 @@ async function main(): Promise<void> {
     storage = await storageCase(client, A, diskBytes, labDir, baselines).catch((e: Error) => ({ outcome: 'error', error: e.message }));
     say(`  storage: ${JSON.stringify(storage)}`);
   }
-  const hasEvacuation = ['evacuate', 'startEvacuation', 'evacuateHost'].some((m) => typeof (client as unknown as Record<string, unknown>)[m] === 'function');
-  notMeasured.push({ name: 'evacuation', why: hasEvacuation ? 'evacuation API present but no bench case for it yet' : 'evacuation not implemented yet' });
+  const evacuations: EvacuationRun[] = [];
+  if (!only || only.some((o) => 'evacuation'.includes(o))) {
+    // 20 VMs off one host and back: 2 at a time there, 4 at a time on the way back.
+    const evacMem = roundTo(128 * MiB * scale, MiB);
+    const names = Array.from({ length: 20 }, (_, i) => `evac${i}`);
+    say(`case evacuation: creating ${names.length} VMs of ${mibStr(evacMem)} on ${A}…`);
+    try {
+      for (const n of names) await client.createVm({ name: n, host: A, memory: evacMem, disk: MiB, dirtyRate: 4 * MiB, writeRate: 0, fill: 1 });
+      for (const [from, to, concurrency] of [[A, B, 2], [B, A, 4]] as const) {
+        say(`case evacuation: ${from} → ${to}, ${concurrency} at a time…`);
+        evacuations.push(await evacuationRun(client, from, to, concurrency, names.length, evacMem));
+        say(`  ${JSON.stringify(evacuations.at(-1))}`);
+      }
+    } catch (e) {
+      evacuations.push({ from: A, to: B, concurrency: 0, vms: names.length, memoryBytes: evacMem, totalMs: 0, completed: 0, failed: names.length, maxDowntimeMs: 0, meanDowntimeMs: 0, vmsPerMinute: 0, error: (e as Error).message });
+    } finally {
+      for (const n of names) await client.destroyVm(n).catch(() => undefined);
+    }
+  }
 
   const agentEnd: Record<string, number> = { [A]: procKiB(agentPid(A), 'VmHWM'), [B]: procKiB(agentPid(B), 'VmHWM') };
 
@@ -186,6 +213,24 @@ async function main(): Promise<void> {
     const median = (xs: number[]): number => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
     targets.push({ name: 'orchestration overhead per migration (worst case)', value: `${worst.toFixed(0)} ms (median ${median(completed.map((r) => r.orchestrationOverheadMs)).toFixed(0)} ms)`, target: '≤ 250 ms', pass: worst <= 250 });
   }
+  const cap = results.find((r) => r.name.includes('bandwidth cap'));
+  if (cap) {
+    const ratio = (cap.linkBytesPerSec ?? 0) / BANDWIDTH_CAP;
+    targets.push({ name: `bandwidth cap ${BANDWIDTH_CAP / MiB} MiB/s honoured (bytes on the wire ÷ pre-copy time)`, value: `${((cap.linkBytesPerSec ?? 0) / MiB).toFixed(1)} MiB/s (${pct(ratio)} of the cap)`, target: 'within ±10%', pass: cap.outcome === 'completed' && Math.abs(ratio - 1) <= 0.1 });
+  }
+  const plain = results.find((r) => r.name.includes('compression none'));
+  const packed = results.find((r) => r.name.includes('compression deflate'));
+  if (plain && packed) {
+    targets.push({
+      name: 'compression: fewer bytes for compressible memory (70% repetitive pages), with its CPU cost',
+      value: `wire ${pct(packed.wireRatio)} vs ${pct(plain.wireRatio)} of memory; ${packed.compression?.cpuMs ?? '?'} ms source CPU; total ${packed.totalMs.toFixed(0)} vs ${plain.totalMs.toFixed(0)} ms`,
+      target: 'measurably fewer bytes (≤ 80% of uncompressed)',
+      pass: packed.outcome === 'completed' && plain.outcome === 'completed' && packed.wireRatio <= 0.8 * plain.wireRatio,
+    });
+  }
+  for (const e of evacuations) {
+    targets.push({ name: `evacuation: ${e.vms} × ${mibStr(e.memoryBytes)}, ${e.concurrency} at a time`, value: e.error ? `error: ${e.error}` : `${e.completed}/${e.vms} completed in ${(e.totalMs / 1000).toFixed(1)} s (${e.vmsPerMinute} VMs/min), downtime max ${e.maxDowntimeMs} ms`, target: 'every VM moved', pass: !e.error && e.completed === e.vms });
+  }
   const bigRuns = results.filter((r) => r.memoryBytes === memBig);
   if (bigRuns.length) {
     const growth = Math.max(...bigRuns.flatMap((r) => Object.values(r.agentRssKiB).map((a) => a.growth)));
@@ -196,7 +241,7 @@ async function main(): Promise<void> {
     startedAt, scale,
     machine: { cpus: os.cpus().length, cpu: os.cpus()[0]?.model ?? '?', memGiB: +(os.totalmem() / GiB).toFixed(1), node: process.version, load: os.loadavg().map((x) => +x.toFixed(2)).join(' ') },
     benchPolicy: BENCH_POLICY, engineStreams: ENGINE_STREAMS,
-    baselines, cases: results, storage, notMeasured,
+    baselines, cases: results, storage, evacuations, notMeasured,
     agents: Object.fromEntries(hosts.map((h) => [h, { rssAtStartKiB: agentStart[h], hwmAtEndKiB: agentEnd[h], growthKiB: (agentEnd[h] ?? 0) - (agentStart[h] ?? 0) }])),
     targets,
   };
@@ -225,7 +270,7 @@ interface Ctx { A: string; B: string; engineBaseline: number; agentPid: (h: stri
 async function runCase(client: VmferryClient, c: CaseDef, vmName: string, x: Ctx): Promise<CaseResult> {
   const policy: Partial<MigrationPolicy> = { ...BENCH_POLICY, ...c.policy };
   const dirtyRate = Math.round(c.dirtyFraction * x.engineBaseline);
-  await client.createVm({ name: vmName, host: x.A, memory: c.memoryBytes, disk: MiB, dirtyRate, writeRate: 0, fill: c.fill });
+  await client.createVm({ name: vmName, host: x.A, memory: c.memoryBytes, disk: MiB, dirtyRate, writeRate: 0, fill: c.fill, compressible: c.compressible ?? 0 });
   try {
     const vm = (await client.vmSpec(vmName))!;
     const agentsBefore = { [x.A]: procKiB(x.agentPid(x.A), 'VmRSS'), [x.B]: procKiB(x.agentPid(x.B), 'VmRSS') };
@@ -279,6 +324,8 @@ async function runCase(client: VmferryClient, c: CaseDef, vmName: string, x: Ctx
       downtimeMs: r.downtimeMs, probe: stats, rounds: r.rounds, bytesTransferred: r.bytesTransferred, wireRatio: r.bytesTransferred / c.memoryBytes,
       throughputBytesPerSec: (c.memoryBytes / totalMs) * 1000, throughputRatio: ((c.memoryBytes / totalMs) * 1000) / x.engineBaseline,
       finalThrottle: throttles.at(-1) ?? 0, decisions: r.decisions.length, agentRssKiB, vmHwmKiB: vmHwm, verified, cleanRollback,
+      linkBytesPerSec: (r.bytesTransferred / (h.precopyMs > 0 ? h.precopyMs : dataMs)) * 1000,
+      compression: r.cutover?.rawBytes !== undefined ? { rawBytes: r.cutover.rawBytes, cpuMs: r.cutover.compressCpuMs ?? 0 } : undefined,
       error: c.expect !== r.outcome ? `expected ${c.expect}` : verified === false ? 'verify failed' : undefined,
     };
   } finally {
@@ -286,8 +333,21 @@ async function runCase(client: VmferryClient, c: CaseDef, vmName: string, x: Ctx
   }
 }
 
+async function evacuationRun(client: VmferryClient, from: string, to: string, concurrency: number, vms: number, memoryBytes: number): Promise<EvacuationRun> {
+  const t0 = performance.now();
+  const { id } = await client.evacuate(from, { to: [to], concurrency, perHostLimit: concurrency, policy: BENCH_POLICY });
+  const r = await client.awaitEvacuation(id);
+  const totalMs = performance.now() - t0;
+  const downs = r.items.filter((i) => i.state === 'completed').map((i) => i.downtimeMs ?? 0);
+  return {
+    from, to, concurrency, vms, memoryBytes, totalMs, completed: r.completed, failed: r.failed,
+    maxDowntimeMs: downs.length ? Math.max(...downs) : 0, meanDowntimeMs: downs.length ? Math.round(downs.reduce((a, b) => a + b, 0) / downs.length) : 0,
+    vmsPerMinute: +((r.completed / totalMs) * 60_000).toFixed(1),
+  };
+}
+
 /** Times from the workflow history: the data-movement window and what surrounds it. */
-async function historyTimes(client: VmferryClient, id: string): Promise<{ workflowMs: number; dataMovementMs: number; breakdown: Record<string, number> }> {
+async function historyTimes(client: VmferryClient, id: string): Promise<{ workflowMs: number; dataMovementMs: number; precopyMs: number; breakdown: Record<string, number> }> {
   const hist = await client.client.workflow.getHandle(id).fetchHistory();
   const ms = (t: unknown): number => { const ts = t as { seconds?: unknown; nanos?: number } | null; return ts ? Number(ts.seconds ?? 0) * 1000 + (ts.nanos ?? 0) / 1e6 : 0; };
   const sched = new Map<string, string>(); // scheduled event id → activity type
@@ -320,7 +380,9 @@ async function historyTimes(client: VmferryClient, id: string): Promise<{ workfl
   }
   if (last.cutover?.started && last.awaitProgress?.completed) breakdown['last progress → cutover started (decision)'] = last.cutover.started - last.awaitProgress.completed;
   if (endData) breakdown['data end → workflow end (cleanup)'] = wfEnd - endData;
-  return { workflowMs, dataMovementMs: startData && endData ? endData - startData : 0, breakdown };
+  // Pre-copy alone (the capped stream): startOutgoing returned → cutover began.
+  const precopyMs = first.startOutgoing?.completed && last.cutover?.started ? last.cutover.started - first.startOutgoing.completed : 0;
+  return { workflowMs, dataMovementMs: startData && endData ? endData - startData : 0, precopyMs, breakdown };
 }
 
 async function storageCase(client: VmferryClient, host: string, diskBytes: number, labDir: string, baselines: Record<string, number>): Promise<Record<string, unknown>> {

@@ -66,7 +66,7 @@ async function waitFor(what: string, check: () => boolean, pid: number, logFile:
   throw new Error(`${what} did not become ready within ${timeoutMs / 1000} s; see ${logFile}`);
 }
 
-function hostConfigFor(dir: string, name: string, port: number): HostConfig {
+function hostConfigFor(dir: string, name: string, port: number, maxConcurrentMigrations = 2): HostConfig {
   const home = path.join(dir, 'hosts', name);
   return {
     name,
@@ -78,7 +78,7 @@ function hostConfigFor(dir: string, name: string, port: number): HostConfig {
     ],
     runDir: path.join(home, 'run'),
     dataPlane: { host: '127.0.0.1', port },
-    maxConcurrentMigrations: 2,
+    maxConcurrentMigrations,
   };
 }
 
@@ -86,6 +86,8 @@ export interface LabUpOptions {
   dir?: string;
   hosts?: string[];
   log?: (m: string) => void;
+  /** Each host's limit on simultaneous migrations (default 2). */
+  maxConcurrentMigrations?: number;
 }
 
 /** Starts whatever is missing; touches nothing that already runs. */
@@ -137,7 +139,7 @@ export async function labUp(opts: LabUpOptions = {}): Promise<LabStatus> {
       cfg = JSON.parse(fs.readFileSync(configFile, 'utf8')) as HostConfig;
       if (!cfg.tls) { cfg.tls = pki[name]; fs.writeFileSync(configFile, JSON.stringify(cfg, null, 2)); }
     } else {
-      cfg = { ...hostConfigFor(dir, name, await freePort()), tls: pki[name] };
+      cfg = { ...hostConfigFor(dir, name, await freePort(), opts.maxConcurrentMigrations), tls: pki[name] };
       fs.mkdirSync(home, { recursive: true });
       fs.writeFileSync(configFile, JSON.stringify(cfg, null, 2));
     }

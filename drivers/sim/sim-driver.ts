@@ -2,6 +2,7 @@
 // every call reads the VM's runtime directory (state file + control socket), so an agent that
 // restarts re-attaches to VM processes that kept running without it.
 import fs from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import net from 'node:net';
 import { spawn, type ChildProcess } from 'node:child_process';
@@ -22,6 +23,9 @@ import { FrameType, jsonFrame } from '../../dataplane/frames.js';
 
 const VM_PROCESS = fileURLToPath(new URL('./vm-process.ts', import.meta.url));
 import { TSX_LOADER as TSX } from '../../common/tsx.js';
+
+/** Only root may raise a process's priority back (adoption), so only root lowers it first. */
+const RENICE = process.getuid?.() === 0;
 
 export function isAlive(pid: number): boolean {
   try { process.kill(pid, 0); return true; } catch (e) { return (e as NodeJS.ErrnoException).code === 'EPERM'; }
@@ -158,6 +162,8 @@ export class SimDriver implements HypervisorDriver {
       fs.closeSync(logFd);
       child.unref();
       child.channel?.unref();
+      // Loading at low CPU priority: a spare must not slow the migrations running meanwhile.
+      if (RENICE && child.pid) { try { os.setPriority(child.pid, 10); } catch { /* stays at normal priority */ } }
       const spare = { child, log, ready: false };
       this.spare = spare;
       child.once('message', () => { spare.ready = true; });
@@ -184,9 +190,11 @@ export class SimDriver implements HypervisorDriver {
       child.removeAllListeners('exit');
       child.channel?.ref();
       fs.renameSync(spare.log, path.join(dir, 'vm.log')); // its output file becomes the VM's log
+      if (RENICE && child.pid) { try { os.setPriority(child.pid, 0); } catch { /* see RENICE */ } }
       child.send({ type: 'adopt', dir });
-      // The next spare starts once this VM has settled, not while it migrates.
-      this.warmSpare(5_000);
+      // The next spare: right away at low priority when we can restore a VM's priority after
+      // (root, as hypervisor agents run); otherwise once this VM has settled.
+      this.warmSpare(RENICE ? 0 : 5_000);
     } else {
       const logFd = fs.openSync(path.join(dir, 'vm.log'), 'a');
       // Detached, own process group: killing the agent never kills its VMs.

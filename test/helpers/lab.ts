@@ -21,19 +21,19 @@ export interface TestLab {
   down(): Promise<void>;
 }
 
-export async function startTestLab(names = ['A', 'B']): Promise<TestLab> {
+export async function startTestLab(names = ['A', 'B'], opts: { maxConcurrentMigrations?: number } = {}): Promise<TestLab> {
   process.env.TEMPORAL_ADDRESS = inject('temporalAddress');
   const tag = crypto.randomBytes(3).toString('hex');
   const hosts = names.map((n) => `h${n}-${tag}`);
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vmferry-lab-'));
-  await labUp({ dir, hosts });
+  await labUp({ dir, hosts, ...opts });
   const client = await VmferryClient.connect({ labDir: dir });
   const lab: TestLab = {
     dir,
     hosts,
     client,
     status: () => labStatus(dir),
-    up: () => labUp({ dir, hosts }),
+    up: () => labUp({ dir, hosts, ...opts }),
     async killAgent(host) {
       const h = labStatus(dir).hosts.find((x) => x.name === host)!;
       process.kill(h.pid!, 'SIGKILL');
