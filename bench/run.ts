@@ -387,7 +387,8 @@ async function historyTimes(client: VmferryClient, id: string): Promise<{ workfl
 
 async function storageCase(client: VmferryClient, host: string, diskBytes: number, labDir: string, baselines: Record<string, number>): Promise<Record<string, unknown>> {
   const name = 'benchdisk';
-  await client.createVm({ name, host, memory: 64 * MiB, disk: diskBytes, dirtyRate: 0, writeRate: 1 * MiB, fill: 0.5 });
+  // A disk full of data (an empty one would only measure holes), the guest writing meanwhile.
+  await client.createVm({ name, host, memory: 64 * MiB, disk: diskBytes, dirtyRate: 0, writeRate: 1 * MiB, fill: 0.5, diskFill: 1 });
   try {
     const toPath = path.join(labDir, 'hosts', host, 'local', 'vms', name);
     const t0 = performance.now();

@@ -606,11 +606,21 @@ async function abortDiskMirror(p: { migrationId: string }): Promise<{ aborted: b
 }
 
 /** The switch of a live storage migration: guest I/O moves to the new files in one tick. */
-function switchDisks(p: { migrationId: string; disks: VmSpec['disks']; diskPaths: Record<string, string> }): { switched: boolean; ownerPath: string; epoch: number; crcs: Record<string, number> } {
+let switching: Promise<{ switched: boolean; ownerPath: string; epoch: number; crcs: Record<string, number> }> | null = null;
+
+function switchDisks(p: { migrationId: string; disks: VmSpec['disks']; diskPaths: Record<string, string> }): Promise<{ switched: boolean; ownerPath: string; epoch: number; crcs: Record<string, number> }> {
+  // One switch at a time: a retried call joins the running one.
+  switching ??= doSwitchDisks(p).finally(() => { switching = null; });
+  return switching;
+}
+
+async function doSwitchDisks(p: { migrationId: string; disks: VmSpec['disks']; diskPaths: Record<string, string> }): Promise<{ switched: boolean; ownerPath: string; epoch: number; crcs: Record<string, number> }> {
   const m = requireMirror(p.migrationId);
   if (m.state === 'switched') return { switched: true, ownerPath: cfg.ownerPath, epoch, crcs: {} };
   if (m.state !== 'synced') throw new Error(`disk mirror is ${m.state}, not synced${m.error ? `: ${m.error}` : ''}`);
-  const crcs = m.verifyLocal();
+  // Byte-for-byte comparison (no checksum to report: the copies were compared directly).
+  await m.verifyLocal();
+  const crcs: Record<string, number> = {};
   const fds = m.takeLocalFds();
   const oldFds = guest.disks.map((d) => d.fd);
   guest.disks.forEach((d, i) => { d.fd = fds[i]!; d.path = p.diskPaths[d.id]!; });
