@@ -27,6 +27,16 @@ import { TSX_LOADER as TSX } from '../../common/tsx.js';
 /** Only root may raise a process's priority back (adoption), so only root lowers it first. */
 const RENICE = process.getuid?.() === 0;
 
+/**
+ * Linux niceness is per thread: every thread of the process (V8's GC and compiler helpers, the
+ * libuv pool) must move, or a VM's main thread ends up waiting on helpers left at low priority.
+ */
+function renice(pid: number, nice: number): void {
+  let tids: number[] = [pid];
+  try { tids = fs.readdirSync(`/proc/${pid}/task`).map(Number); } catch { /* not Linux: the process */ }
+  for (const t of tids) { try { os.setPriority(t, nice); } catch { /* thread gone, or not allowed */ } }
+}
+
 export function isAlive(pid: number): boolean {
   try { process.kill(pid, 0); return true; } catch (e) { return (e as NodeJS.ErrnoException).code === 'EPERM'; }
 }
@@ -163,7 +173,7 @@ export class SimDriver implements HypervisorDriver {
       child.unref();
       child.channel?.unref();
       // Loading at low CPU priority: a spare must not slow the migrations running meanwhile.
-      if (RENICE && child.pid) { try { os.setPriority(child.pid, 10); } catch { /* stays at normal priority */ } }
+      if (RENICE && child.pid) renice(child.pid, 10);
       const spare = { child, log, ready: false };
       this.spare = spare;
       child.once('message', () => { spare.ready = true; });
@@ -190,7 +200,7 @@ export class SimDriver implements HypervisorDriver {
       child.removeAllListeners('exit');
       child.channel?.ref();
       fs.renameSync(spare.log, path.join(dir, 'vm.log')); // its output file becomes the VM's log
-      if (RENICE && child.pid) { try { os.setPriority(child.pid, 0); } catch { /* see RENICE */ } }
+      if (RENICE && child.pid) renice(child.pid, 0);
       child.send({ type: 'adopt', dir });
       // The next spare: right away at low priority when we can restore a VM's priority after
       // (root, as hypervisor agents run); otherwise once this VM has settled.

@@ -185,6 +185,8 @@ interface Outgoing {
   rawBytes: number;
   compressCpuUs: number;
   compressSkip: number;
+  /** Settles when the kernel has taken the last frame written (see queueDrained). */
+  flushed: Promise<void>;
 }
 let outgoing: Outgoing | null = null;
 
@@ -208,14 +210,27 @@ function pageIsZero(off: number): boolean {
   return m.compare(ZERO_PAGE, 0, PAGE_SIZE, off, off + PAGE_SIZE) === 0;
 }
 
-/** Resolves once the socket has taken everything queued (or closed). */
-function queueDrained(sock: net.Socket): Promise<void> {
-  if (sock.writableLength === 0 || sock.destroyed) return Promise.resolve();
+/**
+ * Back-pressure: resolves once the queue is below the high-water mark again (or the socket
+ * closed). Only valid after a write returned false (then 'drain' is due), which any queue above
+ * QUEUE_BYTES implies.
+ */
+function queueBelowMark(sock: net.Socket): Promise<void> {
+  if (!sock.writableNeedDrain || sock.destroyed) return Promise.resolve();
   return new Promise<void>((resolve) => {
     const done = (): void => { sock.off('drain', done); sock.off('close', done); resolve(); };
     sock.once('drain', done);
     sock.once('close', done);
   });
+}
+
+/**
+ * Resolves once the kernel has taken every frame written so far: the last frame's write
+ * callback (callbacks run in write order, with an error if the socket is destroyed). Not
+ * 'drain', which is only emitted after a write returned false: a short queue may never see one.
+ */
+function queueDrained(o: Outgoing): Promise<void> {
+  return o.flushed;
 }
 
 const yieldNow = (): Promise<void> => new Promise((r) => setImmediate(r));
@@ -277,12 +292,15 @@ async function sendPages(o: Outgoing, pages: number[], from: number): Promise<nu
     head.writeUInt16LE(0, 2);
     head.writeUInt32LE(bodyLen, 4);
     head.writeUInt32LE(crc32(head.subarray(HEADER)) >>> 0, 8);
+    const bufs = [head, ...payload];
+    let written!: () => void;
+    o.flushed = new Promise<void>((r) => { written = r; });
     o.sock.cork(); // one writev for the frame
-    try { for (const b of [head, ...payload]) o.sock.write(b); } finally { o.sock.uncork(); }
+    try { bufs.forEach((b, k) => o.sock.write(b, k === bufs.length - 1 ? () => written() : undefined)); } finally { o.sock.uncork(); }
     o.bytesSent += bodyLen + HEADER;
     o.rawBytes += HEADER + 4 + n * 8 + data * PAGE_SIZE;
     o.pagesSent += data;
-    if (o.sock.writableLength > QUEUE_BYTES) await queueDrained(o.sock);
+    if (o.sock.writableLength > QUEUE_BYTES) await queueBelowMark(o.sock);
     if (o.policy.maxBandwidth > 0) {
       // Token bucket on wall time: sleep until the bytes sent so far are within the cap.
       o.bucketAt = Math.max(o.bucketAt, performance.now() - 50) + ((bodyLen + HEADER) / o.policy.maxBandwidth) * 1000;
@@ -347,7 +365,7 @@ async function precopy(o: Outgoing): Promise<void> {
     if (o.stop) break; // interrupted: unsent pages are still dirty
     // Measure the link on bytes the kernel took, not bytes queued: a small round that only
     // filled the queue would otherwise promise a bandwidth (and a downtime) it never had.
-    await queueDrained(o.sock);
+    await queueDrained(o);
     const dt = Math.max(1, performance.now() - t0);
     const roundBytes = o.bytesSent - sentBefore;
     const acct = linkAccount(o);
@@ -387,9 +405,9 @@ async function precopy(o: Outgoing): Promise<void> {
     if (list.length * PAGE_SIZE < PRE_PAUSE_MIN_BYTES) break;
     o.finalFlush = true; // send through the stop request
     try { await sendPages(o, list, 0); } finally { o.finalFlush = false; }
-    await queueDrained(o.sock);
+    await queueDrained(o);
   }
-  await queueDrained(o.sock);
+  await queueDrained(o);
 }
 
 async function startOutgoing(p: { migrationId: string; endpoint: { host: string; port: number }; token: string; policy: MigrationPolicy }): Promise<{ started: boolean }> {
@@ -401,7 +419,7 @@ async function startOutgoing(p: { migrationId: string; endpoint: { host: string;
   const o: Outgoing = {
     id: p.migrationId, state: 'precopy', sock: sock.sock, chan, policy: p.policy, round: 0, bytesSent: 0, pagesSent: 0,
     startedAt: performance.now(), crcs: new Uint32Array(guest.pages).fill(ZERO_CRC), samples: [], waiters: [], stop: false,
-    loop: Promise.resolve(), bucketAt: performance.now(), rawBytes: 0, compressCpuUs: 0, compressSkip: 0,
+    loop: Promise.resolve(), bucketAt: performance.now(), rawBytes: 0, compressCpuUs: 0, compressSkip: 0, flushed: Promise.resolve(),
   };
   chan.onFrame = (f) => {
     if (f.type !== FrameType.Error || o.state !== 'precopy') return false;
