@@ -235,14 +235,16 @@ function queueDrained(o: Outgoing): Promise<void> {
 
 const yieldNow = (): Promise<void> => new Promise((r) => setImmediate(r));
 
-async function sendPages(o: Outgoing, pages: number[], from: number): Promise<number> {
-  // Returns how many of `pages` (starting at `from`) went out; stops early when asked to.
+async function sendPages(o: Outgoing, pages: number[], from: number, until = Infinity): Promise<number> {
+  // Returns how many of `pages` (starting at `from`) went out; stops early when asked to, or
+  // at `until` (performance.now() time): pages not sent stay dirty for the next round.
   const mem = guest.memory;
   const dirty = guest.dirty;
   let i = from;
   let lastYield = performance.now();
   while (i < pages.length) {
     if (o.stop && !o.finalFlush) break;
+    if (performance.now() > until) break;
     if (o.sock.destroyed || !o.sock.writable) throw new Error('data-plane connection closed');
     const n = Math.min(FRAME_PAGES, pages.length - i);
     const live = state === 'running';
@@ -327,6 +329,10 @@ const CUTOVER_FIXED_MS = 10;
 
 /** A dirty set below this goes in the pause itself rather than in one more pre-pause round. */
 const PRE_PAUSE_MIN_BYTES = 1 << 20;
+/** Longest pre-copy round, ms (see precopy()). */
+const ROUND_MAX_MS = 2000;
+/** At most this many rounds between the cutover decision and the pause (see precopy()). */
+const PRE_PAUSE_ROUNDS = 12;
 
 /** Bytes and ms of pre-copy rounds so far: the job's link rate. */
 const linkAccounts = new WeakMap<Outgoing, { bytes: number; ms: number }>();
@@ -361,7 +367,10 @@ async function precopy(o: Outgoing): Promise<void> {
     } else {
       pages = dirtyList();
     }
-    await sendPages(o, pages, 0);
+    // A round ends after ROUND_MAX_MS at most (the rest stays dirty), so that the policy sees a
+    // sample, and can throttle a guest that outruns the link, every few seconds even when one
+    // pass over a large memory on a slow link takes much longer.
+    await sendPages(o, pages, 0, t0 + ROUND_MAX_MS);
     if (o.stop) break; // interrupted: unsent pages are still dirty
     // Measure the link on bytes the kernel took, not bytes queued: a small round that only
     // filled the queue would otherwise promise a bandwidth (and a downtime) it never had.
@@ -397,17 +406,35 @@ async function precopy(o: Outgoing): Promise<void> {
     const spent = performance.now() - t0;
     if (spent < 20) await sleep(20 - spent);
   }
-  // Cutover is next (doCutover set 'stopping'; a rollback sets 'cancelled'): up to three
-  // last rounds while the guest still runs, so the pause carries only what it dirtied during
-  // the last one; and frames still queued here reach the kernel before the pause.
-  for (let k = 0; k < 3 && o.state === 'stopping'; k++) {
+  // Cutover is next (doCutover set 'stopping'; a rollback sets 'cancelled'): last rounds while
+  // the guest still runs, so the pause carries only what it dirtied during the last one; and
+  // frames still queued here reach the kernel before the pause. The guest kept dirtying while
+  // the decision travelled to us (longer than DECISION_LAG_S on a busy control plane), so these
+  // rounds go on, up to PRE_PAUSE_ROUNDS, until the dirty set fits the downtime limit at the
+  // measured link rate; at least until it is under PRE_PAUSE_MIN_BYTES, up to three rounds.
+  const acct = linkAccount(o);
+  for (let k = 0; k < PRE_PAUSE_ROUNDS && o.state === 'stopping'; k++) {
     const list = dirtyList();
-    if (list.length * PAGE_SIZE < PRE_PAUSE_MIN_BYTES) break;
+    const bytes = list.length * PAGE_SIZE;
+    const rate = acct.ms > 0 ? (acct.bytes / acct.ms) * 1000 : 0;
+    const fits = rate > 0 ? (bytes / rate) * 1000 + CUTOVER_FIXED_MS <= o.policy.downtimeLimitMs * 0.8 : bytes < PRE_PAUSE_MIN_BYTES;
+    if (bytes < PRE_PAUSE_MIN_BYTES && fits) break;
+    if (k >= 3 && fits) break;
     o.finalFlush = true; // send through the stop request
+    const t0 = performance.now();
     try { await sendPages(o, list, 0); } finally { o.finalFlush = false; }
     await queueDrained(o);
+    acct.bytes += bytes;
+    acct.ms += performance.now() - t0;
   }
   await queueDrained(o);
+  if (o.state === 'stopping') {
+    // Barrier: the kernel having taken the bytes is not the destination having applied them
+    // (socket buffers hold megabytes). Pausing before the destination caught up would put that
+    // backlog inside the downtime; waiting here, with the guest still running, does not.
+    await writeAll(o.sock, [jsonFrame(FrameType.RoundEnd, { barrier: true })]);
+    await o.chan.expect(FrameType.Ack, 60_000);
+  }
 }
 
 async function startOutgoing(p: { migrationId: string; endpoint: { host: string; port: number }; token: string; policy: MigrationPolicy }): Promise<{ started: boolean }> {
@@ -773,6 +800,10 @@ async function onIncomingFrame(inc: Incoming, f: Frame): Promise<void> {
   switch (f.type) {
     case FrameType.Pages:
       applyPages(inc, f.parts ?? [f.body], f.flags);
+      return;
+    case FrameType.RoundEnd:
+      // Everything sent before this frame is in guest memory now (frames apply in order).
+      await writeAll(inc.sock!, [jsonFrame(FrameType.Ack, { bytesReceived: inc.bytes })]);
       return;
     case FrameType.Device: {
       const d = parseJson<{ device: DeviceState; digest: number; verify: 'digest' | 'full' }>(f);
