@@ -18,10 +18,7 @@ afterAll(async () => {
   await lab?.down();
 });
 
-/** Where every copy of `vm` is: the VM must be on exactly one host, and nothing elsewhere. */
-async function whereIs(vm: string): Promise<Array<{ host: string; state: string }>> {
-  return (await lab.client.listVms()).filter((v) => v.name === vm).map((v) => ({ host: v.host, state: v.state }));
-}
+const whereIs = (vm: string): Promise<Array<{ host: string; state: string }>> => lab.whereIs(vm);
 
 async function waitForPrecopy(id: string, minRound = 1): Promise<void> {
   await waitUntil(`pre-copy round ${minRound} of ${id}`, async () => {

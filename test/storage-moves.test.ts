@@ -29,9 +29,7 @@ const hostDir = (h: string, ...p: string[]): string => path.join(lab.dir, 'hosts
 const runtime = (h: string, vm: string): VmRuntimeConfig => JSON.parse(fs.readFileSync(hostDir(h, 'run', vm, 'vm.json'), 'utf8')) as VmRuntimeConfig;
 const sha = (f: string): string => crypto.createHash('sha1').update(fs.readFileSync(f)).digest('hex');
 
-async function whereIs(vm: string): Promise<Array<{ host: string; state: string }>> {
-  return (await lab.client.listVms()).filter((v) => v.name === vm).map((v) => ({ host: v.host, state: v.state }));
-}
+const whereIs = (vm: string): Promise<Array<{ host: string; state: string }>> => lab.whereIs(vm);
 
 describe('live storage migration', () => {
   it('moves two disks, each to its own place, while the guest writes; old files deleted after the switch', async () => {

@@ -185,7 +185,11 @@ interface Outgoing {
   rawBytes: number;
   compressCpuUs: number;
   compressSkip: number;
-  /** Settles when the kernel has taken the last frame written (see queueDrained). */
+  /**
+   * Settles once the kernel has taken every frame written so far: the last frame's write
+   * callback (callbacks run in write order, with an error if the socket is destroyed). Not
+   * 'drain', which is only emitted after a write returned false: a short queue may never see one.
+   */
   flushed: Promise<void>;
 }
 let outgoing: Outgoing | null = null;
@@ -222,15 +226,6 @@ function queueBelowMark(sock: net.Socket): Promise<void> {
     sock.once('drain', done);
     sock.once('close', done);
   });
-}
-
-/**
- * Resolves once the kernel has taken every frame written so far: the last frame's write
- * callback (callbacks run in write order, with an error if the socket is destroyed). Not
- * 'drain', which is only emitted after a write returned false: a short queue may never see one.
- */
-function queueDrained(o: Outgoing): Promise<void> {
-  return o.flushed;
 }
 
 const yieldNow = (): Promise<void> => new Promise((r) => setImmediate(r));
@@ -374,7 +369,7 @@ async function precopy(o: Outgoing): Promise<void> {
     if (o.stop) break; // interrupted: unsent pages are still dirty
     // Measure the link on bytes the kernel took, not bytes queued: a small round that only
     // filled the queue would otherwise promise a bandwidth (and a downtime) it never had.
-    await queueDrained(o);
+    await o.flushed;
     const dt = Math.max(1, performance.now() - t0);
     const roundBytes = o.bytesSent - sentBefore;
     const acct = linkAccount(o);
@@ -423,11 +418,11 @@ async function precopy(o: Outgoing): Promise<void> {
     o.finalFlush = true; // send through the stop request
     const t0 = performance.now();
     try { await sendPages(o, list, 0); } finally { o.finalFlush = false; }
-    await queueDrained(o);
+    await o.flushed;
     acct.bytes += bytes;
     acct.ms += performance.now() - t0;
   }
-  await queueDrained(o);
+  await o.flushed;
   if (o.state === 'stopping') {
     // Barrier: the kernel having taken the bytes is not the destination having applied them
     // (socket buffers hold megabytes). Pausing before the destination caught up would put that

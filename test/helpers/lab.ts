@@ -18,6 +18,8 @@ export interface TestLab {
   up(): Promise<LabStatus>;
   killAgent(host: string): Promise<void>;
   runDir(host: string): string;
+  /** Where every copy of `vm` is: the VM must be on exactly one host, and nothing elsewhere. */
+  whereIs(vm: string): Promise<Array<{ host: string; state: string }>>;
   down(): Promise<void>;
 }
 
@@ -40,6 +42,7 @@ export async function startTestLab(names = ['A', 'B'], opts: { maxConcurrentMigr
       while (isAlive(h.pid!)) await new Promise((r) => setTimeout(r, 20));
     },
     runDir: (host) => path.join(dir, 'hosts', host, 'run'),
+    whereIs: async (vm) => (await client.listVms()).filter((v) => v.name === vm).map((v) => ({ host: v.host, state: v.state })),
     async down() {
       await client.close().catch(() => undefined);
       await labDown(dir, { purge: true });

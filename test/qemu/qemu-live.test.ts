@@ -8,11 +8,11 @@ import os from 'node:os';
 import path from 'node:path';
 import { spawnSync } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
-import { setTimeout as sleep } from 'node:timers/promises';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { DEFAULT_POLICY, type MigrationPolicy, type ProgressSample, type VmSpec } from '../../common/types.js';
 import type { HostConfig } from '../../common/host-config.js';
 import { QemuDriver, isAlive, precopyHazard, readSerialTicks } from '../../drivers/qemu/qemu-driver.js';
+import { waitSerialTicks } from '../helpers/qemu.js';
 
 const REPO = fileURLToPath(new URL('../..', import.meta.url));
 const QEMU = process.env.VMFERRY_QEMU_BINARY ?? 'qemu-system-x86_64';
@@ -44,15 +44,7 @@ function spec(name: string): VmSpec {
   };
 }
 
-async function waitTicks(file: string, atLeast: number, timeoutMs: number): Promise<number> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const t = readSerialTicks(file).ticks.at(-1) ?? 0;
-    if (t >= atLeast) return t;
-    if (Date.now() > deadline) throw new Error(`${file}: tick ${t} after ${timeoutMs} ms, wanted ${atLeast}\n${fs.existsSync(file) ? fs.readFileSync(file, 'utf8').slice(-2000) : '(no serial log)'}`);
-    await sleep(100);
-  }
-}
+const waitTicks = waitSerialTicks;
 
 describe.skipIf(!haveQemu)('QEMU driver: live migration (shared disk)', () => {
   let base: string;

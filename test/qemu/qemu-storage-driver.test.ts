@@ -15,6 +15,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { DEFAULT_POLICY, type VmSpec } from '../../common/types.js';
 import type { HostConfig } from '../../common/host-config.js';
 import { QemuDriver, isAlive, readSerialTicks } from '../../drivers/qemu/qemu-driver.js';
+import { waitSerialTicks } from '../helpers/qemu.js';
 
 const REPO = fileURLToPath(new URL('../..', import.meta.url));
 const QEMU = process.env.VMFERRY_QEMU_BINARY ?? 'qemu-system-x86_64';
@@ -45,15 +46,7 @@ function spec(name: string): VmSpec {
   };
 }
 
-async function waitTicks(file: string, atLeast: number, timeoutMs: number): Promise<number> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const t = readSerialTicks(file).ticks.at(-1) ?? 0;
-    if (t >= atLeast) return t;
-    if (Date.now() > deadline) throw new Error(`${file}: tick ${t} after ${timeoutMs} ms, wanted ${atLeast}`);
-    await sleep(100);
-  }
-}
+const waitTicks = waitSerialTicks;
 
 /** Random data past the guest's working set (it cycles the first 64 KiB): real bytes to copy. */
 export function fillImage(file: string, offset: number, bytes: number): void {

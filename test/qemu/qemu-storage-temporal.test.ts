@@ -16,6 +16,7 @@ import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
 import { sleep, startTestLab, waitUntil, type TestLab } from '../helpers/lab.js';
 import { readSerialTicks, isAlive } from '../../drivers/qemu/qemu-driver.js';
+import { waitSerialTicks } from '../helpers/qemu.js';
 import { TSX_LOADER } from '../../common/tsx.js';
 
 const ROOT = path.resolve(fileURLToPath(new URL('../..', import.meta.url)));
@@ -63,15 +64,8 @@ describe.skipIf(!haveQemu || !temporalAddress)('QEMU storage moves through Tempo
   const serial = (host: string, vm: string): string => path.join(runDir(host, vm), 'serial.log');
   const vmJson = (host: string, vm: string): { pid: number; diskPaths: Record<string, string>; migratedTo?: unknown } => JSON.parse(fs.readFileSync(path.join(runDir(host, vm), 'vm.json'), 'utf8'));
   const localImage = (host: string, vm: string, root = 'local'): string => path.join(lab.dir, 'hosts', host, root, 'vms', vm, 'disk0.img');
-  async function waitTicks(host: string, vm: string, atLeast: number, timeoutMs = 60_000): Promise<number> {
-    return waitUntil(`${vm} on ${host}: tick ${atLeast}`, async () => {
-      const t = readSerialTicks(serial(host, vm)).ticks.at(-1) ?? 0;
-      return t >= atLeast ? t : null;
-    }, timeoutMs, 100);
-  }
-  async function whereIs(vm: string): Promise<Array<{ host: string; state: string }>> {
-    return (await lab.client.listVms()).filter((v) => v.name === vm).map((v) => ({ host: v.host, state: v.state }));
-  }
+  const waitTicks = (host: string, vm: string, atLeast: number, timeoutMs = 60_000): Promise<number> => waitSerialTicks(serial(host, vm), atLeast, timeoutMs);
+  const whereIs = (vm: string): Promise<Array<{ host: string; state: string }>> => lab.whereIs(vm);
   function cli(...args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
     return new Promise((resolve) => {
       execFile(process.execPath, ['--import', TSX_LOADER, path.join(ROOT, 'cli', 'main.ts'), '--lab', lab.dir, ...args], { encoding: 'utf8', timeout: 180_000, env: { ...process.env, TEMPORAL_ADDRESS: temporalAddress } }, (err, stdout, stderr) => {

@@ -10,6 +10,7 @@ import { spawnSync } from 'node:child_process';
 import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
 import { startTestLab, waitUntil, sleep, type TestLab } from '../helpers/lab.js';
 import { readSerialTicks, isAlive } from '../../drivers/qemu/qemu-driver.js';
+import { waitSerialTicks } from '../helpers/qemu.js';
 
 const QEMU = process.env.VMFERRY_QEMU_BINARY ?? 'qemu-system-x86_64';
 const haveQemu = spawnSync(QEMU, ['--version'], { encoding: 'utf8' }).status === 0;
@@ -33,15 +34,8 @@ describe.skipIf(!haveQemu || !temporalAddress)('QEMU guests through Temporal wor
   });
 
   const serial = (host: string, vm: string): string => path.join(lab.runDir(host), vm, 'serial.log');
-  async function waitTicks(host: string, vm: string, atLeast: number, timeoutMs = 60_000): Promise<number> {
-    return waitUntil(`${vm} on ${host}: tick ${atLeast}`, async () => {
-      const t = readSerialTicks(serial(host, vm)).ticks.at(-1) ?? 0;
-      return t >= atLeast ? t : null;
-    }, timeoutMs, 100);
-  }
-  async function whereIs(vm: string): Promise<Array<{ host: string; state: string }>> {
-    return (await lab.client.listVms()).filter((v) => v.name === vm).map((v) => ({ host: v.host, state: v.state }));
-  }
+  const waitTicks = (host: string, vm: string, atLeast: number, timeoutMs = 60_000): Promise<number> => waitSerialTicks(serial(host, vm), atLeast, timeoutMs);
+  const whereIs = (vm: string): Promise<Array<{ host: string; state: string }>> => lab.whereIs(vm);
   const qemuPid = (host: string, vm: string): number => (JSON.parse(fs.readFileSync(path.join(lab.runDir(host), vm, 'vm.json'), 'utf8')) as { pid: number }).pid;
 
   it('live-migrates a QEMU guest A → B: completed, downtime reported, the guest keeps ticking on B with mem=ok disk=ok', async () => {
