@@ -86,9 +86,9 @@ export function createHostActivities({ host, driver }: HostActivityDeps) {
       return driver.verify(p.vm);
     },
 
-    async prepareIncoming(p: { migrationId: string; spec: VmSpec; sourceHost: string }): Promise<IncomingTarget> {
+    async prepareIncoming(p: { migrationId: string; spec: VmSpec; sourceHost: string; streams?: number }): Promise<IncomingTarget> {
       await admitMigration(p.migrationId, p.spec.name, 'incoming');
-      try { return await driver.prepareIncoming(p.spec, p.migrationId, p.sourceHost); } catch (e) { return nonRetryable(e, 'DestinationRefused'); }
+      try { return await driver.prepareIncoming(p.spec, p.migrationId, p.sourceHost, { streams: p.streams }); } catch (e) { return nonRetryable(e, 'DestinationRefused'); }
     },
 
     /**

@@ -5,6 +5,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import net from 'node:net';
+import zlib from 'node:zlib';
 import { spawn } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 
@@ -91,6 +92,25 @@ export function storageThroughput(dir: string, size: number): { writeBps: number
   } finally {
     fs.rmSync(file, { force: true });
   }
+}
+
+/**
+ * The per-byte work a migration adds to the pump, on one core: CRC-32 of 4 KiB pages (both ends
+ * checksum every page), and copying into guest memory the destination never touched (every 4 KiB
+ * page a first-touch fault; THP is off unless the host enables it) or already touched. Bytes/s.
+ */
+/** Results land here so the CRC loop has an observable effect. */
+export let crcSink = 0;
+export function memoryWork(size: number): { crcBps: number; firstTouchCopyBps: number; warmCopyBps: number } {
+  const src = Buffer.allocUnsafe(size);
+  for (let i = 0; i < size; i += 4) src.writeUInt32LE((i * 2654435761) >>> 0, i);
+  const rate = (fn: () => void): number => { const t0 = performance.now(); fn(); return (size / (performance.now() - t0)) * 1000; };
+  const crcBps = rate(() => { for (let o = 0; o < size; o += 4096) crcSink ^= zlib.crc32(src.subarray(o, o + 4096)); });
+  const dst = Buffer.alloc(size); // calloc: untouched zero pages until written
+  const copy = (): void => { for (let o = 0; o < size; o += 1 << 16) dst.set(src.subarray(o, o + (1 << 16)), o); };
+  const firstTouchCopyBps = rate(copy);
+  const warmCopyBps = rate(copy);
+  return { crcBps, firstTouchCopyBps, warmCopyBps };
 }
 
 if (process.argv[1] && path.resolve(process.argv[1]) === SELF) {

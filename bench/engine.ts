@@ -82,7 +82,7 @@ export async function runEngine(o: EngineRunOptions): Promise<EngineRunResult> {
   writeOwner(ownerPath, { host: 'A', epoch: 1, state: 'active' });
   const children: ChildProcess[] = [];
   const server = new DataPlaneServer({
-    memory: (hello: Hello, sock: net.Socket, rest: Buffer) => { children[1]!.send({ type: 'dataplane', rest: rest.toString('base64') }, sock); },
+    memory: (hello: Hello, sock: net.Socket, rest: Buffer) => { children[1]!.send({ type: 'dataplane', rest: rest.toString('base64'), stream: hello.stream, streams: hello.streams }, sock); },
   });
   try {
     const ep = await server.listen('127.0.0.1', 0);
@@ -143,7 +143,7 @@ if (process.argv[1] && fileURLToPath(import.meta.url) === path.resolve(process.a
     fill: Number(arg('fill', '1')),
     dirtyRate: parseSize(arg('dirty', '0'), 'dirty rate'),
     compressible: Number(arg('compressible', '0')),
-    policy: { downtimeLimitMs: Number(arg('limit', '300')), verify: arg('verify', 'digest') as 'digest' | 'full', autoConverge: arg('autoconverge', 'true') === 'true', compression: arg('compression', 'none') as 'none' | 'deflate' },
+    policy: { downtimeLimitMs: Number(arg('limit', '300')), verify: arg('verify', 'digest') as 'digest' | 'full', autoConverge: arg('autoconverge', 'true') === 'true', compression: arg('compression', 'none') as 'none' | 'deflate', streams: Number(arg('streams', '1')) },
     profDir: process.argv.includes('--prof') ? path.resolve(arg('prof', 'bench/prof')) : undefined,
     log: (m) => process.stderr.write(m + '\n'),
   });

@@ -47,6 +47,12 @@ export function markdown(r: { startedAt: string; scale: number; machine: Record<
   L.push(`Scale ${r.scale}; machine: ${Object.entries(r.machine).map(([k, v]) => `${k} ${String(v)}`).join(', ')}`, '');
   L.push('## Baselines (same run)', '', '| baseline | value |', '|---|---|');
   for (const [k, v] of Object.entries(r.baselines)) L.push(`| ${k} | ${mib(v)} MiB/s |`);
+  const pump = r.baselines['loopback TCP, 1 stream'], crc = r.baselines['page CRC-32 (4 KiB pages)'], touch = r.baselines['copy into untouched memory (first-touch faults)'];
+  if (pump && crc && touch) {
+    // The destination receives, checksums and places every byte, one after the other, on one core.
+    const ceiling = 1 / (1 / pump + 1 / crc + 1 / touch);
+    L.push('', `Ceiling of the engine on this machine: the destination's serial per-byte work (receive at the pump's rate + page CRC + copy into untouched memory) allows at most ${mib(ceiling)} MiB/s = ${((ceiling / pump) * 100).toFixed(0)}% of the 1-stream pump, before any orchestration.`);
+  }
   L.push('', '## Live migration', '');
   L.push('| case | memory | dirty (of baseline) | outcome | total ms | MiB/s (ratio) | downtime ms (hv) | probe lost / max gap ms | rounds | wire ÷ mem | orchestration ms | agent HWM growth MiB | VM HWM MiB src/dst |');
   L.push('|---|---|---|---|---|---|---|---|---|---|---|---|---|');

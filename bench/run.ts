@@ -12,7 +12,7 @@ import { labDown, labStatus, labUp } from '../lab/lab.js';
 import { VmferryClient, startMigrationSchema } from '../client/index.js';
 import { Prober, type ProbeStats } from '../client/probe.js';
 import type { MigrationPolicy, MigrationResult } from '../common/types.js';
-import { loopbackThroughput, storageThroughput } from './baselines.js';
+import { loopbackThroughput, memoryWork, storageThroughput } from './baselines.js';
 import { markdown, svg, type CaseResult, type EvacuationRun, type Target } from './report.js';
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
@@ -28,8 +28,9 @@ if (!(scale > 0 && scale <= 4)) throw new Error(`--scale must be in (0, 4], got 
 const only = flag('only')?.split(',');
 const profDir = flag('prof');
 const keep = argv.includes('--keep');
-/** Streams the engine uses for one migration (one TCP connection per memory job). */
+/** Streams the engine uses by default (policy.streams = 1); one case also runs with PARALLEL_STREAMS. */
 const ENGINE_STREAMS: number = 1;
+const PARALLEL_STREAMS = 2;
 /** The bandwidth-cap case's --max-bandwidth. */
 const BANDWIDTH_CAP = 64 * 2 ** 20;
 /** Policy of every case unless a case says otherwise; recorded in the results. */
@@ -95,6 +96,13 @@ async function main(): Promise<void> {
     'loopback TCP, 2 streams': Math.max(...lbN),
   };
   const engineBaseline = ENGINE_STREAMS === 1 ? baselines['loopback TCP, 1 stream']! : baselines['loopback TCP, 2 streams']!;
+  // A case is judged against the pump with as many streams as its policy opens.
+  const baselineFor = (streams: number | undefined): number => ((streams ?? 1) > 1 ? baselines['loopback TCP, 2 streams']! : baselines['loopback TCP, 1 stream']!);
+  // What the engine must do per byte beyond the pump, measured here: the ceiling it can reach.
+  const work = memoryWork(Math.min(memBig, 256 * MiB));
+  baselines['page CRC-32 (4 KiB pages)'] = work.crcBps;
+  baselines['copy into untouched memory (first-touch faults)'] = work.firstTouchCopyBps;
+  baselines['copy into touched memory'] = work.warmCopyBps;
   say(`loopback: 1 stream ${(baselines['loopback TCP, 1 stream']! / MiB).toFixed(0)} MiB/s, 2 streams ${(baselines['loopback TCP, 2 streams']! / MiB).toFixed(0)} MiB/s`);
   const labDir = path.join(tmp, 'lab');
   fs.mkdirSync(path.join(labDir, 'shared'), { recursive: true });
@@ -131,6 +139,7 @@ async function main(): Promise<void> {
   for (const [label, mem] of [['1GiB', memBig], ['256MiB', memSmall]] as const) {
     const tag = scale === 1 ? label : `${label}×${scale}`;
     cases.push({ name: `${tag} idle`, memoryBytes: mem, fill: 1, dirtyFraction: 0, expect: 'completed' });
+    if (mem === memBig) cases.push({ name: `${tag} idle, ${PARALLEL_STREAMS} streams`, memoryBytes: mem, fill: 1, dirtyFraction: 0, expect: 'completed', policy: { streams: PARALLEL_STREAMS } });
     cases.push({ name: `${tag} dirty 5%`, memoryBytes: mem, fill: 1, dirtyFraction: 0.05, expect: 'completed' });
     cases.push({ name: `${tag} dirty 25%`, memoryBytes: mem, fill: 1, dirtyFraction: 0.25, expect: 'completed' });
     cases.push({ name: `${tag} dirty 100% auto-converge`, memoryBytes: mem, fill: 1, dirtyFraction: 1, expect: 'completed' });
@@ -153,7 +162,8 @@ async function main(): Promise<void> {
   let n = 0;
   for (const c of selected) {
     say(`case ${c.name}…`);
-    const r = await runCase(client, c, `bench${n++}`, { A, B, engineBaseline, agentPid, runDir }).catch((e: Error) => failedCase(c, engineBaseline, e));
+    const base = baselineFor(c.policy?.streams);
+    const r = await runCase(client, c, `bench${n++}`, { A, B, engineBaseline, streamBaseline: base, agentPid, runDir }).catch((e: Error) => failedCase(c, base, e));
     results.push(r);
     say(`  ${r.outcome}: total ${r.totalMs.toFixed(0)} ms, ${(r.throughputBytesPerSec / MiB).toFixed(0)} MiB/s (${(r.throughputRatio * 100).toFixed(0)}% of baseline), downtime ${r.downtimeMs} ms, probe ${r.probe ? `lost ${r.probe.lost}, max gap ${r.probe.maxGapMs} ms` : '—'}, rounds ${r.rounds}, wire ${r.wireRatio.toFixed(3)}×, orchestration ${r.orchestrationOverheadMs.toFixed(0)} ms${r.error ? `, error: ${r.error}` : ''}`);
   }
@@ -195,6 +205,8 @@ async function main(): Promise<void> {
   const targets: Target[] = [];
   const idle = find('idle');
   if (idle) targets.push({ name: `idle ${mibStr(memBig)}: memory ÷ total time vs loopback (${ENGINE_STREAMS} stream)`, value: pct(idle.throughputRatio), target: '≥ 70%', pass: idle.outcome === 'completed' && idle.throughputRatio >= 0.7 });
+  const idleN = find(`idle, ${PARALLEL_STREAMS} streams`);
+  if (idleN) targets.push({ name: `idle ${mibStr(memBig)}, ${PARALLEL_STREAMS} streams: memory ÷ total time vs loopback (${PARALLEL_STREAMS} streams)`, value: pct(idleN.throughputRatio), target: '≥ 70%', pass: idleN.outcome === 'completed' && idleN.throughputRatio >= 0.7 });
   for (const [frag, lim] of [['dirty 5%', 50], ['dirty 25%', 150]] as const) {
     const c = find(frag);
     if (!c) continue;
@@ -265,7 +277,7 @@ function failedCase(c: CaseDef, baseline: number, e: Error): CaseResult {
   };
 }
 
-interface Ctx { A: string; B: string; engineBaseline: number; agentPid: (h: string) => number | null; runDir: (h: string) => string }
+interface Ctx { A: string; B: string; engineBaseline: number; streamBaseline: number; agentPid: (h: string) => number | null; runDir: (h: string) => string }
 
 async function runCase(client: VmferryClient, c: CaseDef, vmName: string, x: Ctx): Promise<CaseResult> {
   const policy: Partial<MigrationPolicy> = { ...BENCH_POLICY, ...c.policy };
@@ -322,7 +334,7 @@ async function runCase(client: VmferryClient, c: CaseDef, vmName: string, x: Ctx
       outcome: r.outcome, reason: r.reason, totalMs, workflowMs: h.workflowMs, dataMovementMs: dataMs,
       orchestrationOverheadMs: Math.max(0, h.workflowMs - dataMs), overheadBreakdownMs: h.breakdown,
       downtimeMs: r.downtimeMs, probe: stats, rounds: r.rounds, bytesTransferred: r.bytesTransferred, wireRatio: r.bytesTransferred / c.memoryBytes,
-      throughputBytesPerSec: (c.memoryBytes / totalMs) * 1000, throughputRatio: ((c.memoryBytes / totalMs) * 1000) / x.engineBaseline,
+      throughputBytesPerSec: (c.memoryBytes / totalMs) * 1000, throughputRatio: ((c.memoryBytes / totalMs) * 1000) / x.streamBaseline,
       finalThrottle: throttles.at(-1) ?? 0, decisions: r.decisions.length, agentRssKiB, vmHwmKiB: vmHwm, verified, cleanRollback,
       linkBytesPerSec: (r.bytesTransferred / (h.precopyMs > 0 ? h.precopyMs : dataMs)) * 1000,
       compression: r.cutover?.rawBytes !== undefined ? { rawBytes: r.cutover.rawBytes, cpuMs: r.cutover.compressCpuMs ?? 0 } : undefined,

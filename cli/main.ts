@@ -219,6 +219,7 @@ function policyFrom(o: Record<string, unknown>): Partial<MigrationPolicy> {
   if (o.convergenceTimeout !== undefined) p.convergenceTimeoutMsPerGiB = o.convergenceTimeout as number;
   if (o.verify !== undefined) p.verify = o.verify as MigrationPolicy['verify'];
   if (o.compress) p.compression = 'deflate';
+  if (o.streams !== undefined) p.streams = o.streams as number;
   if (o.throttleSteps !== undefined) Object.assign(p, o.throttleSteps);
   if (o.approveCutover) p.approveCutover = true;
   if (o.approvalTimeout !== undefined) p.approvalTimeoutMs = o.approvalTimeout as number;
@@ -234,6 +235,7 @@ function withPolicyOptions(c: Command): Command {
     .option('--no-auto-converge', 'never throttle the guest; roll back instead when pre-copy cannot converge')
     .option('--throttle-steps <initial,increment[,max]>', 'auto-converge throttle steps as fractions of guest CPU (default 0.2,0.1,0.99)', throttleSteps)
     .option('--compress', 'deflate the memory stream (fewer bytes for compressible memory, more source CPU)')
+    .option('--streams <n>', 'parallel TCP streams for memory, 1 to 16 (default 1; QEMU: multifd channels)', intArg('--streams'))
     .option('--approve-cutover', 'wait for `vmferry migration approve <id>` before the cutover')
     .option('--approval-timeout <ms>', 'roll back if not approved within this time (default 15 min)', intArg('--approval-timeout'))
     .option('--verify <mode>', 'cutover check: digest (per-page CRC table) or full (CRC of all memory)', (v) => { if (v !== 'digest' && v !== 'full') throw new InvalidArgumentError('--verify is digest or full'); return v; });

@@ -18,6 +18,7 @@ export const policyInputSchema = z.object({
   throttleMax: z.number().min(0).max(0.99),
   verify: z.enum(['digest', 'full']),
   compression: z.enum(['none', 'deflate']),
+  streams: z.number().int().min(1, 'streams: at least 1').max(16, 'streams: at most 16'),
   approveCutover: z.boolean(),
   approvalTimeoutMs: z.number().int().min(1000),
 }).partial().strict();

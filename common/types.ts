@@ -103,6 +103,12 @@ export interface MigrationPolicy {
    * smaller) trades source CPU for bytes on the wire; 'none' by default.
    */
   compression?: 'none' | 'deflate';
+  /**
+   * Parallel TCP streams for the memory transfer (1 to 16, default 1). Guest memory is dealt to
+   * them in 1 MiB regions; worth raising when one flow cannot fill the link (per-flow limits,
+   * long fat links, NICs spreading flows over cores). QEMU guests: multifd channels.
+   */
+  streams?: number;
   /** Wait for an operator's approval (workflow update `approveCutover`) before the cutover. */
   approveCutover?: boolean;
   /** How long to wait for that approval before rolling back, ms. */

@@ -33,10 +33,19 @@ export interface Hello {
   /** TLS mode routing preamble: the destination host and the grant's public id. */
   to?: string;
   grant?: string;
+  /**
+   * Parallel streams of one memory transfer: this connection's index and how many there are.
+   * Stream 0 comes first and fixes the count; each index is taken once. Absent = 0 of 1.
+   */
+  stream?: number;
+  streams?: number;
 }
 
+/** Most parallel streams one memory transfer may open. */
+export const MAX_STREAMS = 16;
+
 /** AUTH frame body (first frame inside TLS). */
-export interface AuthClaim { token: string; migrationId: string; vm: string; kind: Hello['kind']; from: string; to: string }
+export interface AuthClaim { token: string; migrationId: string; vm: string; kind: Hello['kind']; from: string; to: string; stream?: number; streams?: number }
 
 export interface Grant {
   migrationId: string;
@@ -47,6 +56,11 @@ export interface Grant {
   expiresAt: number;
   /** SHA-256 of the token's secret part (hex). */
   secretHash: string;
+  /** How many streams the receiver was told to expect (stream 0 must claim exactly that). */
+  expectStreams?: number;
+  /** Streams of the transfer (set by stream 0) and the indices already taken. */
+  streams?: number;
+  used?: Set<number>;
 }
 
 /** What a receiver needs to check a connection after hand-over (serialisable: it crosses IPC). */
@@ -60,6 +74,9 @@ export interface GrantCheck {
   destination: string;
   expiresAt: number;
   tls: TlsPaths;
+  /** The stream this connection claimed in its preamble (the AUTH frame must claim the same). */
+  stream: number;
+  streams: number;
 }
 
 /** A TLS-mode hand-over: the receiver authenticates, then settles (true = consume the grant). */
@@ -81,6 +98,36 @@ const sha256 = (s: string): string => crypto.createHash('sha256').update(s).dige
 function sameHash(a: string, b: string): boolean {
   const x = Buffer.from(a, 'hex'), y = Buffer.from(b, 'hex');
   return x.length === y.length && x.length > 0 && crypto.timingSafeEqual(x, y);
+}
+
+/** The (stream, streams) a HELLO claims, or why the claim is malformed. */
+export function streamClaim(h: { stream?: unknown; streams?: unknown; kind?: unknown }): { stream: number; streams: number } | string {
+  const stream = h.stream ?? 0, streams = h.streams ?? 1;
+  if (!Number.isInteger(streams) || (streams as number) < 1 || (streams as number) > MAX_STREAMS) return `stream count must be 1 to ${MAX_STREAMS}`;
+  if (!Number.isInteger(stream) || (stream as number) < 0 || (stream as number) >= (streams as number)) return `stream index ${String(stream)} outside 0..${(streams as number) - 1}`;
+  if (h.kind !== 'memory' && streams !== 1) return 'only memory transfers use parallel streams';
+  return { stream: stream as number, streams: streams as number };
+}
+
+/**
+ * Why a grant cannot take this stream (null: it can). Stream 0 fixes the count; the others
+ * follow with the same count, each index once, so a grant opens at most `streams` connections.
+ */
+function streamRefusal(g: Grant, c: { stream: number; streams: number }): string | null {
+  if (c.stream === 0) {
+    if (g.streams !== undefined) return `grant for migration ${g.migrationId} already used`;
+    return g.expectStreams !== undefined && g.expectStreams !== c.streams ? `the destination was prepared for ${g.expectStreams} stream(s), the sender claims ${c.streams}` : null;
+  }
+  if (g.streams === undefined) return `stream ${c.stream} before stream 0`;
+  if (g.streams !== c.streams) return `stream count ${c.streams} differs from stream 0's ${g.streams}`;
+  return g.used?.has(c.stream) ? `stream ${c.stream} of migration ${g.migrationId} already connected` : null;
+}
+
+/** Takes the stream; the grant is gone once every stream of the transfer has connected. */
+function takeStream(grants: Map<string, Grant>, id: string, g: Grant, c: { stream: number; streams: number }): void {
+  if (c.stream === 0) g.streams = c.streams;
+  (g.used ??= new Set()).add(c.stream);
+  if (g.used.size >= g.streams!) grants.delete(id);
 }
 
 /** A connection refused by the data plane (the message says why; nothing was touched). */
@@ -172,6 +219,7 @@ export async function acceptSecure(sock: net.Socket, rest: Buffer, check: GrantC
     const tok = parseToken(a.token);
     if (!tok || tok.id !== check.grantId || tok.destination !== check.destination || !sameHash(sha256(tok.secret), check.secretHash)) throw new DataPlaneRefusal(`no valid grant for migration ${String(a.migrationId)}`);
     if (a.migrationId !== check.migrationId || a.vm !== check.vm || a.kind !== check.kind || a.from !== check.source || a.to !== check.destination) throw new DataPlaneRefusal(`grant does not match migration ${String(a.migrationId)} / VM ${String(a.vm)}`);
+    if ((a.stream ?? 0) !== check.stream || (a.streams ?? 1) !== check.streams) throw new DataPlaneRefusal(`AUTH claims stream ${String(a.stream)} of ${String(a.streams)}, the preamble ${check.stream} of ${check.streams}`);
     if (check.expiresAt < Date.now()) throw new DataPlaneRefusal('grant expired');
     return { sock: ts, rest: after, peer: cn, protocol: ts.getProtocol() ?? 'TLS' };
   } catch (e) {
@@ -253,20 +301,26 @@ export class DataPlaneServer {
       return;
     }
     if (g.expiresAt < Date.now()) { this.grants.delete(id); this.refuse(sock, 'grant expired'); return; }
+    const claim = streamClaim(hello);
+    if (typeof claim === 'string') { this.refuse(sock, claim); return; }
+    const taken = streamRefusal(g, claim);
+    if (taken) { this.refuse(sock, taken); return; }
     const h = this.handlers[hello.kind];
     if (!h) { this.refuse(sock, `no ${hello.kind} transfers on this host`); return; }
     const peer = `${sock.remoteAddress}:${sock.remotePort}`;
     const auth: HandOverAuth = {
       grantId: id, secretHash: g.secretHash, migrationId: g.migrationId, vm: g.vm, kind: g.kind,
-      source: g.source ?? String(hello.from), destination: this.hostName, expiresAt: g.expiresAt, tls: this.tls!,
+      source: g.source ?? String(hello.from), destination: this.hostName, expiresAt: g.expiresAt, tls: this.tls!, ...claim,
       settle: (ok, why) => {
         if (!ok) { this.noteRefusal(peer, why ?? 'refused by the receiver'); return false; }
-        if (this.grants.get(id) !== g) { this.noteRefusal(peer, `grant for migration ${g.migrationId} already used`); return false; }
-        this.grants.delete(id); // one-time: a replayed grant finds nothing
+        // Checked again: another connection may have taken the stream during the handshake.
+        const again = this.grants.get(id) !== g ? `grant for migration ${g.migrationId} already used` : streamRefusal(g, claim);
+        if (again) { this.noteRefusal(peer, again); return false; }
+        takeStream(this.grants, id, g, claim); // a replayed grant finds nothing
         return true;
       },
     };
-    h(hello, sock, Buffer.alloc(0), auth);
+    h({ ...hello, ...claim }, sock, Buffer.alloc(0), auth);
   }
 
   private onConnection(sock: net.Socket): void {
@@ -291,10 +345,14 @@ export class DataPlaneServer {
       if (!tok || !g || tok.destination !== this.hostName || !sameHash(sha256(tok.secret), g.secretHash)) { this.refuse(sock, `no valid grant for migration ${String(hello.migrationId)}`); return; }
       if (g.migrationId !== hello.migrationId || g.vm !== hello.vm || g.kind !== hello.kind || (g.source !== undefined && g.source !== hello.from)) { this.refuse(sock, `grant does not match migration ${String(hello.migrationId)} / VM ${String(hello.vm)}`); return; }
       if (g.expiresAt < Date.now()) { this.grants.delete(tok.id); this.refuse(sock, 'grant expired'); return; }
-      this.grants.delete(tok.id); // one-time: a replayed HELLO finds nothing
+      const claim = streamClaim(hello);
+      if (typeof claim === 'string') { this.refuse(sock, claim); return; }
+      const taken = streamRefusal(g, claim);
+      if (taken) { this.refuse(sock, taken); return; }
       const h = this.handlers[hello.kind];
       if (!h) { this.refuse(sock, `no ${hello.kind} transfers on this host`); return; }
-      h(hello, sock, reader.rest());
+      takeStream(this.grants, tok.id, g, claim); // a replayed HELLO finds nothing
+      h({ ...hello, ...claim }, sock, reader.rest());
     };
     sock.on('data', onData);
   }
@@ -330,7 +388,7 @@ async function connectSecure(endpoint: { host: string; port: number }, sock: net
   sock.on('error', () => undefined);
   const tok = parseToken(hello.token);
   if (!tok) throw fail('malformed grant token');
-  const preamble: Hello = { migrationId: hello.migrationId, vm: hello.vm, kind: hello.kind, from: hello.from, to: tok.destination, grant: tok.id };
+  const preamble: Hello = { migrationId: hello.migrationId, vm: hello.vm, kind: hello.kind, from: hello.from, to: tok.destination, grant: tok.id, stream: hello.stream, streams: hello.streams };
   sock.write(jsonFrame(FrameType.Hello, preamble));
   let first: { frame: Frame; rest: Buffer };
   try { first = await readOneFrame(sock, HELLO_TIMEOUT_MS, 'STARTTLS'); } catch (e) { throw fail((e as Error).message); }
@@ -359,7 +417,7 @@ async function connectSecure(endpoint: { host: string; port: number }, sock: net
     throw fail((e as Error).message);
   }
   const chan = new FrameChannel(ts);
-  const auth: AuthClaim = { token: hello.token!, migrationId: hello.migrationId, vm: hello.vm, kind: hello.kind, from: hello.from, to: tok.destination };
+  const auth: AuthClaim = { token: hello.token!, migrationId: hello.migrationId, vm: hello.vm, kind: hello.kind, from: hello.from, to: tok.destination, stream: hello.stream, streams: hello.streams };
   ts.write(jsonFrame(FrameType.Auth, auth));
   try {
     await chan.expect<{ vm: string }>(FrameType.Welcome, HELLO_TIMEOUT_MS);

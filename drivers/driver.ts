@@ -4,6 +4,9 @@
 // job, reports progress, takes policy changes, and performs the cutover on command.
 import type { CutoverResult, DiskMirrorStatus, DiskTargetGrant, MigrationPolicy, ProgressSample, VerifyReport, VmInfo, VmSpec } from '../common/types.js';
 
+/** What the destination must know before the source connects. */
+export interface IncomingOptions { streams?: number }
+
 export interface IncomingTarget {
   endpoint: { host: string; port: number };
   /** One-time grant the source presents on the data plane. */
@@ -39,7 +42,8 @@ export interface HypervisorDriver {
   /** Guest disk write through the fencing check (refused when this host is not the owner). */
   guestWrite(name: string): Promise<{ diskWrites: number }>;
 
-  prepareIncoming(spec: VmSpec, migrationId: string, sourceHost: string): Promise<IncomingTarget>;
+  /** `streams`: parallel memory streams the source will open (policy.streams; default 1). */
+  prepareIncoming(spec: VmSpec, migrationId: string, sourceHost: string, opts?: IncomingOptions): Promise<IncomingTarget>;
   incomingStatus(name: string, migrationId: string): Promise<IncomingStatus>;
   /** Destroys the incoming VM of this migration unless it already runs. Idempotent. */
   abortIncoming(name: string, migrationId: string): Promise<{ aborted: boolean; running: boolean }>;

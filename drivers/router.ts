@@ -14,7 +14,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { spawnSync } from 'node:child_process';
-import type { HypervisorDriver, IncomingStatus, IncomingTarget, RollbackResult, StorageMoves } from './driver.js';
+import type { HypervisorDriver, IncomingOptions, IncomingStatus, IncomingTarget, RollbackResult, StorageMoves } from './driver.js';
 import type { CutoverResult, DiskMirrorStatus, DiskTargetGrant, DriverKind, MigrationPolicy, ProgressSample, VerifyReport, VmInfo, VmSpec } from '../common/types.js';
 import type { HostConfig } from '../common/host-config.js';
 import type { SimDriver } from './sim/sim-driver.js';
@@ -125,10 +125,10 @@ export class DriverRouter implements HypervisorDriver, StorageMoves {
     return this.byName(name).guestWrite(name);
   }
 
-  async prepareIncoming(spec: VmSpec, migrationId: string, sourceHost: string): Promise<IncomingTarget> {
+  async prepareIncoming(spec: VmSpec, migrationId: string, sourceHost: string, opts?: IncomingOptions): Promise<IncomingTarget> {
     const d = this.bySpec(spec);
     await this.admit(spec, d);
-    return d.prepareIncoming(spec, migrationId, sourceHost);
+    return d.prepareIncoming(spec, migrationId, sourceHost, opts);
   }
 
   async incomingStatus(name: string, migrationId: string): Promise<IncomingStatus> {

@@ -219,6 +219,37 @@ describe('data-plane TLS', () => {
     chan.sock.destroy();
   });
 
+  it('(e) parallel streams: a grant opens exactly the streams the destination was prepared for, each once, stream 0 first', async () => {
+    const spec = await specOnA('secs1');
+    const t = await C.driver.prepareIncoming(spec, 'mig-s', A, { streams: 2 });
+    const hello: Hello = { migrationId: 'mig-s', vm: 'secs1', token: t.token, kind: 'memory', from: A };
+    await expect(connectDataPlane(C.cfg.dataPlane, { ...hello, stream: 1, streams: 2 }, certOf(A))).rejects.toThrow(/stream 1 before stream 0/);
+    await expect(connectDataPlane(C.cfg.dataPlane, { ...hello, stream: 0, streams: 3 }, certOf(A))).rejects.toThrow(/prepared for 2 stream/);
+    await expect(connectDataPlane(C.cfg.dataPlane, { ...hello, stream: 2, streams: 2 }, certOf(A))).rejects.toThrow(/outside 0\.\.1/);
+    await expectIncomingUntouched('secs1', 'mig-s');
+    const s0 = await connectDataPlane(C.cfg.dataPlane, { ...hello, stream: 0, streams: 2 }, certOf(A));
+    await sleep(300); // the VM process reports the accepted connection; the agent takes stream 0
+    await expect(connectDataPlane(C.cfg.dataPlane, { ...hello, stream: 0, streams: 2 }, certOf(A))).rejects.toThrow(/already used/);
+    const s1 = await connectDataPlane(C.cfg.dataPlane, { ...hello, stream: 1, streams: 2 }, certOf(A));
+    await sleep(300);
+    // Every stream taken: the grant is gone.
+    await expect(connectDataPlane(C.cfg.dataPlane, { ...hello, stream: 1, streams: 2 }, certOf(A))).rejects.toThrow(/no valid grant/);
+    // Pages arrive on stream 1; a barrier on stream 0 is acknowledged only once stream 1 reached it.
+    s1.sock.write(pagesFrame([{ index: 300, data: Buffer.alloc(PAGE_SIZE, 9) }]));
+    s0.sock.write(jsonFrame(FrameType.RoundEnd, { barrier: true, seq: 1 }));
+    const early = await Promise.race([s0.next(500).then(() => 'answered', () => 'silent'), sleep(600).then(() => 'silent')]);
+    expect(early).toBe('silent');
+    s1.sock.write(jsonFrame(FrameType.RoundEnd, { seq: 1 }));
+    const ack = await s0.expect<{ bytesReceived: number }>(FrameType.Ack, 5000);
+    expect(ack.bytesReceived).toBeGreaterThan(PAGE_SIZE);
+    // A page on a stream that is not its own fails the transfer (it could overtake a newer copy).
+    s1.sock.write(pagesFrame([{ index: 5, data: Buffer.alloc(PAGE_SIZE, 3) }]));
+    await waitUntil('incoming failed', async () => (await C.driver.incomingStatus('secs1', 'mig-s')).state === 'failed');
+    expect((await C.driver.incomingStatus('secs1', 'mig-s')).error).toMatch(/page 5 arrived on stream 1, not its own \(0\)/);
+    s1.sock.destroy();
+    s0.sock.destroy();
+  });
+
   it('(e) disk grants: refused for the wrong host, replay refused, hostile blocks refused; the target file untouched', async () => {
     const spec = await specOnA('sec6');
     const g = await C.driver.prepareDiskTargets(spec, 'mig-e-disk', A, 2);

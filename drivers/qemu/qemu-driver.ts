@@ -47,7 +47,7 @@ import crypto from 'node:crypto';
 import { spawn } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 import { setTimeout as sleep } from 'node:timers/promises';
-import type { HypervisorDriver, IncomingStatus, IncomingTarget, RollbackResult, StorageMoves } from '../driver.js';
+import type { HypervisorDriver, IncomingOptions, IncomingStatus, IncomingTarget, RollbackResult, StorageMoves } from '../driver.js';
 import type { CutoverResult, DiskMirrorStatus, DiskTargetGrant, MigrationPolicy, ProgressSample, VerifyReport, VmInfo, VmSpec, VmState } from '../../common/types.js';
 import { resolveStorageDir, vmStorageDir, type HostConfig } from '../../common/host-config.js';
 import { readOwner, updateOwner, writeOwner } from '../sim/ownership.js';
@@ -560,7 +560,7 @@ export class QemuDriver implements HypervisorDriver, StorageMoves {
 
   // ---------------------------------------------------------------- incoming side
 
-  async prepareIncoming(spec: VmSpec, migrationId: string, sourceHost: string): Promise<IncomingTarget> {
+  async prepareIncoming(spec: VmSpec, migrationId: string, sourceHost: string, opts: IncomingOptions = {}): Promise<IncomingTarget> {
     const qspec = spec as QemuVmSpec;
     const existing = this.readState(spec.name);
     if (existing) {
@@ -568,7 +568,7 @@ export class QemuDriver implements HypervisorDriver, StorageMoves {
         if (existing.incoming) return { endpoint: existing.incoming.endpoint, token: existing.incoming.token };
         // Shared-nothing: the incoming QEMU of this migration already runs (prepareDiskTargets
         // started it to serve the disk mirror); it now also listens for memory and state.
-        if (existing.nbdTarget?.migrationId === migrationId) return this.listenIncoming(existing, existing.nbdTarget.token);
+        if (existing.nbdTarget?.migrationId === migrationId) return this.listenIncoming(existing, existing.nbdTarget.token, opts.streams);
       }
       throw new Error(`VM ${spec.name} already exists on ${this.host.name}${existing.migrationId ? ` (migration ${existing.migrationId})` : ''}`);
     }
@@ -593,7 +593,7 @@ export class QemuDriver implements HypervisorDriver, StorageMoves {
     };
     this.writeState(st);
     try {
-      return await this.listenIncoming(await this.spawnQemu(st, true), token);
+      return await this.listenIncoming(await this.spawnQemu(st, true), token, opts.streams);
     } catch (e) {
       await this.destroy(spec.name, { deleteStorage: false }).catch(() => undefined);
       throw e;
@@ -601,15 +601,18 @@ export class QemuDriver implements HypervisorDriver, StorageMoves {
   }
 
   /** `migrate-incoming` on the data-plane address; QEMU picks the port, we report it. */
-  private async listenIncoming(st: QemuState, token: string): Promise<IncomingTarget> {
+  private async listenIncoming(st: QemuState, token: string, streams?: number): Promise<IncomingTarget> {
+    // Both ends must agree on multifd and its channel count: policy.streams > 1 asks for it,
+    // else the host's own setting (multifdChannels) applies.
+    const channels = this.multifdFor(streams);
     const name = st.spec.name;
     const listenHost = this.host.dataPlane.host || '127.0.0.1';
     const endpoint = await this.qmp(name, async (q) => {
       const cur = await q.execute<QueryMigrate>('query-migrate');
       const have = cur['socket-address']?.find((s) => s.type === 'inet' && s.port);
       if (have) return { host: listenHost, port: Number(have.port) }; // a retry after migrate-incoming
-      await q.execute('migrate-set-capabilities', { capabilities: this.capabilities(false, false) });
-      if (this.multifd > 0) await q.execute('migrate-set-parameters', { 'multifd-channels': this.multifd });
+      await q.execute('migrate-set-capabilities', { capabilities: this.capabilities(false, false, channels) });
+      if (channels > 0) await q.execute('migrate-set-parameters', { 'multifd-channels': channels });
       await q.execute('migrate-incoming', { uri: `tcp:${listenHost}:0` });
       const m = await q.execute<QueryMigrate>('query-migrate');
       const a = m['socket-address']?.find((s) => s.type === 'inet' && s.port);
@@ -654,8 +657,13 @@ export class QemuDriver implements HypervisorDriver, StorageMoves {
 
   // ---------------------------------------------------------------- outgoing side
 
-  private capabilities(source: boolean, autoConverge: boolean): Array<{ capability: string; state: boolean }> {
-    const caps = [{ capability: 'events', state: true }, { capability: 'multifd', state: this.multifd > 0 }];
+  /** multifd channels for a migration: its policy's streams when above 1, else this host's setting (0 = off). */
+  private multifdFor(streams: number | undefined): number {
+    return streams && streams > 1 ? streams : this.multifd;
+  }
+
+  private capabilities(source: boolean, autoConverge: boolean, multifd: number): Array<{ capability: string; state: boolean }> {
+    const caps = [{ capability: 'events', state: true }, { capability: 'multifd', state: multifd > 0 }];
     if (source) caps.push({ capability: 'pause-before-switchover', state: true }, { capability: 'auto-converge', state: autoConverge });
     return caps;
   }
@@ -685,14 +693,15 @@ export class QemuDriver implements HypervisorDriver, StorageMoves {
     if (hazard) this.log(`WARNING: migrating ${name} despite: ${hazard}`);
     const pct = (f: number, lo: number, hi: number): number => Math.min(hi, Math.max(lo, Math.round(f * 100)));
     await this.qmp(name, async (q) => {
-      await q.execute('migrate-set-capabilities', { capabilities: this.capabilities(true, policy.autoConverge) });
+      const channels = this.multifdFor(policy.streams);
+      await q.execute('migrate-set-capabilities', { capabilities: this.capabilities(true, policy.autoConverge, channels) });
       await q.execute('migrate-set-parameters', {
         'downtime-limit': Math.max(1, Math.round(policy.downtimeLimitMs)),
         'max-bandwidth': policy.maxBandwidth > 0 ? Math.round(policy.maxBandwidth) : UNLIMITED_BANDWIDTH,
         'cpu-throttle-initial': pct(policy.throttleInitial, 1, 99),
         'cpu-throttle-increment': pct(policy.throttleIncrement, 1, 100),
         'max-cpu-throttle': pct(policy.throttleMax, 1, 99),
-        ...(this.multifd > 0 ? { 'multifd-channels': this.multifd } : {}),
+        ...(channels > 0 ? { 'multifd-channels': channels } : {}),
       });
       this.patchState(name, { outgoing: { migrationId, startedAt: Date.now(), target, policy } });
       await q.execute('migrate', { uri: `tcp:${target.endpoint.host}:${target.endpoint.port}` });

@@ -8,7 +8,7 @@ import net from 'node:net';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 import { setTimeout as sleep } from 'node:timers/promises';
-import type { HypervisorDriver, IncomingStatus, IncomingTarget, RollbackResult } from '../driver.js';
+import type { HypervisorDriver, IncomingOptions, IncomingStatus, IncomingTarget, RollbackResult } from '../driver.js';
 import type { CutoverResult, DiskMirrorStatus, DiskTargetGrant, MigrationPolicy, ProgressSample, VerifyReport, VmInfo, VmSpec, VmState } from '../../common/types.js';
 import { vmStorageDir, resolveStorageDir, type HostConfig } from '../../common/host-config.js';
 import { callControl, ControlError } from './control.js';
@@ -278,13 +278,13 @@ export class SimDriver implements HypervisorDriver {
     return this.control(name, 'guestWrite');
   }
 
-  async prepareIncoming(spec: VmSpec, migrationId: string, sourceHost: string): Promise<IncomingTarget> {
+  async prepareIncoming(spec: VmSpec, migrationId: string, sourceHost: string, opts: IncomingOptions = {}): Promise<IncomingTarget> {
     if (!this.dataPlane) throw new Error('data plane not started');
     const rt = this.readRuntime(spec.name);
     if (rt && rt.cfg.mode === 'incoming' && rt.cfg.migrationId === migrationId && !this.children.has(spec.name) && rt.status?.state !== 'running') {
       // Ours, from before an agent restart: no socket can be handed to it any more. Start afresh.
       await this.destroy(spec.name, { deleteStorage: false, onlyMigration: migrationId });
-      return this.prepareIncoming(spec, migrationId, sourceHost);
+      return this.prepareIncoming(spec, migrationId, sourceHost, opts);
     }
     if (rt) {
       const sameJob = rt.cfg.mode === 'incoming' && rt.cfg.migrationId === migrationId && rt.status && isAlive(rt.status.pid) && this.children.has(spec.name);
@@ -298,7 +298,8 @@ export class SimDriver implements HypervisorDriver {
       this.children.set(spec.name, { child, migrationId });
       child.once('exit', () => this.children.delete(spec.name));
     }
-    const token = this.dataPlane.grant({ migrationId, vm: spec.name, kind: 'memory', source: sourceHost });
+    // The grant opens exactly that many connections (stream 0 must claim the same count).
+    const token = this.dataPlane.grant({ migrationId, vm: spec.name, kind: 'memory', source: sourceHost, expectStreams: opts.streams ?? 1 });
     return { endpoint: this.host.dataPlane, token };
   }
 
@@ -312,7 +313,7 @@ export class SimDriver implements HypervisorDriver {
       return;
     }
     if (!auth) {
-      c.child.send({ type: 'dataplane', rest: rest.toString('base64') }, sock);
+      c.child.send({ type: 'dataplane', rest: rest.toString('base64'), stream: hello.stream ?? 0, streams: hello.streams ?? 1 }, sock);
       return;
     }
     // TLS mode: the VM process authenticates the sender (TLS, certificate, token) and reports
@@ -329,7 +330,7 @@ export class SimDriver implements HypervisorDriver {
     const timer = setTimeout(() => { done(); auth.settle(false, `incoming VM ${hello.vm} did not report on the connection`); }, 30_000);
     child.on('message', onMessage);
     child.once('exit', onExit);
-    const check: GrantCheck = { grantId: auth.grantId, secretHash: auth.secretHash, migrationId: auth.migrationId, vm: auth.vm, kind: auth.kind, source: auth.source, destination: auth.destination, expiresAt: auth.expiresAt, tls: auth.tls };
+    const check: GrantCheck = { grantId: auth.grantId, secretHash: auth.secretHash, migrationId: auth.migrationId, vm: auth.vm, kind: auth.kind, source: auth.source, destination: auth.destination, expiresAt: auth.expiresAt, tls: auth.tls, stream: auth.stream, streams: auth.streams };
     child.send({ type: 'dataplane', rest: rest.toString('base64'), auth: check, nonce }, sock);
   }
 

@@ -163,8 +163,13 @@ function pause(): void {
 interface Outgoing {
   id: string;
   state: 'precopy' | 'stopping' | 'cutover' | 'done' | 'failed' | 'cancelled';
+  /** Stream 0: control frames, and its share of the pages. */
   sock: net.Socket;
   chan: FrameChannel;
+  /** Every stream's socket, stream 0 first (policy.streams; see streamOf). */
+  socks: net.Socket[];
+  /** Barriers sent so far (RoundEnd seq on every stream). */
+  barrierSeq: number;
   policy: MigrationPolicy;
   round: number;
   bytesSent: number;
@@ -189,8 +194,9 @@ interface Outgoing {
    * Settles once the kernel has taken every frame written so far: the last frame's write
    * callback (callbacks run in write order, with an error if the socket is destroyed). Not
    * 'drain', which is only emitted after a write returned false: a short queue may never see one.
+   * One per stream.
    */
-  flushed: Promise<void>;
+  flushed: Array<Promise<void>>;
 }
 let outgoing: Outgoing | null = null;
 
@@ -230,17 +236,49 @@ function queueBelowMark(sock: net.Socket): Promise<void> {
 
 const yieldNow = (): Promise<void> => new Promise((r) => setImmediate(r));
 
-async function sendPages(o: Outgoing, pages: number[], from: number, until = Infinity): Promise<number> {
-  // Returns how many of `pages` (starting at `from`) went out; stops early when asked to, or
-  // at `until` (performance.now() time): pages not sent stay dirty for the next round.
+/**
+ * The stream that carries page p: guest memory in 1 MiB regions, dealt round-robin. A page
+ * always travels on the same stream, so its copies arrive in the order they were sent (streams
+ * are not ordered with one another); contiguous runs stay within one frame.
+ */
+const streamOf = (p: number, streams: number): number => (p >>> 8) % streams;
+
+/**
+ * Sends `pages` on their streams, all streams at once; stops early when asked to, or at `until`
+ * (performance.now() time): pages not sent stay dirty for the next round.
+ */
+async function sendPages(o: Outgoing, pages: number[], until = Infinity): Promise<void> {
+  const n = o.socks.length;
+  if (n === 1) { await sendOn(o, 0, pages, until); return; }
+  const lists: number[][] = Array.from({ length: n }, () => []);
+  for (const p of pages) lists[streamOf(p, n)]!.push(p);
+  await Promise.all(lists.map((l, k) => (l.length > 0 ? sendOn(o, k, l, until) : undefined)));
+}
+
+/** Every frame written so far on every stream is in the kernel. */
+const allFlushed = (o: Outgoing): Promise<unknown> => Promise.all(o.flushed);
+
+/**
+ * Writes barrier `seq` (a RoundEnd frame) on every stream but 0, after the pages already queued
+ * there; stream 0 then names the seq in its own frame (RoundEnd with an Ack wanted, or Device),
+ * and the destination handles that one only once every stream has applied up to its barrier.
+ */
+async function barrier(o: Outgoing): Promise<number> {
+  const seq = ++o.barrierSeq;
+  await Promise.all(o.socks.slice(1).map((s) => writeAll(s, [jsonFrame(FrameType.RoundEnd, { seq })])));
+  return seq;
+}
+
+async function sendOn(o: Outgoing, stream: number, pages: number[], until: number): Promise<void> {
+  const sock = o.socks[stream]!;
   const mem = guest.memory;
   const dirty = guest.dirty;
-  let i = from;
+  let i = 0;
   let lastYield = performance.now();
   while (i < pages.length) {
     if (o.stop && !o.finalFlush) break;
     if (performance.now() > until) break;
-    if (o.sock.destroyed || !o.sock.writable) throw new Error('data-plane connection closed');
+    if (sock.destroyed || !sock.writable) throw new Error('data-plane connection closed');
     const n = Math.min(FRAME_PAGES, pages.length - i);
     const live = state === 'running';
     const head = Buffer.allocUnsafe(HEADER + 4 + n * 8);
@@ -291,13 +329,13 @@ async function sendPages(o: Outgoing, pages: number[], from: number, until = Inf
     head.writeUInt32LE(crc32(head.subarray(HEADER)) >>> 0, 8);
     const bufs = [head, ...payload];
     let written!: () => void;
-    o.flushed = new Promise<void>((r) => { written = r; });
-    o.sock.cork(); // one writev for the frame
-    try { bufs.forEach((b, k) => o.sock.write(b, k === bufs.length - 1 ? () => written() : undefined)); } finally { o.sock.uncork(); }
+    o.flushed[stream] = new Promise<void>((r) => { written = r; });
+    sock.cork(); // one writev for the frame
+    try { bufs.forEach((b, k) => sock.write(b, k === bufs.length - 1 ? () => written() : undefined)); } finally { sock.uncork(); }
     o.bytesSent += bodyLen + HEADER;
     o.rawBytes += HEADER + 4 + n * 8 + data * PAGE_SIZE;
     o.pagesSent += data;
-    if (o.sock.writableLength > QUEUE_BYTES) await queueBelowMark(o.sock);
+    if (sock.writableLength > QUEUE_BYTES) await queueBelowMark(sock);
     if (o.policy.maxBandwidth > 0) {
       // Token bucket on wall time: sleep until the bytes sent so far are within the cap.
       o.bucketAt = Math.max(o.bucketAt, performance.now() - 50) + ((bodyLen + HEADER) / o.policy.maxBandwidth) * 1000;
@@ -306,7 +344,6 @@ async function sendPages(o: Outgoing, pages: number[], from: number, until = Inf
     }
     if (performance.now() - lastYield > YIELD_MS) { await yieldNow(); lastYield = performance.now(); }
   }
-  return i;
 }
 
 function dirtyList(): number[] {
@@ -365,11 +402,11 @@ async function precopy(o: Outgoing): Promise<void> {
     // A round ends after ROUND_MAX_MS at most (the rest stays dirty), so that the policy sees a
     // sample, and can throttle a guest that outruns the link, every few seconds even when one
     // pass over a large memory on a slow link takes much longer.
-    await sendPages(o, pages, 0, t0 + ROUND_MAX_MS);
+    await sendPages(o, pages, t0 + ROUND_MAX_MS);
     if (o.stop) break; // interrupted: unsent pages are still dirty
     // Measure the link on bytes the kernel took, not bytes queued: a small round that only
     // filled the queue would otherwise promise a bandwidth (and a downtime) it never had.
-    await o.flushed;
+    await allFlushed(o);
     const dt = Math.max(1, performance.now() - t0);
     const roundBytes = o.bytesSent - sentBefore;
     const acct = linkAccount(o);
@@ -417,17 +454,19 @@ async function precopy(o: Outgoing): Promise<void> {
     if (k >= 3 && fits) break;
     o.finalFlush = true; // send through the stop request
     const t0 = performance.now();
-    try { await sendPages(o, list, 0); } finally { o.finalFlush = false; }
-    await o.flushed;
+    try { await sendPages(o, list); } finally { o.finalFlush = false; }
+    await allFlushed(o);
     acct.bytes += bytes;
     acct.ms += performance.now() - t0;
   }
-  await o.flushed;
+  await allFlushed(o);
   if (o.state === 'stopping') {
     // Barrier: the kernel having taken the bytes is not the destination having applied them
     // (socket buffers hold megabytes). Pausing before the destination caught up would put that
     // backlog inside the downtime; waiting here, with the guest still running, does not.
-    await writeAll(o.sock, [jsonFrame(FrameType.RoundEnd, { barrier: true })]);
+    // With several streams the destination acknowledges once every stream reached the barrier.
+    const seq = await barrier(o);
+    await writeAll(o.sock, [jsonFrame(FrameType.RoundEnd, { barrier: true, seq })]);
     await o.chan.expect(FrameType.Ack, 60_000);
   }
 }
@@ -436,12 +475,22 @@ async function startOutgoing(p: { migrationId: string; endpoint: { host: string;
   if (outgoing && outgoing.id === p.migrationId && outgoing.state !== 'failed' && outgoing.state !== 'cancelled') return { started: false };
   if (outgoing && (outgoing.state === 'precopy' || outgoing.state === 'cutover' || outgoing.state === 'stopping')) throw new Error(`VM ${cfg.spec.name} is already migrating (${outgoing.id})`);
   if (state !== 'running') throw new Error(`VM ${cfg.spec.name} is ${state}, not running`);
-  const chan = await connectDataPlane(p.endpoint, { migrationId: p.migrationId, vm: cfg.spec.name, token: p.token, kind: 'memory', from: cfg.host }, dataPlaneTlsFromEnv());
-  const sock = { sock: chan.sock };
+  const streams = p.policy.streams ?? 1;
+  const hello = (stream: number) => ({ migrationId: p.migrationId, vm: cfg.spec.name, token: p.token, kind: 'memory' as const, from: cfg.host, ...(streams > 1 ? { stream, streams } : {}) });
+  // Stream 0 first (it fixes the count at the destination), then the others together.
+  const chan = await connectDataPlane(p.endpoint, hello(0), dataPlaneTlsFromEnv());
+  const more = await Promise.allSettled(Array.from({ length: streams - 1 }, (_, k) => connectDataPlane(p.endpoint, hello(k + 1), dataPlaneTlsFromEnv())));
+  const refused = more.find((r) => r.status === 'rejected');
+  if (refused) {
+    chan.sock.destroy();
+    for (const r of more) if (r.status === 'fulfilled') r.value.sock.destroy();
+    throw (refused as PromiseRejectedResult).reason as Error;
+  }
+  const socks = [chan.sock, ...more.map((r) => (r as PromiseFulfilledResult<FrameChannel>).value.sock)];
   const o: Outgoing = {
-    id: p.migrationId, state: 'precopy', sock: sock.sock, chan, policy: p.policy, round: 0, bytesSent: 0, pagesSent: 0,
+    id: p.migrationId, state: 'precopy', sock: chan.sock, chan, socks, barrierSeq: 0, policy: p.policy, round: 0, bytesSent: 0, pagesSent: 0,
     startedAt: performance.now(), crcs: new Uint32Array(guest.pages).fill(ZERO_CRC), samples: [], waiters: [], stop: false,
-    loop: Promise.resolve(), bucketAt: performance.now(), rawBytes: 0, compressCpuUs: 0, compressSkip: 0, flushed: Promise.resolve(),
+    loop: Promise.resolve(), bucketAt: performance.now(), rawBytes: 0, compressCpuUs: 0, compressSkip: 0, flushed: socks.map(() => Promise.resolve()),
   };
   chan.onFrame = (f) => {
     if (f.type !== FrameType.Error || o.state !== 'precopy') return false;
@@ -450,9 +499,11 @@ async function startOutgoing(p: { migrationId: string; endpoint: { host: string;
   };
   migrationId = p.migrationId;
   outgoing = o;
-  sock.sock.on('close', () => {
-    if (o.state === 'precopy' || o.state === 'stopping') fail(o, 'data-plane connection to the destination closed');
-  });
+  for (const s of socks) {
+    s.on('close', () => {
+      if (o.state === 'precopy' || o.state === 'stopping') fail(o, 'data-plane connection to the destination closed');
+    });
+  }
   o.loop = precopy(o).catch((e: Error) => fail(o, e.message));
   persist();
   log(`outgoing migration ${p.migrationId} to ${p.endpoint.host}:${p.endpoint.port}`);
@@ -464,7 +515,7 @@ function fail(o: Outgoing, error: string): void {
   o.error = error;
   o.state = 'failed';
   o.stop = true;
-  o.sock.destroy();
+  for (const s of o.socks) s.destroy();
   for (const w of o.waiters.splice(0)) w();
   log(`outgoing migration ${o.id} failed: ${error}`);
   persist();
@@ -513,10 +564,12 @@ async function doCutover(o: Outgoing, verify: 'digest' | 'full'): Promise<Cutove
   const t0 = performance.now();
   const finalList = dirtyList();
   o.finalFlush = true;
-  await sendPages(o, finalList, 0);
+  await sendPages(o, finalList);
   const digest = crc32(Buffer.from(o.crcs.buffer)) >>> 0;
   const sourceFullCrc = verify === 'full' ? crc32(guest.memory) >>> 0 : undefined;
-  await writeAll(o.sock, [jsonFrame(FrameType.Device, { device: guest.state, digest, verify })]);
+  // Several streams: the destination applies every stream up to this barrier before it checks.
+  const seq = o.socks.length > 1 ? await barrier(o) : undefined;
+  await writeAll(o.sock, [jsonFrame(FrameType.Device, { device: guest.state, digest, verify, seq })]);
   const v = await o.chan.expect<{ digest: number; fullCrc?: number }>(FrameType.Verified);
   if (v.digest !== digest) throw new Error(`memory digest mismatch at cutover: source ${digest}, destination ${v.digest}`);
   if (verify === 'full' && v.fullCrc !== sourceFullCrc) throw new Error(`full memory CRC mismatch: source ${sourceFullCrc}, destination ${v.fullCrc}`);
@@ -535,7 +588,7 @@ async function doCutover(o: Outgoing, verify: 'digest' | 'full'): Promise<Cutove
   const r = await o.chan.expect<{ resumedAt: number }>(FrameType.Resumed, 30_000);
   const downtimeMs = Math.round(performance.now() - t0);
   o.state = 'done';
-  o.sock.end();
+  for (const s of o.socks) s.end();
   mirror?.close(); // break the mirror: the destination's copy is the VM's disk now
   const result: CutoverResult = {
     pausedAt, resumedAt: r.resumedAt, downtimeMs, finalPages: finalList.length, bytesSent: o.bytesSent, ...compressionFigures(o),
@@ -576,7 +629,7 @@ async function rollbackOutgoing(p: { migrationId: string; allowReclaim?: boolean
     const o = outgoing;
     if (o.state !== 'done' && o.state !== 'failed') { o.error = 'cancelled'; o.state = 'cancelled'; }
     o.stop = true;
-    o.sock.destroy();
+    for (const s of o.socks) s.destroy();
     await o.loop.catch(() => undefined);
     if (o.cutover) await o.cutover.catch(() => undefined);
     for (const w of o.waiters.splice(0)) w();
@@ -691,11 +744,45 @@ interface Incoming {
   /** Live pages whose bytes no longer matched their CRC (rewritten at the source meanwhile). */
   torn: number;
   error?: string;
+  /** Stream 0 (control frames and its share of pages). */
   sock?: net.Socket;
+  /** Streams of the transfer (stream 0's claim), their sockets, and the barrier each applied. */
+  streams: number;
+  socks: Array<net.Socket | undefined>;
+  reached: number[];
+  /** Checks waiting on barriers; each returns true once settled. */
+  barrierWaits: Array<() => boolean>;
 }
 let incoming: Incoming | null = cfg.mode === 'incoming'
-  ? { state: 'waiting', bytes: 0, pages: 0, torn: 0, crcs: new Uint32Array(guest.pages).fill(ZERO_CRC) }
+  ? { state: 'waiting', bytes: 0, pages: 0, torn: 0, crcs: new Uint32Array(guest.pages).fill(ZERO_CRC), streams: 1, socks: [], reached: [], barrierWaits: [] }
   : null;
+
+/** Re-runs the barrier checks (a stream reached a barrier, or the transfer failed). */
+function wakeBarriers(inc: Incoming): void {
+  inc.barrierWaits = inc.barrierWaits.filter((check) => !check());
+}
+
+/** Resolves once every stream but 0 has applied everything up to its barrier `seq`. */
+function streamsReached(inc: Incoming, seq: number): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const check = (): boolean => {
+      if (inc.state === 'failed' || inc.state === 'aborted') { reject(new Error(inc.error ?? `incoming ${inc.state}`)); return true; }
+      for (let k = 1; k < inc.streams; k++) if ((inc.reached[k] ?? 0) < seq) return false;
+      resolve();
+      return true;
+    };
+    if (!check()) inc.barrierWaits.push(check);
+  });
+}
+
+/** Why stream `stream` of `streams` cannot join this incoming transfer now (null: it can). */
+function streamRefusal(inc: Incoming | null, stream: number, streams: number): string | null {
+  if (!inc) return `VM ${cfg.spec.name} is not waiting for a migration`;
+  if (stream === 0) return inc.state === 'waiting' ? null : `VM ${cfg.spec.name} is not waiting for a migration`;
+  if (inc.state !== 'receiving') return `VM ${cfg.spec.name} is not receiving a migration`;
+  if (streams !== inc.streams) return `stream count ${streams} differs from stream 0's ${inc.streams}`;
+  return inc.socks[stream] ? `stream ${stream} already connected` : null;
+}
 
 /** The first n bytes of a frame body given in pieces (a view when the first piece holds them). */
 function bodyPrefix(parts: Buffer[], n: number): Buffer {
@@ -706,7 +793,7 @@ function bodyPrefix(parts: Buffer[], n: number): Buffer {
  * Places one Pages frame, given as the pieces it arrived in (no joining copy): each page's CRC
  * is checked against the index table before the page reaches guest memory.
  */
-function applyPages(inc: Incoming, parts: Buffer[], flags = 0): void {
+function applyPages(inc: Incoming, parts: Buffer[], flags = 0, stream = 0): void {
   let total = 0;
   for (const b of parts) total += b.length;
   if (total < 4) throw new Error('page frame shorter than its index');
@@ -733,6 +820,8 @@ function applyPages(inc: Incoming, parts: Buffer[], flags = 0): void {
     const crc = index.readUInt32LE(8 + k * 8);
     const p = (raw & ~ZERO_FLAG) >>> 0;
     if (p >= guest.pages) throw new Error(`page ${p} outside guest memory of ${guest.pages} pages`);
+    // Each page has one stream: a copy on another could overtake a newer one.
+    if (inc.streams > 1 && streamOf(p, inc.streams) !== stream) throw new Error(`page ${p} arrived on stream ${stream}, not its own (${streamOf(p, inc.streams)})`);
     const dst = p * PAGE_SIZE;
     if ((raw & ZERO_FLAG) !== 0) {
       if (crc !== ZERO_CRC) throw new Error(`zero page ${p} with a non-zero checksum`);
@@ -796,12 +885,20 @@ async function onIncomingFrame(inc: Incoming, f: Frame): Promise<void> {
     case FrameType.Pages:
       applyPages(inc, f.parts ?? [f.body], f.flags);
       return;
-    case FrameType.RoundEnd:
-      // Everything sent before this frame is in guest memory now (frames apply in order).
+    case FrameType.RoundEnd: {
+      // Everything sent before this frame is in guest memory now (frames apply in order), on
+      // the other streams once they reached the barrier it names.
+      const r = parseJson<{ seq?: number }>(f);
+      if (inc.streams > 1 && r.seq) await streamsReached(inc, r.seq);
       await writeAll(inc.sock!, [jsonFrame(FrameType.Ack, { bytesReceived: inc.bytes })]);
       return;
+    }
     case FrameType.Device: {
-      const d = parseJson<{ device: DeviceState; digest: number; verify: 'digest' | 'full' }>(f);
+      const d = parseJson<{ device: DeviceState; digest: number; verify: 'digest' | 'full'; seq?: number }>(f);
+      if (inc.streams > 1) {
+        if (!d.seq) throw new Error('device state without a stream barrier on a multi-stream transfer');
+        await streamsReached(inc, d.seq);
+      }
       guest.state = { ...d.device };
       const digest = crc32(Buffer.from(inc.crcs.buffer)) >>> 0;
       const fullCrc = d.verify === 'full' ? crc32(guest.memory) >>> 0 : undefined;
@@ -840,8 +937,10 @@ async function onIncomingFrame(inc: Incoming, f: Frame): Promise<void> {
   }
 }
 
-function acceptIncoming(sock: net.Socket, rest: Buffer, handOver?: { auth?: GrantCheck; nonce?: string }): void {
+function acceptIncoming(sock: net.Socket, rest: Buffer, handOver?: { auth?: GrantCheck; nonce?: string; stream?: number; streams?: number }): void {
   const auth = handOver?.auth;
+  const stream = auth?.stream ?? handOver?.stream ?? 0;
+  const streams = auth?.streams ?? handOver?.streams ?? 1;
   if (auth) {
     // TLS mode: this process is the TLS server. Nothing changes here (state, memory, files)
     // until the sender proved it is the grant's source host and holds the token; the agent
@@ -850,21 +949,23 @@ function acceptIncoming(sock: net.Socket, rest: Buffer, handOver?: { auth?: Gran
       if (!ok) log(`refused incoming data-plane connection: ${why}`);
       try { process.send?.({ type: 'dataplane-auth', nonce: handOver!.nonce, ok, why }); } catch { /* agent gone */ }
     };
-    if (!incoming || incoming.state !== 'waiting' || auth.migrationId !== migrationId || auth.vm !== cfg.spec.name || auth.kind !== 'memory') {
-      sock.end(jsonFrame(FrameType.Error, { message: `VM ${cfg.spec.name} is not waiting for migration ${auth.migrationId}` }));
-      settle(false, `VM ${cfg.spec.name} is not waiting for migration ${auth.migrationId}`);
+    const early = auth.migrationId !== migrationId || auth.vm !== cfg.spec.name || auth.kind !== 'memory' ? `VM ${cfg.spec.name} is not waiting for migration ${auth.migrationId}` : streamRefusal(incoming, stream, streams);
+    if (early) {
+      sock.end(jsonFrame(FrameType.Error, { message: early }));
+      settle(false, early);
       return;
     }
     acceptSecure(sock, rest, auth).then(
       (sec) => {
-        if (!incoming || incoming.state !== 'waiting') {
-          sec.sock.end(jsonFrame(FrameType.Error, { message: `VM ${cfg.spec.name} is not waiting for a migration` }));
-          settle(false, 'a second authenticated connection for the same migration');
+        const late = streamRefusal(incoming, stream, streams);
+        if (late) {
+          sec.sock.end(jsonFrame(FrameType.Error, { message: late }));
+          settle(false, stream === 0 ? 'a second authenticated connection for the same migration' : late);
           return;
         }
         settle(true);
-        log(`incoming data plane: ${sec.protocol} from ${sec.peer}, client certificate verified`);
-        acceptIncoming(sec.sock, sec.rest);
+        log(`incoming data plane${streams > 1 ? ` (stream ${stream} of ${streams})` : ''}: ${sec.protocol} from ${sec.peer}, client certificate verified`);
+        acceptIncoming(sec.sock, sec.rest, { stream, streams });
         sec.sock.resume();
       },
       (e: Error) => settle(false, e.message),
@@ -872,12 +973,17 @@ function acceptIncoming(sock: net.Socket, rest: Buffer, handOver?: { auth?: Gran
     return;
   }
   const inc = incoming;
-  if (!inc || inc.state !== 'waiting') {
-    sock.end(jsonFrame(FrameType.Error, { message: `VM ${cfg.spec.name} is not waiting for a migration` }));
+  const refusal = streamRefusal(inc, stream, streams);
+  if (!inc || refusal) {
+    sock.end(jsonFrame(FrameType.Error, { message: refusal }));
     return;
   }
+  if (stream > 0) { acceptDataStream(inc, stream, sock, rest); return; }
   inc.state = 'receiving';
   inc.sock = sock;
+  inc.streams = streams;
+  inc.socks = [sock];
+  inc.reached = new Array<number>(streams).fill(0);
   const chan = new FrameChannel(sock, rest);
   let chain = Promise.resolve();
   chan.onFrame = (f) => {
@@ -886,25 +992,53 @@ function acceptIncoming(sock: net.Socket, rest: Buffer, handOver?: { auth?: Gran
       if (inc.state !== 'running') inc.state = 'failed';
       log(`incoming failed: ${e.message}`);
       sock.end(jsonFrame(FrameType.Error, { message: e.message }));
+      for (const s of inc.socks.slice(1)) s?.destroy();
+      wakeBarriers(inc);
       persist();
     });
     return true;
   };
-  sock.on('close', () => {
-    if (inc.state === 'receiving' || inc.state === 'verified') {
-      inc.state = 'failed';
-      inc.error = 'data-plane connection closed before the switchover';
-      persist();
-    }
-  });
+  sock.on('close', () => closedEarly(inc));
   void writeAll(sock, [jsonFrame(FrameType.Welcome, { vm: cfg.spec.name, pages: guest.pages })]);
   persist();
+}
+
+/** Any stream lost before the switchover fails the transfer (the source rolls back). */
+function closedEarly(inc: Incoming, why = 'data-plane connection closed before the switchover'): void {
+  if (inc.state !== 'receiving' && inc.state !== 'verified') return;
+  inc.state = 'failed';
+  inc.error = why;
+  for (const s of inc.socks) s?.destroy();
+  wakeBarriers(inc);
+  persist();
+}
+
+/** Streams 1..n-1 carry pages and barriers only; frames apply as they arrive (pages are partitioned by stream). */
+function acceptDataStream(inc: Incoming, stream: number, sock: net.Socket, rest: Buffer): void {
+  inc.socks[stream] = sock;
+  const chan = new FrameChannel(sock, rest);
+  chan.onFrame = (f) => {
+    if (inc.state !== 'receiving') return true;
+    try {
+      if (f.type === FrameType.Pages) applyPages(inc, f.parts ?? [f.body], f.flags, stream);
+      else if (f.type === FrameType.RoundEnd) { inc.reached[stream] = parseJson<{ seq: number }>(f).seq; wakeBarriers(inc); }
+      else throw new Error(`unexpected ${FrameType[f.type]} frame on data stream ${stream}`);
+    } catch (e) {
+      const why = (e as Error).message;
+      log(`incoming failed on stream ${stream}: ${why}`);
+      inc.sock?.end(jsonFrame(FrameType.Error, { message: why })); // the source hears it on stream 0
+      closedEarly(inc, why);
+    }
+    return true;
+  };
+  sock.on('close', () => closedEarly(inc));
+  void writeAll(sock, [jsonFrame(FrameType.Welcome, { vm: cfg.spec.name, pages: guest.pages, stream })]);
 }
 
 /** Destroys an incoming VM unless it already runs (then the caller must go forward instead). */
 function abortIncoming(): { aborted: boolean; state: VmState } {
   if (state === 'running') return { aborted: false, state };
-  if (incoming) { incoming.state = 'aborted'; incoming.sock?.destroy(); }
+  if (incoming) { incoming.state = 'aborted'; for (const s of incoming.socks) s?.destroy(); wakeBarriers(incoming); }
   state = 'stopped';
   persist();
   setTimeout(() => process.exit(0), 20);
@@ -952,7 +1086,7 @@ serveControl(controlPath, {
 // The agent hands an authenticated data-plane connection over its IPC channel (SCM_RIGHTS),
 // so pages flow socket → this process with no relay in between.
 process.on('message', (msg: { type?: string; rest?: string }, handle?: unknown) => {
-  if (msg?.type === 'dataplane' && handle instanceof net.Socket) acceptIncoming(handle, Buffer.from(msg.rest ?? '', 'base64'), msg as { auth?: GrantCheck; nonce?: string });
+  if (msg?.type === 'dataplane' && handle instanceof net.Socket) acceptIncoming(handle, Buffer.from(msg.rest ?? '', 'base64'), msg as { auth?: GrantCheck; nonce?: string; stream?: number; streams?: number });
 });
 // Losing the agent must not take the VM down: the IPC channel is only for hand-overs.
 process.on('disconnect', () => log('agent IPC channel closed; VM keeps running'));

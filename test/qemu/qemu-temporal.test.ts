@@ -11,6 +11,7 @@ import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
 import { startTestLab, waitUntil, sleep, type TestLab } from '../helpers/lab.js';
 import { readSerialTicks, isAlive } from '../../drivers/qemu/qemu-driver.js';
 import { waitSerialTicks } from '../helpers/qemu.js';
+import { withQmp } from '../../drivers/qemu/qmp.js';
 
 const QEMU = process.env.VMFERRY_QEMU_BINARY ?? 'qemu-system-x86_64';
 const haveQemu = spawnSync(QEMU, ['--version'], { encoding: 'utf8' }).status === 0;
@@ -38,7 +39,7 @@ describe.skipIf(!haveQemu || !temporalAddress)('QEMU guests through Temporal wor
   const whereIs = (vm: string): Promise<Array<{ host: string; state: string }>> => lab.whereIs(vm);
   const qemuPid = (host: string, vm: string): number => (JSON.parse(fs.readFileSync(path.join(lab.runDir(host), vm, 'vm.json'), 'utf8')) as { pid: number }).pid;
 
-  it('live-migrates a QEMU guest A → B: completed, downtime reported, the guest keeps ticking on B with mem=ok disk=ok', async () => {
+  it('live-migrates a QEMU guest A → B over 2 multifd channels (--streams 2): completed, downtime reported, the guest keeps ticking on B with mem=ok disk=ok', async () => {
     const t0 = Date.now();
     const created = await lab.client.createVm({ name: 'qm1', host: A, memory: '128MiB', disk: '16MiB', driver: 'qemu' });
     expect(created).toMatchObject({ host: A, state: 'running' });
@@ -47,7 +48,9 @@ describe.skipIf(!haveQemu || !temporalAddress)('QEMU guests through Temporal wor
     const bootMs = Date.now() - t0;
 
     const m0 = Date.now();
-    const { id } = await lab.client.startMigration({ type: 'live', vm: 'qm1', to: B });
+    // policy.streams maps to QEMU's multifd channels, on both ends (the destination learns the
+    // count in prepareIncoming, before its migrate-incoming).
+    const { id } = await lab.client.startMigration({ type: 'live', vm: 'qm1', to: B, policy: { streams: 2 } });
     const r = await lab.client.awaitMigration(id);
     const wallMs = Date.now() - m0;
     console.log(`[qemu temporal tests] create+boot to tick 5: ${bootMs} ms; migration ${wallMs} ms wall (${r.durationMs} ms in the workflow), ` +
@@ -57,6 +60,12 @@ describe.skipIf(!haveQemu || !temporalAddress)('QEMU guests through Temporal wor
     expect(r.rounds).toBeGreaterThanOrEqual(1);
     expect(r.bytesTransferred).toBeGreaterThan(0);
     expect(r.cutover?.epoch).toBe(2);
+    const migParams = await withQmp(path.join(lab.runDir(B), 'qm1', 'qmp.sock'), async (q) => ({
+      caps: await q.execute<Array<{ capability: string; state: boolean }>>('query-migrate-capabilities'),
+      params: await q.execute<Record<string, unknown>>('query-migrate-parameters'),
+    }));
+    expect(migParams.caps.find((c) => c.capability === 'multifd')?.state).toBe(true);
+    expect(migParams.params['multifd-channels']).toBe(2);
 
     // Exactly one copy, running on B; nothing left of it on A.
     expect(await whereIs('qm1')).toEqual([{ host: B, state: 'running' }]);

@@ -69,7 +69,8 @@ export async function moveMemory(c: MemoryMoveContext, vm: VmInfo, destSpec: VmI
   saga.add('destroy blank VM on destination', () => dst.undo.abortIncoming(ids));
   const target = await dst.quick.prepareIncoming.executeWithOptions(
     { summary: `Blank VM ${c.vm} waits on ${dst.name} for memory and state` },
-    [{ migrationId, spec: destSpec, sourceHost: src.name }],
+    // streams: an input field only (replay compares commands, not their arguments).
+    [{ migrationId, spec: destSpec, sourceHost: src.name, ...(policy.streams && policy.streams > 1 ? { streams: policy.streams } : {}) }],
   );
 
   tracker.phase('precopy');
