@@ -58,7 +58,7 @@ async function spawnVm(dir: string, cfg: object, profDir?: string): Promise<Chil
   fs.mkdirSync(dir, { recursive: true });
   fs.writeFileSync(path.join(dir, 'vm.json'), JSON.stringify(cfg, null, 2));
   const logFd = fs.openSync(path.join(dir, 'vm.log'), 'a');
-  const args = ['--import', TSX_LOADER];
+  const args = ['--import', TSX_LOADER, ...(process.env.BENCH_VM_FLAGS ? process.env.BENCH_VM_FLAGS.split(' ') : [])];
   if (profDir) args.push('--cpu-prof', `--cpu-prof-dir=${profDir}`);
   const child = spawn(process.execPath, [...args, VM_PROCESS, dir], { stdio: ['ignore', logFd, logFd, 'ipc'] });
   fs.closeSync(logFd);
@@ -132,7 +132,7 @@ export async function runEngine(o: EngineRunOptions): Promise<EngineRunResult> {
         try { for (const l of fs.readFileSync(path.join(tmp, h, 'vm.log'), 'utf8').split('\n')) if (l.includes('MARKS')) say(`${h}: ${l.slice(l.indexOf('MARKS'))}`); } catch { /* none */ }
       }
     }
-    fs.rmSync(tmp, { recursive: true, force: true });
+    if (process.env.BENCH_KEEP) say('kept ' + tmp); else fs.rmSync(tmp, { recursive: true, force: true });
   }
 }
 

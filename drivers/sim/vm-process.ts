@@ -10,7 +10,7 @@ import zlib from 'node:zlib';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { Guest, ZERO_PAGE, type DeviceState } from './guest.js';
 import { serveControl } from './control.js';
-import { assertOwner, updateOwner, writeOwner, FencedError } from './ownership.js';
+import { assertOwner, readOwner, updateOwner, writeOwner, FencedError } from './ownership.js';
 import { DiskMirror, type MirrorTarget } from './disk-mirror.js';
 import { PAGE_SIZE, type VmSpec, type VmState, type MigrationPolicy, type ProgressSample, type CutoverResult, type DiskMirrorStatus } from '../../common/types.js';
 import { FrameChannel, FrameType, FrameFlag, header, jsonFrame, writeAll, crc32, ZERO_FLAG, parseJson, type Frame } from '../../dataplane/frames.js';
@@ -136,7 +136,7 @@ function unbindProbe(): void {
   probeSock = null;
 }
 
-async function run(): Promise<void> {
+async function run(opts: { persist?: boolean } = {}): Promise<void> {
   assertOwner(cfg.ownerPath, cfg.host, epoch);
   guest.openDisks();
   state = 'running';
@@ -147,15 +147,28 @@ async function run(): Promise<void> {
     guest.step(Math.min(100, now - last));
     last = now;
   }, 5);
-  persist();
+  if (opts.persist !== false) persist();
 }
 
-function pause(): void {
+function pause(opts: { persist?: boolean } = {}): void {
   if (workloadTimer) clearInterval(workloadTimer);
   workloadTimer = null;
   state = 'paused';
   unbindProbe();
-  persist();
+  if (opts.persist !== false) persist();
+}
+
+/**
+ * Runs, once and outside any downtime, the code paths the switch-over takes for the first time
+ * inside it: a UDP bind (Node loads its resolver on the first one, ~3-8 ms) and the ownership
+ * lock (exclusive create, read, remove). Cold, they added several ms to the pause.
+ */
+async function warmSwitchOverPath(): Promise<void> {
+  const s = dgram.createSocket('udp4');
+  await new Promise<void>((resolve) => { s.once('error', () => resolve()); s.bind(0, '127.0.0.1', () => resolve()); });
+  s.close();
+  const probe = path.join(path.dirname(cfg.ownerPath), `.warm.${process.pid}.lock`);
+  try { fs.closeSync(fs.openSync(probe, 'wx')); readOwner(cfg.ownerPath); } catch { /* only warming */ } finally { fs.rmSync(probe, { force: true }); }
 }
 
 // ---------- outgoing memory job (source side) ----------
@@ -235,6 +248,7 @@ function queueBelowMark(sock: net.Socket): Promise<void> {
 }
 
 const yieldNow = (): Promise<void> => new Promise((r) => setImmediate(r));
+
 
 /**
  * The stream that carries page p: guest memory in 1 MiB regions, dealt round-robin. A page
@@ -365,6 +379,9 @@ const PRE_PAUSE_MIN_BYTES = 1 << 20;
 const ROUND_MAX_MS = 2000;
 /** At most this many rounds between the cutover decision and the pause (see precopy()). */
 const PRE_PAUSE_ROUNDS = 12;
+/** Barriers before the pause, and the dirty set small enough to stop at (see precopy()). */
+const SETTLE_ROUNDS = 4;
+const SETTLE_BYTES = 256 << 10;
 
 /** Bytes and ms of pre-copy rounds so far: the job's link rate. */
 const linkAccounts = new WeakMap<Outgoing, { bytes: number; ms: number }>();
@@ -460,11 +477,20 @@ async function precopy(o: Outgoing): Promise<void> {
     acct.ms += performance.now() - t0;
   }
   await allFlushed(o);
-  if (o.state === 'stopping') {
-    // Barrier: the kernel having taken the bytes is not the destination having applied them
-    // (socket buffers hold megabytes). Pausing before the destination caught up would put that
-    // backlog inside the downtime; waiting here, with the guest still running, does not.
-    // With several streams the destination acknowledges once every stream reached the barrier.
+  // Barrier: the kernel having taken the bytes is not the destination having applied them
+  // (socket buffers hold megabytes). Pausing before the destination caught up would put that
+  // backlog inside the downtime; waiting here, with the guest still running, does not. What the
+  // guest dirtied during that wait goes out next, with another barrier, until it is small: the
+  // pause then carries only a few hundred KiB, a few ms (fewer lost packets for the guest).
+  // With several streams the destination acknowledges once every stream reached the barrier.
+  for (let k = 0; k < SETTLE_ROUNDS && o.state === 'stopping'; k++) {
+    if (k > 0) {
+      const list = dirtyList();
+      if (list.length * PAGE_SIZE <= SETTLE_BYTES) break;
+      o.finalFlush = true;
+      try { await sendPages(o, list); } finally { o.finalFlush = false; }
+      await allFlushed(o);
+    }
     const seq = await barrier(o);
     await writeAll(o.sock, [jsonFrame(FrameType.RoundEnd, { barrier: true, seq })]);
     await o.chan.expect(FrameType.Ack, 60_000);
@@ -504,7 +530,7 @@ async function startOutgoing(p: { migrationId: string; endpoint: { host: string;
       if (o.state === 'precopy' || o.state === 'stopping') fail(o, 'data-plane connection to the destination closed');
     });
   }
-  o.loop = precopy(o).catch((e: Error) => fail(o, e.message));
+  o.loop = warmSwitchOverPath().then(() => precopy(o)).catch((e: Error) => fail(o, e.message));
   persist();
   log(`outgoing migration ${p.migrationId} to ${p.endpoint.host}:${p.endpoint.port}`);
   return { started: true };
@@ -558,7 +584,7 @@ async function doCutover(o: Outgoing, verify: 'digest' | 'full'): Promise<Cutove
   await o.loop;
   if (o.error) throw new Error(o.error);
   o.state = 'cutover';
-  pause();
+  pause({ persist: false }); // state.json follows with 'migrated' (or the failure): not inside the pause
   const pausedAt = Date.now();
   await faultPoint('cutover-after-pause');
   const t0 = performance.now();
@@ -583,8 +609,9 @@ async function doCutover(o: Outgoing, verify: 'digest' | 'full'): Promise<Cutove
     return { host: destHost!, epoch: newEpoch, state: 'handoff', from: cfg.host, migrationId: o.id };
   });
   state = 'migrated';
-  persist();
+  // GO first: the ownership record above is what counts; state.json (for the agent) can follow.
   await writeAll(o.sock, [jsonFrame(FrameType.Go, { epoch: newEpoch })]);
+  persist();
   const r = await o.chan.expect<{ resumedAt: number }>(FrameType.Resumed, 30_000);
   const downtimeMs = Math.round(performance.now() - t0);
   o.state = 'done';
@@ -917,18 +944,20 @@ async function onIncomingFrame(inc: Incoming, f: Frame): Promise<void> {
       });
       epoch = g.epoch;
       inc.state = 'running';
-      await run();
       guest.markAllClean();
       migrationId = undefined; // the migration is over for this copy: it is now the VM
-      persist();
+      // The downtime ends here: RESUMED goes out before the bookkeeping (state.json, log).
+      await run({ persist: false });
       const resumedAt = Date.now();
       if ((await faultPoint('destination-after-resume')) === 'drop-ack') {
         // Fault injection: the VM runs here, but the source never hears of it.
+        persist();
         inc.sock!.destroy();
         log(`resumed at epoch ${epoch}; acknowledgement dropped (fault injection)`);
         return;
       }
       await writeAll(inc.sock!, [jsonFrame(FrameType.Resumed, { resumedAt })]);
+      persist();
       log(`resumed at epoch ${epoch}`);
       return;
     }
@@ -1101,6 +1130,7 @@ async function main(): Promise<void> {
     await run();
     log(`booted: ${cfg.spec.memoryBytes} bytes memory, ${cfg.spec.disks.length} disk(s), epoch ${epoch}`);
   } else {
+    await warmSwitchOverPath();
     persist();
     log(`waiting for incoming migration ${migrationId ?? ''}`);
   }
