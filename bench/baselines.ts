@@ -1,7 +1,8 @@
 // Baselines the engine is judged against, measured on this machine in the same run:
 //  - loopback TCP: a plain socket pump between two Node processes (a sink that discards, a
 //    writer of 1 MiB buffers), with 1 or N parallel streams;
-//  - storage: sequential write (with fsync) then read of a file of the disk's size.
+//  - storage: sequential write (with fsync) then read of a file of the disk's size, through the
+//    page cache as a plain program does it, and the same with O_DIRECT (the device itself).
 import fs from 'node:fs';
 import path from 'node:path';
 import net from 'node:net';
@@ -70,10 +71,16 @@ export async function loopbackThroughput(streams: number, totalBytes: number): P
   }
 }
 
-/** Sequential write (1 MiB blocks, fsync) then read of a `size`-byte file in `dir`. Bytes/s each. */
-export function storageThroughput(dir: string, size: number): { writeBps: number; readBps: number } {
+/**
+ * Sequential write (1 MiB blocks, fsync) then read of a `size`-byte file in `dir`, buffered (the
+ * read finds the file in the page cache: it was just written); then the same with O_DIRECT, 4 MiB
+ * blocks, into a fresh sparse file as the disk mirror writes its target (0 where the file system
+ * refuses O_DIRECT). Bytes/s each.
+ */
+export function storageThroughput(dir: string, size: number): { writeBps: number; readBps: number; directWriteBps: number; directReadBps: number } {
   fs.mkdirSync(dir, { recursive: true });
   const file = path.join(dir, `baseline-${process.pid}.img`);
+  const direct = path.join(dir, `baseline-direct-${process.pid}.img`);
   const buf = Buffer.alloc(1 << 20);
   for (let i = 0; i < buf.length; i += 4) buf.writeUInt32LE((i * 2654435761) >>> 0, i);
   try {
@@ -88,9 +95,34 @@ export function storageThroughput(dir: string, size: number): { writeBps: number
     for (let off = 0; off < size; off += buf.length) fs.readSync(fd, buf, 0, Math.min(buf.length, size - off), off);
     fs.closeSync(fd);
     const readBps = (size / (performance.now() - t0)) * 1000;
-    return { writeBps, readBps };
+    fs.rmSync(file, { force: true });
+    return { writeBps, readBps, ...directThroughput(direct, size) };
   } finally {
     fs.rmSync(file, { force: true });
+    fs.rmSync(direct, { force: true });
+  }
+}
+
+function directThroughput(file: string, size: number): { directWriteBps: number; directReadBps: number } {
+  const chunk = 4 << 20;
+  // O_DIRECT wants an aligned buffer; a WebAssembly memory starts on a page boundary.
+  const { Memory } = (globalThis as unknown as { WebAssembly: { Memory: new (d: { initial: number }) => { buffer: ArrayBuffer } } }).WebAssembly;
+  const buf = Buffer.from(new Memory({ initial: chunk / 65536 }).buffer);
+  for (let i = 0; i < buf.length; i += 4) buf.writeUInt32LE((i * 2654435761) >>> 0, i);
+  let fd: number;
+  try { fd = fs.openSync(file, fs.constants.O_RDWR | fs.constants.O_CREAT | fs.constants.O_EXCL | fs.constants.O_DIRECT); } catch { return { directWriteBps: 0, directReadBps: 0 }; }
+  try {
+    fs.ftruncateSync(fd, size);
+    let t0 = performance.now();
+    for (let off = 0; off < size; off += chunk) fs.writeSync(fd, buf, 0, Math.min(chunk, size - off), off);
+    fs.fdatasyncSync(fd);
+    const directWriteBps = (size / (performance.now() - t0)) * 1000;
+    t0 = performance.now();
+    for (let off = 0; off < size; off += chunk) fs.readSync(fd, buf, 0, Math.min(chunk, size - off), off);
+    const directReadBps = (size / (performance.now() - t0)) * 1000;
+    return { directWriteBps, directReadBps };
+  } finally {
+    fs.closeSync(fd);
   }
 }
 
