@@ -7,6 +7,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import net from 'node:net';
 import zlib from 'node:zlib';
+import { alignedBuffer } from '../drivers/sim/disk-mirror.js';
 import { spawn } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 
@@ -105,9 +106,7 @@ export function storageThroughput(dir: string, size: number): { writeBps: number
 
 function directThroughput(file: string, size: number): { directWriteBps: number; directReadBps: number } {
   const chunk = 4 << 20;
-  // O_DIRECT wants an aligned buffer; a WebAssembly memory starts on a page boundary.
-  const { Memory } = (globalThis as unknown as { WebAssembly: { Memory: new (d: { initial: number }) => { buffer: ArrayBuffer } } }).WebAssembly;
-  const buf = Buffer.from(new Memory({ initial: chunk / 65536 }).buffer);
+  const buf = alignedBuffer(chunk); // O_DIRECT wants page-aligned memory
   for (let i = 0; i < buf.length; i += 4) buf.writeUInt32LE((i * 2654435761) >>> 0, i);
   let fd: number;
   try { fd = fs.openSync(file, fs.constants.O_RDWR | fs.constants.O_CREAT | fs.constants.O_EXCL | fs.constants.O_DIRECT); } catch { return { directWriteBps: 0, directReadBps: 0 }; }

@@ -378,11 +378,10 @@ async function temporalStep(client: VmferryClient, host: string): Promise<number
     const h = await client.client.workflow.start('hostRequest', { taskQueue: ORCHESTRATOR_TASK_QUEUE, workflowId: `bench-step-${Date.now()}-${i}`, args: [{ op: 'listVms', host }] });
     await h.result();
     const ev = (await h.fetchHistory()).events ?? [];
-    const at = (e: (typeof ev)[number] | undefined): number => { const ts = e?.eventTime as { seconds?: unknown; nanos?: number } | undefined; return ts ? Number(ts.seconds ?? 0) * 1000 + (ts.nanos ?? 0) / 1e6 : 0; };
     // Activity scheduled (end of the first workflow task) → the next workflow task completed.
     const scheduled = ev.find((e) => e.activityTaskScheduledEventAttributes);
     const wftDone = ev.filter((e) => e.workflowTaskCompletedEventAttributes);
-    if (scheduled && wftDone.length >= 2) runs.push(at(wftDone[1]) - at(scheduled));
+    if (scheduled && wftDone.length >= 2) runs.push(eventMs(wftDone[1]!.eventTime) - eventMs(scheduled.eventTime));
   }
   runs.sort((a, b) => a - b);
   return runs[Math.floor(runs.length / 2)] ?? 0;
@@ -390,17 +389,22 @@ async function temporalStep(client: VmferryClient, host: string): Promise<number
 
 type Times = { scheduled?: number; started?: number; completed?: number };
 
+/** A history event's timestamp, ms since the epoch (0 when absent). */
+function eventMs(t: unknown): number {
+  const ts = t as { seconds?: unknown; nanos?: number } | null | undefined;
+  return ts ? Number(ts.seconds ?? 0) * 1000 + (ts.nanos ?? 0) / 1e6 : 0;
+}
+
 /** Per activity type: its first and last attempt's times, and how often it was scheduled. */
 async function activityTimes(client: VmferryClient, id: string): Promise<{ wfStart: number; wfEnd: number; first: Record<string, Times>; last: Record<string, Times>; count: Record<string, number> }> {
   const hist = await client.client.workflow.getHandle(id).fetchHistory();
-  const ms = (t: unknown): number => { const ts = t as { seconds?: unknown; nanos?: number } | null; return ts ? Number(ts.seconds ?? 0) * 1000 + (ts.nanos ?? 0) / 1e6 : 0; };
   const sched = new Map<string, string>(); // scheduled event id → activity type
   const first: Record<string, Times> = {};
   const last: Record<string, Times> = {};
   const count: Record<string, number> = {};
   let wfStart = 0, wfEnd = 0;
   for (const e of hist.events ?? []) {
-    const t = ms(e.eventTime);
+    const t = eventMs(e.eventTime);
     if (e.workflowExecutionStartedEventAttributes) wfStart = t;
     if (e.workflowExecutionCompletedEventAttributes || e.workflowExecutionFailedEventAttributes) wfEnd = t;
     const s = e.activityTaskScheduledEventAttributes;

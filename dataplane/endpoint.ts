@@ -123,6 +123,12 @@ function streamRefusal(g: Grant, c: { stream: number; streams: number }): string
   return g.used?.has(c.stream) ? `stream ${c.stream} of migration ${g.migrationId} already connected` : null;
 }
 
+/** The stream this HELLO claims under grant g, or why g cannot take it. */
+function claimOn(g: Grant, hello: Hello): { stream: number; streams: number } | string {
+  const claim = streamClaim(hello);
+  return typeof claim === 'string' ? claim : streamRefusal(g, claim) ?? claim;
+}
+
 /** Takes the stream; the grant is gone once every stream of the transfer has connected. */
 function takeStream(grants: Map<string, Grant>, id: string, g: Grant, c: { stream: number; streams: number }): void {
   if (c.stream === 0) g.streams = c.streams;
@@ -301,10 +307,8 @@ export class DataPlaneServer {
       return;
     }
     if (g.expiresAt < Date.now()) { this.grants.delete(id); this.refuse(sock, 'grant expired'); return; }
-    const claim = streamClaim(hello);
+    const claim = claimOn(g, hello);
     if (typeof claim === 'string') { this.refuse(sock, claim); return; }
-    const taken = streamRefusal(g, claim);
-    if (taken) { this.refuse(sock, taken); return; }
     const h = this.handlers[hello.kind];
     if (!h) { this.refuse(sock, `no ${hello.kind} transfers on this host`); return; }
     const peer = `${sock.remoteAddress}:${sock.remotePort}`;
@@ -345,10 +349,8 @@ export class DataPlaneServer {
       if (!tok || !g || tok.destination !== this.hostName || !sameHash(sha256(tok.secret), g.secretHash)) { this.refuse(sock, `no valid grant for migration ${String(hello.migrationId)}`); return; }
       if (g.migrationId !== hello.migrationId || g.vm !== hello.vm || g.kind !== hello.kind || (g.source !== undefined && g.source !== hello.from)) { this.refuse(sock, `grant does not match migration ${String(hello.migrationId)} / VM ${String(hello.vm)}`); return; }
       if (g.expiresAt < Date.now()) { this.grants.delete(tok.id); this.refuse(sock, 'grant expired'); return; }
-      const claim = streamClaim(hello);
+      const claim = claimOn(g, hello);
       if (typeof claim === 'string') { this.refuse(sock, claim); return; }
-      const taken = streamRefusal(g, claim);
-      if (taken) { this.refuse(sock, taken); return; }
       const h = this.handlers[hello.kind];
       if (!h) { this.refuse(sock, `no ${hello.kind} transfers on this host`); return; }
       takeStream(this.grants, tok.id, g, claim); // a replayed HELLO finds nothing

@@ -48,7 +48,7 @@ function ioAll(op: 'read' | 'write', fd: number, buf: Buffer, len: number, pos: 
  * Page-aligned memory, as O_DIRECT needs (a Buffer's address is only 16-byte aligned): a
  * WebAssembly memory starts on a page boundary.
  */
-function alignedBuffer(bytes: number): Buffer {
+export function alignedBuffer(bytes: number): Buffer {
   // (This project's TypeScript libs do not declare WebAssembly; Node has it.)
   const { Memory } = (globalThis as unknown as { WebAssembly: { Memory: new (d: { initial: number }) => { buffer: ArrayBuffer } } }).WebAssembly;
   return Buffer.from(new Memory({ initial: Math.ceil(bytes / 65536) }).buffer, 0, bytes);

@@ -176,8 +176,7 @@ async function warmSwitchOverPath(): Promise<void> {
 interface Outgoing {
   id: string;
   state: 'precopy' | 'stopping' | 'cutover' | 'done' | 'failed' | 'cancelled';
-  /** Stream 0: control frames, and its share of the pages. */
-  sock: net.Socket;
+  /** Stream 0 (chan.sock): control frames, and its share of the pages. */
   chan: FrameChannel;
   /** Every stream's socket, stream 0 first (policy.streams; see streamOf). */
   socks: net.Socket[];
@@ -492,7 +491,7 @@ async function precopy(o: Outgoing): Promise<void> {
       await allFlushed(o);
     }
     const seq = await barrier(o);
-    await writeAll(o.sock, [jsonFrame(FrameType.RoundEnd, { barrier: true, seq })]);
+    await writeAll(o.chan.sock, [jsonFrame(FrameType.RoundEnd, { barrier: true, seq })]);
     await o.chan.expect(FrameType.Ack, 60_000);
   }
 }
@@ -514,7 +513,7 @@ async function startOutgoing(p: { migrationId: string; endpoint: { host: string;
   }
   const socks = [chan.sock, ...more.map((r) => (r as PromiseFulfilledResult<FrameChannel>).value.sock)];
   const o: Outgoing = {
-    id: p.migrationId, state: 'precopy', sock: chan.sock, chan, socks, barrierSeq: 0, policy: p.policy, round: 0, bytesSent: 0, pagesSent: 0,
+    id: p.migrationId, state: 'precopy', chan, socks, barrierSeq: 0, policy: p.policy, round: 0, bytesSent: 0, pagesSent: 0,
     startedAt: performance.now(), crcs: new Uint32Array(guest.pages).fill(ZERO_CRC), samples: [], waiters: [], stop: false,
     loop: Promise.resolve(), bucketAt: performance.now(), rawBytes: 0, compressCpuUs: 0, compressSkip: 0, flushed: socks.map(() => Promise.resolve()),
   };
@@ -595,7 +594,7 @@ async function doCutover(o: Outgoing, verify: 'digest' | 'full'): Promise<Cutove
   const sourceFullCrc = verify === 'full' ? crc32(guest.memory) >>> 0 : undefined;
   // Several streams: the destination applies every stream up to this barrier before it checks.
   const seq = o.socks.length > 1 ? await barrier(o) : undefined;
-  await writeAll(o.sock, [jsonFrame(FrameType.Device, { device: guest.state, digest, verify, seq })]);
+  await writeAll(o.chan.sock, [jsonFrame(FrameType.Device, { device: guest.state, digest, verify, seq })]);
   const v = await o.chan.expect<{ digest: number; fullCrc?: number }>(FrameType.Verified);
   if (v.digest !== digest) throw new Error(`memory digest mismatch at cutover: source ${digest}, destination ${v.digest}`);
   if (verify === 'full' && v.fullCrc !== sourceFullCrc) throw new Error(`full memory CRC mismatch: source ${sourceFullCrc}, destination ${v.fullCrc}`);
@@ -610,7 +609,7 @@ async function doCutover(o: Outgoing, verify: 'digest' | 'full'): Promise<Cutove
   });
   state = 'migrated';
   // GO first: the ownership record above is what counts; state.json (for the agent) can follow.
-  await writeAll(o.sock, [jsonFrame(FrameType.Go, { epoch: newEpoch })]);
+  await writeAll(o.chan.sock, [jsonFrame(FrameType.Go, { epoch: newEpoch })]);
   persist();
   const r = await o.chan.expect<{ resumedAt: number }>(FrameType.Resumed, 30_000);
   const downtimeMs = Math.round(performance.now() - t0);
@@ -936,7 +935,6 @@ async function onIncomingFrame(inc: Incoming, f: Frame): Promise<void> {
     case FrameType.Go: {
       const g = parseJson<{ epoch: number }>(f);
       if (inc.state !== 'verified') throw new Error(`GO before verification (state ${inc.state})`);
-      if (inc.state !== 'verified') throw new Error(`GO in state ${inc.state}`);
       // Claim (compare-and-set): fails if the source reclaimed the VM meanwhile.
       updateOwner(cfg.ownerPath, (o) => {
         if (!o || o.state !== 'handoff' || o.host !== cfg.host || o.epoch !== g.epoch) throw new FencedError(cfg.host, g.epoch, o);
