@@ -6,6 +6,7 @@ import { hasStorageMoves, type HypervisorDriver, type IncomingTarget, type Rollb
 import type { HostConfig } from '../common/host-config.js';
 import { hostTaskQueue } from '../common/names.js';
 import { faultPoint } from '../common/faults.js';
+import { saveCutover, savedCutover } from './cutover-journal.js';
 import type { CutoverResult, DiskMirrorStatus, DiskTargetGrant, HostInfo, MigrationPolicy, ProgressSample, VerifyReport, VmInfo, VmSpec } from '../common/types.js';
 
 export interface HostActivityDeps {
@@ -51,6 +52,17 @@ export function createHostActivities({ host, driver }: HostActivityDeps) {
     }
   };
 
+  /** Removes the source's paused, fenced copy after a completed cutover. Idempotent. */
+  const releaseSource = async (p: { migrationId: string; vm: string; deleteStorage: boolean }): Promise<{ destroyed: boolean }> => {
+    await faultPoint('before-release-source');
+    const info = await driver.get(p.vm);
+    if (!info) return { destroyed: false };
+    if (info.state === 'running') {
+      throw ApplicationFailure.create({ message: `refusing to remove VM ${p.vm} from ${host.name}: it is running here`, type: 'SourceStillRunning', nonRetryable: true });
+    }
+    return driver.destroy(p.vm, { deleteStorage: p.deleteStorage });
+  };
+
   return {
     async hostInfo(): Promise<HostInfo> {
       const vms = await driver.list();
@@ -86,9 +98,10 @@ export function createHostActivities({ host, driver }: HostActivityDeps) {
       return driver.verify(p.vm);
     },
 
-    async prepareIncoming(p: { migrationId: string; spec: VmSpec; sourceHost: string; streams?: number }): Promise<IncomingTarget> {
+    /** `token`: a grant the orchestrator minted and gave the source at the same time (parallel start). */
+    async prepareIncoming(p: { migrationId: string; spec: VmSpec; sourceHost: string; streams?: number; token?: string }): Promise<IncomingTarget> {
       await admitMigration(p.migrationId, p.spec.name, 'incoming');
-      try { return await driver.prepareIncoming(p.spec, p.migrationId, p.sourceHost, { streams: p.streams }); } catch (e) { return nonRetryable(e, 'DestinationRefused'); }
+      try { return await driver.prepareIncoming(p.spec, p.migrationId, p.sourceHost, { streams: p.streams, token: p.token }); } catch (e) { return nonRetryable(e, 'DestinationRefused'); }
     },
 
     /**
@@ -114,9 +127,17 @@ export function createHostActivities({ host, driver }: HostActivityDeps) {
       return driver.abortIncoming(p.vm, p.migrationId);
     },
 
-    async startOutgoing(p: { migrationId: string; vm: string; target: IncomingTarget; policy: MigrationPolicy }): Promise<void> {
+    /** `grantWaitMs`: the destination is being prepared at the same time (parallel start). */
+    async startOutgoing(p: { migrationId: string; vm: string; target: IncomingTarget; policy: MigrationPolicy; grantWaitMs?: number }): Promise<void> {
       await admitMigration(p.migrationId, p.vm, 'outgoing');
-      try { await driver.startOutgoing(p.vm, p.migrationId, p.target, p.policy); } catch (e) { nonRetryable(e, 'SourceRefused'); }
+      try {
+        await driver.startOutgoing(p.vm, p.migrationId, p.target, p.policy, { grantWaitMs: p.grantWaitMs });
+      } catch (e) {
+        // The destination is still preparing (e.g. waiting for a slot of its own): a retryable
+        // failure, so the activity's retry policy waits as long as prepareIncoming may.
+        if (p.grantWaitMs && /no valid grant/.test((e as Error).message)) throw ApplicationFailure.create({ message: `destination has not issued the grant yet: ${(e as Error).message}`, type: 'GrantNotReady' });
+        nonRetryable(e, 'SourceRefused');
+      }
     },
 
     /** Waits for the next pre-copy round to finish and returns its sample. */
@@ -136,8 +157,20 @@ export function createHostActivities({ host, driver }: HostActivityDeps) {
       await driver.setOutgoingPolicy(p.vm, p.migrationId, { throttle: p.throttle, maxBandwidth: p.maxBandwidth });
     },
 
-    async cutover(p: { migrationId: string; vm: string; destination: string; verify: MigrationPolicy['verify'] }): Promise<CutoverResult> {
-      return heartbeatWhile(driver.cutover(p.vm, p.migrationId, p.destination, p.verify), () => ({ phase: 'cutover' }));
+    /**
+     * `releaseSource` (live migration, shared storage): once the destination runs the VM, remove
+     * the paused, fenced source copy in the same activity (one round trip less). The result is
+     * journaled first, so a retry after the release answers from the journal (and completes an
+     * interrupted release) instead of finding no VM.
+     */
+    async cutover(p: { migrationId: string; vm: string; destination: string; verify: MigrationPolicy['verify']; releaseSource?: boolean }): Promise<CutoverResult> {
+      let r = p.releaseSource ? savedCutover(host.runDir, p.migrationId, p.vm) : undefined;
+      if (!r) {
+        r = await heartbeatWhile(driver.cutover(p.vm, p.migrationId, p.destination, p.verify), () => ({ phase: 'cutover' }));
+        if (p.releaseSource) saveCutover(host.runDir, p.migrationId, p.vm, r);
+      }
+      if (p.releaseSource) await releaseSource({ migrationId: p.migrationId, vm: p.vm, deleteStorage: false });
+      return r;
     },
 
     async rollbackOutgoing(p: { migrationId: string; vm: string; allowReclaim?: boolean }): Promise<RollbackResult> {
@@ -211,15 +244,7 @@ export function createHostActivities({ host, driver }: HostActivityDeps) {
     },
 
     /** Removes the source copy after a completed cutover; refuses to touch a VM that runs here. */
-    async releaseSource(p: { migrationId: string; vm: string; deleteStorage: boolean }): Promise<{ destroyed: boolean }> {
-      await faultPoint('before-release-source');
-      const info = await driver.get(p.vm);
-      if (!info) return { destroyed: false };
-      if (info.state === 'running') {
-        throw ApplicationFailure.create({ message: `refusing to remove VM ${p.vm} from ${host.name}: it is running here`, type: 'SourceStillRunning', nonRetryable: true });
-      }
-      return driver.destroy(p.vm, { deleteStorage: p.deleteStorage });
-    },
+    releaseSource,
 
     async guestWrite(p: { vm: string }): Promise<{ diskWrites: number }> {
       return driver.guestWrite(p.vm);

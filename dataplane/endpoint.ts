@@ -94,6 +94,14 @@ export function parseToken(token: unknown): { destination: string; id: string; s
   return m ? { destination: m[1]!, id: m[2]!, secret: m[3]! } : null;
 }
 
+/**
+ * A fresh grant token for `destination` (same form as DataPlaneServer.grant issues): for a
+ * caller that hands it to both ends at once; the destination registers it (grant(…, preMinted)).
+ */
+export function mintGrantToken(destination: string): string {
+  return `v1.${destination}.${crypto.randomBytes(9).toString('base64url')}.${crypto.randomBytes(24).toString('base64url')}`;
+}
+
 const sha256 = (s: string): string => crypto.createHash('sha256').update(s).digest('hex');
 function sameHash(a: string, b: string): boolean {
   const x = Buffer.from(a, 'hex'), y = Buffer.from(b, 'hex');
@@ -148,6 +156,24 @@ export function dataPlaneTlsFromEnv(): TlsPaths | undefined {
   return t && t.ca && t.cert && t.key ? t : undefined;
 }
 
+/**
+ * TLS material of one host, parsed once per process (PEM parsing and key loading cost several
+ * ms on the migration's critical path) and again only when a file changes. One context serves
+ * both roles: a VM process sends with its host's certificate and receives with it.
+ */
+const secureContexts = new Map<string, { context: tls.SecureContext; ca: Buffer }>();
+export function secureContextFor(p: ClientTls): { context: tls.SecureContext; ca: Buffer } {
+  const files = [p.ca, p.cert, p.key].filter((f): f is string => !!f);
+  const key = files.map((f) => `${f}@${fs.statSync(f).mtimeMs}`).join('|');
+  let c = secureContexts.get(key);
+  if (!c) {
+    const ca = fs.readFileSync(p.ca);
+    c = { ca, context: tls.createSecureContext({ ca, cert: p.cert ? fs.readFileSync(p.cert) : undefined, key: p.key ? fs.readFileSync(p.key) : undefined, minVersion: 'TLSv1.2' }) };
+    secureContexts.set(key, c);
+  }
+  return c;
+}
+
 /** Reads exactly one frame off a socket, then pauses it; bytes after the frame come back as `rest`. */
 function readOneFrame(sock: net.Socket, timeoutMs: number, what: string): Promise<{ frame: Frame; rest: Buffer }> {
   const reader = new FrameReader();
@@ -194,8 +220,7 @@ export async function acceptSecure(sock: net.Socket, rest: Buffer, check: GrantC
   let t: tls.TLSSocket | null = null;
   let secure = false;
   try {
-    const ca = fs.readFileSync(check.tls.ca);
-    const context = tls.createSecureContext({ ca, cert: fs.readFileSync(check.tls.cert), key: fs.readFileSync(check.tls.key), minVersion: 'TLSv1.2' });
+    const { ca, context } = secureContextFor(check.tls);
     await new Promise<void>((resolve, reject) => sock.write(jsonFrame(FrameType.StartTls, {}), (e) => (e ? reject(e) : resolve())));
     const ts = new tls.TLSSocket(sock, { isServer: true, secureContext: context, requestCert: true, rejectUnauthorized: true });
     t = ts;
@@ -236,8 +261,38 @@ export async function acceptSecure(sock: net.Socket, rest: Buffer, check: GrantC
   }
 }
 
+/**
+ * Live grants by id, remembering (boundedly) the ones that ended (used, revoked, expired): a
+ * source that finds its grant gone learns it was used, not that it is still to come (with
+ * parallel start the source retries only the latter), and a used grant is never re-opened.
+ */
+class GrantBook extends Map<string, Grant> {
+  /** Ended grant id → its migration. */
+  readonly ended = new Map<string, string>();
+  override delete(id: string): boolean {
+    const g = this.get(id);
+    if (g) {
+      this.ended.set(id, g.migrationId);
+      if (this.ended.size > 4096) this.ended.delete(this.ended.keys().next().value!);
+    }
+    return super.delete(id);
+  }
+  /** Why a connection naming grant `id` finds none. */
+  missing(id: string, migrationId: unknown): string {
+    return this.ended.has(id) ? `grant for migration ${String(migrationId)} already used or revoked` : `no valid grant for migration ${String(migrationId)}`;
+  }
+}
+
+/** How long a connection naming a grant not issued yet is held for it (parallel start), ms. */
+const PARK_MS = 2000;
+/** At most this many such connections held at once (the rest are refused; the sender retries). */
+const MAX_PARKED = 32;
+
 export class DataPlaneServer {
-  private grants = new Map<string, Grant>();
+  private grants = new GrantBook();
+  /** Connections waiting for their grant, by grant id: each resumes its admission once issued. */
+  private parked = new Map<string, Set<() => void>>();
+  private parkedCount = 0;
   private server: net.Server;
   readonly refused: string[] = [];
 
@@ -270,14 +325,72 @@ export class DataPlaneServer {
   }
 
   /**
+   * Holds a connection whose grant is not issued (yet): with parallel start the source connects
+   * while this host prepares, and `grant()` then resumes it at once (no polling). Refused as
+   * before after PARK_MS, on close, or when too many wait. A grant that ended is never waited for.
+   */
+  private park(id: string, sock: net.Socket, resume: () => void): boolean {
+    if (this.grants.ended.has(id) || this.parkedCount >= MAX_PARKED || sock.destroyed) return false;
+    let set = this.parked.get(id);
+    if (!set) this.parked.set(id, (set = new Set()));
+    const waiting = set;
+    let done = false;
+    const leave = (): boolean => {
+      if (done) return false;
+      done = true;
+      clearTimeout(timer);
+      sock.off('close', onClose);
+      waiting.delete(entry);
+      if (waiting.size === 0 && this.parked.get(id) === waiting) this.parked.delete(id);
+      this.parkedCount--;
+      return true;
+    };
+    const entry = (): void => { if (leave()) resume(); };
+    const onClose = (): void => { leave(); };
+    const timer = setTimeout(() => { if (leave()) resume(); }, PARK_MS);
+    sock.once('close', onClose);
+    waiting.add(entry);
+    this.parkedCount++;
+    return true;
+  }
+
+  private unpark(id: string): void {
+    const set = this.parked.get(id);
+    if (set) for (const resume of [...set]) resume();
+  }
+
+  /**
    * Issues a one-time grant, bound to migration, VM, kind, source host (`source`) and this host;
    * the token goes to the source through the workflow.
    */
-  grant(g: Omit<Grant, 'expiresAt' | 'secretHash'>, ttlMs = 15 * 60_000): string {
-    const id = crypto.randomBytes(9).toString('base64url');
-    const secret = crypto.randomBytes(24).toString('base64url');
-    this.grants.set(id, { ...g, expiresAt: Date.now() + ttlMs, secretHash: sha256(secret) });
-    return `v1.${this.hostName}.${id}.${secret}`;
+  grant(g: Omit<Grant, 'expiresAt' | 'secretHash'>, ttlMs = 15 * 60_000, preMinted?: string): string {
+    if (preMinted === undefined) {
+      const id = crypto.randomBytes(9).toString('base64url');
+      const secret = crypto.randomBytes(24).toString('base64url');
+      this.grants.set(id, { ...g, expiresAt: Date.now() + ttlMs, secretHash: sha256(secret) });
+      return `v1.${this.hostName}.${id}.${secret}`; // nobody can be waiting for a fresh id
+    }
+    // Minted by the orchestrator, so that the source could start connecting while this host
+    // prepared (see park()). Registering it again for the same transfer (a retried activity)
+    // is a no-op, and a used one is not re-opened; an id held by anything else is refused.
+    const why = this.preMintedRefusal(preMinted, g);
+    if (why) throw new Error(why);
+    const tok = parseToken(preMinted)!;
+    if (this.grants.has(tok.id) || this.grants.ended.has(tok.id)) return preMinted;
+    this.grants.set(tok.id, { ...g, expiresAt: Date.now() + ttlMs, secretHash: sha256(tok.secret) });
+    this.unpark(tok.id);
+    return preMinted;
+  }
+
+  /** Why `token` cannot be registered for transfer `g` (null: it can), checked before anything is prepared. */
+  preMintedRefusal(token: string, g: Pick<Grant, 'migrationId' | 'vm' | 'kind'>): string | null {
+    const tok = parseToken(token);
+    if (!tok || tok.destination !== this.hostName) return `grant token is malformed or not for ${this.hostName}`;
+    const cur = this.grants.get(tok.id);
+    const ended = this.grants.ended.get(tok.id);
+    if (cur && (cur.migrationId !== g.migrationId || cur.vm !== g.vm || cur.kind !== g.kind || !sameHash(cur.secretHash, sha256(tok.secret)))) return `grant ${tok.id} is already held by another transfer`;
+    if (!cur && ended !== undefined && ended !== g.migrationId) return `grant ${tok.id} is already held by another transfer`;
+    return null;
   }
 
   revoke(migrationId: string): void {
@@ -296,12 +409,16 @@ export class DataPlaneServer {
   }
 
   /** TLS mode: route on the plaintext preamble; the receiver authenticates after hand-over. */
-  private route(sock: net.Socket, hello: Hello, rest: Buffer): void {
+  private route(sock: net.Socket, hello: Hello, rest: Buffer, parked = false): void {
     if (hello.token !== undefined) { this.refuse(sock, 'this host takes grant tokens only inside TLS (STARTTLS)'); return; }
     if (rest.length > 0) { this.refuse(sock, 'data sent before STARTTLS'); return; }
     const id = typeof hello.grant === 'string' ? hello.grant : '';
     const g = this.grants.get(id);
-    if (!g) { this.refuse(sock, `no valid grant for migration ${String(hello.migrationId)}`); return; }
+    if (!g) {
+      if (!parked && id && hello.to === this.hostName && this.park(id, sock, () => this.route(sock, hello, rest, true))) return;
+      this.refuse(sock, this.grants.missing(id, hello.migrationId));
+      return;
+    }
     if (g.migrationId !== hello.migrationId || g.vm !== hello.vm || g.kind !== hello.kind || hello.to !== this.hostName || (g.source !== undefined && g.source !== hello.from)) {
       this.refuse(sock, `grant does not match migration ${String(hello.migrationId)} / VM ${String(hello.vm)}`);
       return;
@@ -344,19 +461,29 @@ export class DataPlaneServer {
       try { hello = parseJson<Hello>(f); } catch { this.refuse(sock, 'malformed HELLO'); return; }
       if (!hello || typeof hello !== 'object') { this.refuse(sock, 'malformed HELLO'); return; }
       if (this.tls) { this.route(sock, hello, reader.rest()); return; }
-      const tok = parseToken(hello.token);
-      const g = tok ? this.grants.get(tok.id) : undefined;
-      if (!tok || !g || tok.destination !== this.hostName || !sameHash(sha256(tok.secret), g.secretHash)) { this.refuse(sock, `no valid grant for migration ${String(hello.migrationId)}`); return; }
-      if (g.migrationId !== hello.migrationId || g.vm !== hello.vm || g.kind !== hello.kind || (g.source !== undefined && g.source !== hello.from)) { this.refuse(sock, `grant does not match migration ${String(hello.migrationId)} / VM ${String(hello.vm)}`); return; }
-      if (g.expiresAt < Date.now()) { this.grants.delete(tok.id); this.refuse(sock, 'grant expired'); return; }
-      const claim = claimOn(g, hello);
-      if (typeof claim === 'string') { this.refuse(sock, claim); return; }
-      const h = this.handlers[hello.kind];
-      if (!h) { this.refuse(sock, `no ${hello.kind} transfers on this host`); return; }
-      takeStream(this.grants, tok.id, g, claim); // a replayed HELLO finds nothing
-      h({ ...hello, ...claim }, sock, reader.rest());
+      this.admitPlain(sock, hello, reader.rest());
     };
     sock.on('data', onData);
+  }
+
+  /** Plaintext mode (legacy): the token itself admits the connection. */
+  private admitPlain(sock: net.Socket, hello: Hello, rest: Buffer, parked = false): void {
+    const tok = parseToken(hello.token);
+    const g = tok ? this.grants.get(tok.id) : undefined;
+    if (tok && !g && tok.destination === this.hostName) {
+      if (!parked && this.park(tok.id, sock, () => this.admitPlain(sock, hello, rest, true))) return;
+      this.refuse(sock, this.grants.missing(tok.id, hello.migrationId));
+      return;
+    }
+    if (!tok || !g || tok.destination !== this.hostName || !sameHash(sha256(tok.secret), g.secretHash)) { this.refuse(sock, `no valid grant for migration ${String(hello.migrationId)}`); return; }
+    if (g.migrationId !== hello.migrationId || g.vm !== hello.vm || g.kind !== hello.kind || (g.source !== undefined && g.source !== hello.from)) { this.refuse(sock, `grant does not match migration ${String(hello.migrationId)} / VM ${String(hello.vm)}`); return; }
+    if (g.expiresAt < Date.now()) { this.grants.delete(tok.id); this.refuse(sock, 'grant expired'); return; }
+    const claim = claimOn(g, hello);
+    if (typeof claim === 'string') { this.refuse(sock, claim); return; }
+    const h = this.handlers[hello.kind];
+    if (!h) { this.refuse(sock, `no ${hello.kind} transfers on this host`); return; }
+    takeStream(this.grants, tok.id, g, claim); // a replayed HELLO finds nothing
+    h({ ...hello, ...claim }, sock, rest);
   }
 }
 
@@ -400,11 +527,8 @@ async function connectSecure(endpoint: { host: string; port: number }, sock: net
   try {
     ts = tls.connect({
       socket: sock,
-      ca: fs.readFileSync(opts.ca),
-      cert: opts.cert ? fs.readFileSync(opts.cert) : undefined,
-      key: opts.key ? fs.readFileSync(opts.key) : undefined,
+      secureContext: secureContextFor(opts).context, // CA, certificate, key, TLS 1.2 at least
       servername: tok.destination,
-      minVersion: 'TLSv1.2',
       // The receiver must be the host that issued the grant (the workflow told us which).
       checkServerIdentity: (_name, cert) => (cert.subject?.CN === tok.destination ? undefined : new Error(`receiver certificate is for ${String(cert.subject?.CN)}, expected ${tok.destination}`)),
     });

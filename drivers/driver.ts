@@ -5,7 +5,19 @@
 import type { CutoverResult, DiskMirrorStatus, DiskTargetGrant, MigrationPolicy, ProgressSample, VerifyReport, VmInfo, VmSpec } from '../common/types.js';
 
 /** What the destination must know before the source connects. */
-export interface IncomingOptions { streams?: number }
+export interface IncomingOptions {
+  streams?: number;
+  /**
+   * A grant token the orchestrator minted and gave the source at the same time (sim driver
+   * only): the source connects while this host prepares, and this host registers the token.
+   */
+  token?: string;
+}
+
+export interface OutgoingOptions {
+  /** The destination may still be preparing (parallel start): retry a refused grant this long, ms. */
+  grantWaitMs?: number;
+}
 
 export interface IncomingTarget {
   endpoint: { host: string; port: number };
@@ -48,7 +60,7 @@ export interface HypervisorDriver {
   /** Destroys the incoming VM of this migration unless it already runs. Idempotent. */
   abortIncoming(name: string, migrationId: string): Promise<{ aborted: boolean; running: boolean }>;
 
-  startOutgoing(name: string, migrationId: string, target: IncomingTarget, policy: MigrationPolicy): Promise<void>;
+  startOutgoing(name: string, migrationId: string, target: IncomingTarget, policy: MigrationPolicy, opts?: OutgoingOptions): Promise<void>;
   outgoingProgress(name: string, migrationId: string, afterRound: number, waitMs: number): Promise<ProgressSample>;
   setOutgoingPolicy(name: string, migrationId: string, patch: { throttle?: number; maxBandwidth?: number }): Promise<void>;
   /** Pause → last dirty pages + device state → verify → handoff → destination resumes. Idempotent. */

@@ -14,7 +14,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { spawnSync } from 'node:child_process';
-import type { HypervisorDriver, IncomingOptions, IncomingStatus, IncomingTarget, RollbackResult, StorageMoves } from './driver.js';
+import type { HypervisorDriver, IncomingOptions, IncomingStatus, IncomingTarget, OutgoingOptions, RollbackResult, StorageMoves } from './driver.js';
 import type { CutoverResult, DiskMirrorStatus, DiskTargetGrant, DriverKind, MigrationPolicy, ProgressSample, VerifyReport, VmInfo, VmSpec } from '../common/types.js';
 import type { HostConfig } from '../common/host-config.js';
 import type { SimDriver } from './sim/sim-driver.js';
@@ -139,8 +139,8 @@ export class DriverRouter implements HypervisorDriver, StorageMoves {
     return this.byName(name).abortIncoming(name, migrationId);
   }
 
-  async startOutgoing(name: string, migrationId: string, target: IncomingTarget, policy: MigrationPolicy): Promise<void> {
-    return this.byName(name).startOutgoing(name, migrationId, target, policy);
+  async startOutgoing(name: string, migrationId: string, target: IncomingTarget, policy: MigrationPolicy, opts?: OutgoingOptions): Promise<void> {
+    return this.byName(name).startOutgoing(name, migrationId, target, policy, opts);
   }
 
   async outgoingProgress(name: string, migrationId: string, afterRound: number, waitMs: number): Promise<ProgressSample> {

@@ -187,7 +187,12 @@ export async function runCase(lab: FaultLab, c: Case): Promise<CaseResult> {
       if (c.point === 'precopy') await reach('pre-copy under way', async () => { const p = await lab.client.progress(id); return p.phase === 'precopy' && p.bytesTransferred > 2 * MiB; });
       if (c.point === 'mirror') await reach('mirror under way', async () => ((await lab.client.progress(id)).bytesCopied ?? 0) > 4 * MiB);
       if (c.point === 'cutover') await reach('cutover', async () => (await lab.client.progress(id)).phase === 'cutover');
-      if (c.point === 'cleanup') await reach('cleanup', async () => (await lab.client.progress(id)).phase === 'cleanup');
+      // A live move releases its source inside the cutover activity (patch 'release-in-cutover'):
+      // its cleanup begins once the destination runs the VM, while the release is held back.
+      if (c.point === 'cleanup') {
+        await reach('cleanup', async () => (await lab.client.progress(id)).phase === 'cleanup'
+          || (c.move === 'live' && (await lab.client.listVms()).some((v) => v.name === spec.vm && v.host === B && v.state === 'running')));
+      }
       if (c.point === 'rollback') {
         // Crash during the rollback itself: cancel mid-copy, then strike while compensations run.
         await reach('copy under way', async () => { const p = await lab.client.progress(id); return p.bytesTransferred + (p.bytesCopied ?? 0) > 2 * MiB; });

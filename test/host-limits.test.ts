@@ -32,8 +32,9 @@ describe('per-host migration limit', () => {
       const ps = await Promise.all([m1.id, m2.id].map((id) => lab.client.progress(id).catch(() => null)));
       maxMoving = Math.max(maxMoving, ps.filter((p) => p && moving(p.phase)).length);
       const waiting = ps.findIndex((p) => p?.phase === 'prepare-destination');
-      if (waiting >= 0 && ps.some((p) => p && moving(p.phase)) && !sawWaiting) {
-        // The operator sees why: the pending activity's last failure names the busy host.
+      if (waiting >= 0 && ps.some((p) => p && moving(p.phase)) && !/busy/.test(sawWaiting)) {
+        // The operator sees why: a pending activity's last failure names the busy host (once
+        // its first attempt has failed).
         const d = await lab.client.client.workflow.getHandle([m1.id, m2.id][waiting]!).describe();
         sawWaiting = d.raw.pendingActivities?.map((a) => a.lastFailure?.message ?? '').join(' ') ?? '';
       }

@@ -1,7 +1,10 @@
 // Live migration end to end: real Temporal server, real agent and VM processes, real bytes.
 import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startTestLab, waitUntil, sleep, type TestLab } from './helpers/lab.js';
+import { isAlive } from '../drivers/sim/sim-driver.js';
 import { Prober } from '../client/probe.js';
 import { ORCHESTRATOR_TASK_QUEUE } from '../common/names.js';
 import type { MigrationResult } from '../common/types.js';
@@ -10,7 +13,12 @@ let lab: TestLab;
 let A: string;
 let B: string;
 
+/** Fault points of this file's lab (common/faults.ts): agents and VM processes inherit the path. */
+const faultsFile = path.join(fs.mkdtempSync(path.join(os.tmpdir(), 'vmferry-livefaults-')), 'faults.json');
+
 beforeAll(async () => {
+  fs.writeFileSync(faultsFile, '{}');
+  process.env.VMFERRY_FAULTS_FILE = faultsFile;
   lab = await startTestLab();
   [A, B] = lab.hosts as [string, string];
 });
@@ -116,6 +124,33 @@ describe('live migration', () => {
     expect((await lab.client.verifyVm('db1')).ok).toBe(true);
     const st = await lab.client.migrationStatus(id);
     expect(st.outcome).toBe('rolled-back');
+  });
+
+  it('the source agent killed while the cutover activity releases the source: the retry answers from its journal and finishes the release', async () => {
+    await lab.client.createVm({ name: 'rel1', host: A, memory: '32MiB', disk: '4MiB', dirtyRate: '2MiB', fill: 0.5 });
+    const agentA = lab.status().hosts.find((h) => h.name === A)!.pid!;
+    fs.writeFileSync(faultsFile, JSON.stringify({ 'before-release-source': 'crash' }));
+    let id = '';
+    try {
+      ({ id } = await lab.client.startMigration({ type: 'live', vm: 'rel1', to: B }));
+      await waitUntil('source agent killed at the release', async () => !isAlive(agentA), 60_000, 20);
+    } finally {
+      fs.writeFileSync(faultsFile, '{}');
+    }
+    await lab.up(); // the supervisor brings it back
+    const r = await lab.client.awaitMigration(id);
+    expect(r.outcome, r.reason).toBe('completed');
+    expect(await whereIs('rel1')).toEqual([{ host: B, state: 'running' }]);
+    expect(fs.readdirSync(lab.runDir(A))).not.toContain('rel1');
+    expect((await lab.client.verifyVm('rel1')).ok).toBe(true);
+    // One cutover, retried once; the retry found the VM gone and answered from the journal
+    // with the first attempt's figures. No separate release step was needed.
+    const events = (await lab.client.client.workflow.getHandle(id).fetchHistory()).events ?? [];
+    const scheduled = new Map(events.filter((e) => e.activityTaskScheduledEventAttributes).map((e) => [String(e.eventId), e.activityTaskScheduledEventAttributes!.activityType?.name]));
+    const cutoverStarts = events.filter((e) => e.activityTaskStartedEventAttributes && scheduled.get(String(e.activityTaskStartedEventAttributes.scheduledEventId)) === 'cutover');
+    expect(cutoverStarts.map((e) => e.activityTaskStartedEventAttributes!.attempt)).toEqual([2]);
+    expect([...scheduled.values()]).not.toContain('releaseSource');
+    expect(r.cutover!.destinationDigest).toBe(r.cutover!.sourceDigest);
   });
 
   it('losing the destination agent during pre-copy rolls back; the source guest never stops', async () => {

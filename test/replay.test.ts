@@ -42,6 +42,10 @@ describe('replay of recorded histories', () => {
       .map((d) => (JSON.parse(Buffer.from(d).toString('utf8')) as { id?: string }).id ?? '');
     for (const name of ['live-migration-completed-v3', 'shared-nothing-completed-v3']) expect(patchesOf(name)).toContain('fast-path-v3');
     for (const name of ['live-migration-completed-v2', 'shared-nothing-completed']) expect(patchesOf(name)).not.toContain('fast-path-v3');
+    for (const name of ['live-migration-completed-v4', 'shared-nothing-completed-v4']) expect(patchesOf(name)).toContain('parallel-start');
+    for (const name of ['live-migration-completed-v3', 'shared-nothing-completed-v3']) expect(patchesOf(name)).not.toContain('parallel-start');
+    expect(patchesOf('live-migration-completed-v5')).toContain('release-in-cutover');
+    expect(patchesOf('live-migration-completed-v4')).not.toContain('release-in-cutover');
     expect(patchesOf('live-migration-completed-v2')).toContain('supervision-ends-by-itself');
   });
 

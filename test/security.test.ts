@@ -8,7 +8,7 @@ import net from 'node:net';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startTestLab, waitUntil, sleep, type TestLab } from './helpers/lab.js';
-import { connectDataPlane, DataPlaneServer, parseToken, type ClientTls, type Hello } from '../dataplane/endpoint.js';
+import { connectDataPlane, DataPlaneServer, mintGrantToken, parseToken, type ClientTls, type Hello } from '../dataplane/endpoint.js';
 import { DiskReceiver } from '../dataplane/disk-receiver.js';
 import { FrameChannel, FrameReader, FrameType, crc32, header, jsonFrame, parseJson, type Frame } from '../dataplane/frames.js';
 import { SimDriver, isAlive } from '../drivers/sim/sim-driver.js';
@@ -24,7 +24,12 @@ let tag: string;
 /** An in-process destination host "C": the agent's own data-plane code, with a lab certificate. */
 let C: { name: string; cfg: HostConfig; driver: SimDriver; dataPlane: DataPlaneServer; disks: DiskReceiver; logs: string[] };
 
+/** Fault points of this file's lab (common/faults.ts): agents and VM processes inherit the path. */
+const faultsFile = path.join(fs.mkdtempSync(path.join(os.tmpdir(), 'vmferry-secfaults-')), 'faults.json');
+
 beforeAll(async () => {
+  fs.writeFileSync(faultsFile, '{}');
+  process.env.VMFERRY_FAULTS_FILE = faultsFile;
   lab = await startTestLab();
   [A, B] = lab.hosts as [string, string];
   tag = A.split('-')[1]!;
@@ -211,11 +216,37 @@ describe('data-plane TLS', () => {
     const chan = await connectDataPlane(C.cfg.dataPlane, hello, certOf(A));
     await sleep(300); // the VM process reports the accepted connection; the agent burns the grant
     const before = C.dataPlane.refused.length;
-    await expect(connectDataPlane(C.cfg.dataPlane, hello, certOf(A))).rejects.toThrow(/no valid grant/);
-    expect(refusalsSince(before).some((m) => /no valid grant/.test(m))).toBe(true);
+    await expect(connectDataPlane(C.cfg.dataPlane, hello, certOf(A))).rejects.toThrow(/already used or revoked/);
+    expect(refusalsSince(before).some((m) => /already used or revoked/.test(m))).toBe(true);
     // The first connection is unaffected by the replay.
     chan.sock.write(pagesFrame([{ index: 1, data: Buffer.alloc(PAGE_SIZE, 7) }]));
     await waitUntil('page received', async () => (await C.driver.incomingStatus('sec5', 'mig-e')).bytesReceived > 0);
+    chan.sock.destroy();
+  });
+
+  it('(e) parallel start: a connection made before its minted grant is issued waits for it; the grant opens once, for its transfer only', async () => {
+    const spec = await specOnA('secpm');
+    const token = mintGrantToken(C.name);
+    const hello: Hello = { migrationId: 'mig-pm', vm: 'secpm', token, kind: 'memory', from: A };
+    // The source connects first (the destination is still preparing): the connection is held.
+    let admitted = false;
+    const early = connectDataPlane(C.cfg.dataPlane, hello, certOf(A)).then((ch) => { admitted = true; return ch; });
+    await sleep(300);
+    expect(admitted).toBe(false);
+    // A token not for this host, or one another transfer holds, is refused before anything is prepared.
+    await expect(C.driver.prepareIncoming(spec, 'mig-pm', A, { token: mintGrantToken('elsewhere') })).rejects.toThrow(/not for/);
+    expect(await C.driver.get('secpm')).toBeUndefined();
+    expect((await C.driver.prepareIncoming(spec, 'mig-pm', A, { token })).token).toBe(token);
+    const chan = await early; // admitted as soon as the grant exists
+    await sleep(300); // the VM process reports the accepted connection; the agent burns the grant
+    // A retried prepareIncoming of the same transfer is a no-op: the used grant stays used.
+    expect((await C.driver.prepareIncoming(spec, 'mig-pm', A, { token })).token).toBe(token);
+    await expect(connectDataPlane(C.cfg.dataPlane, hello, certOf(A))).rejects.toThrow(/already used or revoked/);
+    await expect(C.driver.prepareIncoming(await specOnA('secpm2'), 'mig-pm2', A, { token })).rejects.toThrow(/already held by another transfer/);
+    expect(await C.driver.get('secpm2')).toBeUndefined();
+    // The early connection is the transfer's: its pages land.
+    chan.sock.write(pagesFrame([{ index: 1, data: Buffer.alloc(PAGE_SIZE, 7) }]));
+    await waitUntil('page received', async () => (await C.driver.incomingStatus('secpm', 'mig-pm')).bytesReceived > 0);
     chan.sock.destroy();
   });
 
@@ -233,7 +264,7 @@ describe('data-plane TLS', () => {
     const s1 = await connectDataPlane(C.cfg.dataPlane, { ...hello, stream: 1, streams: 2 }, certOf(A));
     await sleep(300);
     // Every stream taken: the grant is gone.
-    await expect(connectDataPlane(C.cfg.dataPlane, { ...hello, stream: 1, streams: 2 }, certOf(A))).rejects.toThrow(/no valid grant/);
+    await expect(connectDataPlane(C.cfg.dataPlane, { ...hello, stream: 1, streams: 2 }, certOf(A))).rejects.toThrow(/already used or revoked/);
     // Pages arrive on stream 1; a barrier on stream 0 is acknowledged only once stream 1 reached it.
     s1.sock.write(pagesFrame([{ index: 300, data: Buffer.alloc(PAGE_SIZE, 9) }]));
     s0.sock.write(jsonFrame(FrameType.RoundEnd, { barrier: true, seq: 1 }));
@@ -278,7 +309,7 @@ describe('data-plane TLS', () => {
     expect(parseJson<{ message: string }>(err).message).toMatch(/outside disk/);
     expect(snapshot()).toEqual(before);
     // Replay of the used disk grant.
-    await expect(connectDataPlane(C.cfg.dataPlane, hello, certOf(A))).rejects.toThrow(/no valid grant/);
+    await expect(connectDataPlane(C.cfg.dataPlane, hello, certOf(A))).rejects.toThrow(/already used or revoked/);
     // A fresh grant (reconnect): a bad block checksum is refused before a byte is written.
     const g2 = await C.driver.prepareDiskTargets(spec, 'mig-e-disk', A, 2);
     const chan2 = await connectDataPlane(C.cfg.dataPlane, { ...hello, token: g2.token }, certOf(A));
@@ -314,17 +345,16 @@ describe('hostile peer with a valid grant', () => {
   it('(f) through the workflow: a peer holding the grant and the source key sends bad pages; the migration rolls back, the VM stays fine on the source', async () => {
     await lab.client.createVm({ name: 'evil1', host: A, memory: '32MiB', disk: '4MiB', dirtyRate: '4MiB', fill: 0.5 });
     const agentA = lab.status().hosts.find((h) => h.name === A)!.pid!;
+    const t0 = Date.now();
     const { id } = await lab.client.startMigration({ type: 'live', vm: 'evil1', to: B });
     const handle = lab.client.client.workflow.getHandle(id);
     type Ev = { eventId?: { toString(): string } | null; activityTaskScheduledEventAttributes?: { activityType?: { name?: string | null } | null } | null; activityTaskCompletedEventAttributes?: { scheduledEventId?: { toString(): string } | null; result?: { payloads?: Array<{ data?: Uint8Array | null }> | null } | null } | null };
     const events = async (): Promise<Ev[]> => ((await handle.fetchHistory()).events ?? []) as Ev[];
-    // Freeze the source's agent once the destination is being prepared (preflight is over),
-    // so that the real source cannot use the grant first.
-    let stopped = false;
+    // Hold the real source back (it would connect while the destination prepares, and so use
+    // the grant first): the attacker gets there before it.
+    fs.writeFileSync(faultsFile, JSON.stringify({ 'source-before-connect': 'delay:4000' }));
     try {
       const schedId = await waitUntil('prepareIncoming scheduled', async () => (await events()).find((e) => e.activityTaskScheduledEventAttributes?.activityType?.name === 'prepareIncoming')?.eventId?.toString(), 30_000, 10);
-      process.kill(agentA, 'SIGSTOP');
-      stopped = true;
       const target = await waitUntil('prepareIncoming result', async () => {
         const done = (await events()).find((e) => e.activityTaskCompletedEventAttributes?.scheduledEventId?.toString() === schedId);
         const data = done?.activityTaskCompletedEventAttributes?.result?.payloads?.[0]?.data;
@@ -336,11 +366,13 @@ describe('hostile peer with a valid grant', () => {
       const err = await next(chan);
       expect(parseJson<{ message: string }>(err).message).toMatch(/outside guest memory/);
     } finally {
-      if (stopped) process.kill(agentA, 'SIGCONT');
+      fs.writeFileSync(faultsFile, '{}');
     }
     const r = await lab.client.awaitMigration(id);
     expect(r.outcome).toBe('rolled-back');
-    expect(r.reason).toMatch(/outside guest memory|no valid grant|destination|refused/);
+    // The real source then finds its grant used: refused at once, not retried as "not yet issued".
+    expect(r.reason).toMatch(/outside guest memory|already used|destination|refused/);
+    expect(Date.now() - t0).toBeLessThan(15_000);
     const where = (await lab.client.listVms()).filter((v) => v.name === 'evil1').map((v) => ({ host: v.host, state: v.state }));
     expect(where).toEqual([{ host: A, state: 'running' }]);
     await waitUntil('destination cleaned', async () => !fs.readdirSync(lab.runDir(B)).includes('evil1'));

@@ -2,7 +2,7 @@
 //   1. blank VM on the destination   2. memory pre-copied in rounds   3. until (almost) clean
 //   4. pause, last dirty pages + device state, resume on the destination, remove from source;
 //      responsibility for the files passes with the ownership epoch.
-import { ApplicationFailure, CancellationScope } from '@temporalio/workflow';
+import { ApplicationFailure, CancellationScope, patched } from '@temporalio/workflow';
 import { DEFAULT_POLICY, type LiveMigrationInput, type MigrationResult } from '../common/types.js';
 import { hostProxies } from './hosts.js';
 import { Saga } from './saga.js';
@@ -20,6 +20,9 @@ export async function liveMigration(input: LiveMigrationInput): Promise<Migratio
   const saga = new Saga();
   let started = false;
   let supervisionEnded: Promise<void> = Promise.resolve();
+  let sourceReleased = false;
+  // v5: the cutover activity removes the source's fenced copy itself (one round trip less).
+  const releaseSourceInCutover = patched('release-in-cutover');
   try {
     tracker.phase('preflight');
     const { vm, dest } = await preflight({ vm: input.vm, src, dst });
@@ -34,14 +37,15 @@ export async function liveMigration(input: LiveMigrationInput): Promise<Migratio
       }
     }
     started = true;
-    ({ supervisionEnded } = await moveMemory({ migrationId: input.migrationId, vm: input.vm, src, dst, policy, tracker, saga }, vm));
+    ({ supervisionEnded, sourceReleased } = await moveMemory({ migrationId: input.migrationId, vm: input.vm, src, dst, policy, tracker, saga, destDataPlane: dest.dataPlane, releaseSourceInCutover }, vm));
   } catch (err) {
     return rollBack(tracker, saga, err, started);
   }
   // Past the point of no return: the VM runs on the destination. Cleanup cannot be cancelled.
   tracker.phase('cleanup');
+  // (Still needed after a cutover whose acknowledgement was lost: the activity did not release.)
   await CancellationScope.nonCancellable(() => Promise.all([
-    src.undo.releaseSource.executeWithOptions({ summary: `Remove the paused, fenced copy of ${input.vm} from ${input.from}` }, [
+    sourceReleased ? undefined : src.undo.releaseSource.executeWithOptions({ summary: `Remove the paused, fenced copy of ${input.vm} from ${input.from}` }, [
       { migrationId: input.migrationId, vm: input.vm, deleteStorage: false },
     ]),
     supervisionEnded,

@@ -25,7 +25,7 @@ export async function sharedNothingMigration(input: SharedNothingInput): Promise
   let supervisionEnded: Promise<void> = Promise.resolve();
   try {
     tracker.phase('preflight');
-    const { vm } = await preflight({ vm: input.vm, src, dst });
+    const { vm, dest } = await preflight({ vm: input.vm, src, dst });
     started = true;
 
     tracker.phase('mirror');
@@ -40,7 +40,7 @@ export async function sharedNothingMigration(input: SharedNothingInput): Promise
     await awaitMirrorSynced({ ...ids, host: src, tracker }, async () => (await prepare()).token);
 
     // The mirror stays in place (guest writes keep flowing) through the memory move.
-    ({ supervisionEnded } = await moveMemory({ migrationId: input.migrationId, vm: input.vm, src, dst, policy, tracker, saga }, vm, grant.spec));
+    ({ supervisionEnded } = await moveMemory({ migrationId: input.migrationId, vm: input.vm, src, dst, policy, tracker, saga, destDataPlane: dest.dataPlane }, vm, grant.spec));
   } catch (err) {
     return rollBack(tracker, saga, err, started);
   }

@@ -561,6 +561,8 @@ export class QemuDriver implements HypervisorDriver, StorageMoves {
   // ---------------------------------------------------------------- incoming side
 
   async prepareIncoming(spec: VmSpec, migrationId: string, sourceHost: string, opts: IncomingOptions = {}): Promise<IncomingTarget> {
+    // QEMU picks its incoming port only now: a source cannot be sent ahead with a minted grant.
+    if (opts.token !== undefined) throw new Error('the QEMU driver issues its own incoming endpoint; a pre-minted grant cannot be used');
     const qspec = spec as QemuVmSpec;
     const existing = this.readState(spec.name);
     if (existing) {

@@ -8,7 +8,7 @@ import net from 'node:net';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 import { setTimeout as sleep } from 'node:timers/promises';
-import type { HypervisorDriver, IncomingOptions, IncomingStatus, IncomingTarget, RollbackResult } from '../driver.js';
+import type { HypervisorDriver, IncomingOptions, IncomingStatus, IncomingTarget, OutgoingOptions, RollbackResult } from '../driver.js';
 import type { CutoverResult, DiskMirrorStatus, DiskTargetGrant, MigrationPolicy, ProgressSample, VerifyReport, VmInfo, VmSpec, VmState } from '../../common/types.js';
 import { vmStorageDir, resolveStorageDir, type HostConfig } from '../../common/host-config.js';
 import { callControl, ControlError } from './control.js';
@@ -286,6 +286,9 @@ export class SimDriver implements HypervisorDriver {
       await this.destroy(spec.name, { deleteStorage: false, onlyMigration: migrationId });
       return this.prepareIncoming(spec, migrationId, sourceHost, opts);
     }
+    // A minted grant that cannot be ours is refused before anything is prepared.
+    const refusal = opts.token === undefined ? null : this.dataPlane.preMintedRefusal(opts.token, { migrationId, vm: spec.name, kind: 'memory' });
+    if (refusal) throw new Error(refusal);
     if (rt) {
       const sameJob = rt.cfg.mode === 'incoming' && rt.cfg.migrationId === migrationId && rt.status && isAlive(rt.status.pid) && this.children.has(spec.name);
       if (!sameJob) throw new Error(`VM ${spec.name} already exists on ${this.host.name}${rt.cfg.migrationId ? ` (migration ${rt.cfg.migrationId})` : ''}`);
@@ -299,7 +302,7 @@ export class SimDriver implements HypervisorDriver {
       child.once('exit', () => this.children.delete(spec.name));
     }
     // The grant opens exactly that many connections (stream 0 must claim the same count).
-    const token = this.dataPlane.grant({ migrationId, vm: spec.name, kind: 'memory', source: sourceHost, expectStreams: opts.streams ?? 1 });
+    const token = this.dataPlane.grant({ migrationId, vm: spec.name, kind: 'memory', source: sourceHost, expectStreams: opts.streams ?? 1 }, undefined, opts.token);
     return { endpoint: this.host.dataPlane, token };
   }
 
@@ -359,8 +362,8 @@ export class SimDriver implements HypervisorDriver {
     return { aborted: true, running: false };
   }
 
-  async startOutgoing(name: string, migrationId: string, target: IncomingTarget, policy: MigrationPolicy): Promise<void> {
-    await this.control(name, 'startOutgoing', { migrationId, endpoint: target.endpoint, token: target.token, policy });
+  async startOutgoing(name: string, migrationId: string, target: IncomingTarget, policy: MigrationPolicy, opts: OutgoingOptions = {}): Promise<void> {
+    await this.control(name, 'startOutgoing', { migrationId, endpoint: target.endpoint, token: target.token, policy, grantWaitMs: opts.grantWaitMs }, 30_000 + (opts.grantWaitMs ?? 0));
   }
 
   outgoingProgress(name: string, migrationId: string, afterRound: number, waitMs: number): Promise<ProgressSample> {

@@ -14,7 +14,7 @@ import { assertOwner, readOwner, updateOwner, writeOwner, FencedError } from './
 import { DiskMirror, type MirrorTarget } from './disk-mirror.js';
 import { PAGE_SIZE, type VmSpec, type VmState, type MigrationPolicy, type ProgressSample, type CutoverResult, type DiskMirrorStatus } from '../../common/types.js';
 import { FrameChannel, FrameType, FrameFlag, header, jsonFrame, writeAll, crc32, ZERO_FLAG, parseJson, type Frame } from '../../dataplane/frames.js';
-import { connectDataPlane, acceptSecure, dataPlaneTlsFromEnv, type GrantCheck } from '../../dataplane/endpoint.js';
+import { connectDataPlane, acceptSecure, dataPlaneTlsFromEnv, secureContextFor, type GrantCheck, type Hello } from '../../dataplane/endpoint.js';
 import { faultPoint } from '../../common/faults.js';
 
 export interface VmRuntimeConfig {
@@ -64,7 +64,13 @@ function adoption(): Promise<string> {
   });
 }
 
+/** The host's data-plane TLS material, parsed while idle (a spare before adoption, a VM at boot), not in a migration. */
+function warmTls(): void {
+  try { const t = dataPlaneTlsFromEnv(); if (t) secureContextFor(t); } catch { /* the migration will report it */ }
+}
+if (process.argv[2] === '--spare') warmTls();
 const runtimeDir = process.argv[2] === '--spare' ? await adoption() : path.resolve(process.argv[2] ?? '.');
+if (process.argv[2] !== '--spare') setImmediate(warmTls);
 const cfg = JSON.parse(fs.readFileSync(path.join(runtimeDir, 'vm.json'), 'utf8')) as VmRuntimeConfig;
 const statePath = path.join(runtimeDir, 'state.json');
 const controlPath = path.join(runtimeDir, 'control.sock');
@@ -496,22 +502,63 @@ async function precopy(o: Outgoing): Promise<void> {
   }
 }
 
-async function startOutgoing(p: { migrationId: string; endpoint: { host: string; port: number }; token: string; policy: MigrationPolicy }): Promise<{ started: boolean }> {
+/** A startOutgoing still connecting; rollbackOutgoing of its migration cancels it. */
+let connecting: { id: string; cancelled: boolean } | null = null;
+
+/**
+ * Stream 0's connection. With `grantWaitMs` (parallel start) the destination may still be
+ * preparing: its "no valid grant" refusal changes nothing there, so it is retried, briefly
+ * spaced, until the grant exists or the wait is over. Any other refusal fails at once.
+ */
+async function connectFirst(job: { id: string; cancelled: boolean; attempts: number }, endpoint: { host: string; port: number }, hello: Hello, grantWaitMs: number): Promise<FrameChannel> {
+  const deadline = performance.now() + grantWaitMs;
+  // The destination holds a connection for a grant not issued yet (up to 2 s), so a retry is
+  // needed only for a long preparation (e.g. waiting for a migration slot).
+  for (let delay = 50; ; delay = Math.min(delay * 2, 1000)) {
+    job.attempts++;
+    try {
+      return await connectDataPlane(endpoint, hello, dataPlaneTlsFromEnv());
+    } catch (e) {
+      if (job.cancelled || !/no valid grant/.test((e as Error).message) || performance.now() + delay > deadline) throw e;
+    }
+    await sleep(delay);
+    if (job.cancelled) throw new Error(`migration ${job.id} was rolled back while connecting`);
+  }
+}
+
+async function startOutgoing(p: { migrationId: string; endpoint: { host: string; port: number }; token: string; policy: MigrationPolicy; grantWaitMs?: number }): Promise<{ started: boolean }> {
   if (outgoing && outgoing.id === p.migrationId && outgoing.state !== 'failed' && outgoing.state !== 'cancelled') return { started: false };
   if (outgoing && (outgoing.state === 'precopy' || outgoing.state === 'cutover' || outgoing.state === 'stopping')) throw new Error(`VM ${cfg.spec.name} is already migrating (${outgoing.id})`);
+  if (connecting) throw new Error(`VM ${cfg.spec.name} is already connecting for migration ${connecting.id}`);
   if (state !== 'running') throw new Error(`VM ${cfg.spec.name} is ${state}, not running`);
   const streams = p.policy.streams ?? 1;
-  const hello = (stream: number) => ({ migrationId: p.migrationId, vm: cfg.spec.name, token: p.token, kind: 'memory' as const, from: cfg.host, ...(streams > 1 ? { stream, streams } : {}) });
-  // Stream 0 first (it fixes the count at the destination), then the others together.
-  const chan = await connectDataPlane(p.endpoint, hello(0), dataPlaneTlsFromEnv());
-  const more = await Promise.allSettled(Array.from({ length: streams - 1 }, (_, k) => connectDataPlane(p.endpoint, hello(k + 1), dataPlaneTlsFromEnv())));
-  const refused = more.find((r) => r.status === 'rejected');
-  if (refused) {
-    chan.sock.destroy();
-    for (const r of more) if (r.status === 'fulfilled') r.value.sock.destroy();
-    throw (refused as PromiseRejectedResult).reason as Error;
+  const hello = (stream: number): Hello => ({ migrationId: p.migrationId, vm: cfg.spec.name, token: p.token, kind: 'memory' as const, from: cfg.host, ...(streams > 1 ? { stream, streams } : {}) });
+  const job = { id: p.migrationId, cancelled: false, attempts: 0, t0: performance.now() };
+  connecting = job;
+  // Migrating from now on, as the host's slot count sees it (the wait for a grant can be long).
+  const before = migrationId; // a shared-nothing move set it already (the disk mirror)
+  migrationId = p.migrationId;
+  persist();
+  let socks: net.Socket[];
+  let chan: FrameChannel;
+  let ok = false;
+  try {
+    await faultPoint('source-before-connect');
+    // Stream 0 first (it fixes the count at the destination), then the others together.
+    chan = await connectFirst(job, p.endpoint, hello(0), Math.min(Math.max(0, p.grantWaitMs ?? 0), 60_000));
+    const more = await Promise.allSettled(Array.from({ length: streams - 1 }, (_, k) => connectDataPlane(p.endpoint, hello(k + 1), dataPlaneTlsFromEnv())));
+    socks = [chan.sock, ...more.flatMap((r) => (r.status === 'fulfilled' ? [r.value.sock] : []))];
+    const refused = more.find((r) => r.status === 'rejected');
+    const why = refused ? (refused as PromiseRejectedResult).reason as Error : job.cancelled ? new Error(`migration ${job.id} was rolled back while connecting`) : null;
+    if (why) {
+      for (const s of socks) s.destroy();
+      throw why;
+    }
+    ok = true;
+  } finally {
+    connecting = null;
+    if (!ok && migrationId === p.migrationId && outgoing?.id !== p.migrationId) { migrationId = before; persist(); }
   }
-  const socks = [chan.sock, ...more.map((r) => (r as PromiseFulfilledResult<FrameChannel>).value.sock)];
   const o: Outgoing = {
     id: p.migrationId, state: 'precopy', chan, socks, barrierSeq: 0, policy: p.policy, round: 0, bytesSent: 0, pagesSent: 0,
     startedAt: performance.now(), crcs: new Uint32Array(guest.pages).fill(ZERO_CRC), samples: [], waiters: [], stop: false,
@@ -531,7 +578,7 @@ async function startOutgoing(p: { migrationId: string; endpoint: { host: string;
   }
   o.loop = warmSwitchOverPath().then(() => precopy(o)).catch((e: Error) => fail(o, e.message));
   persist();
-  log(`outgoing migration ${p.migrationId} to ${p.endpoint.host}:${p.endpoint.port}`);
+  log(`outgoing migration ${p.migrationId} to ${p.endpoint.host}:${p.endpoint.port}: ${socks.length} stream(s) connected in ${Math.round(performance.now() - job.t0)} ms (${job.attempts} attempt(s) for stream 0)`);
   return { started: true };
 }
 
@@ -651,6 +698,7 @@ async function cutover(p: { migrationId: string; verify?: 'digest' | 'full'; des
  * destination did claim it, the VM lives there now and this reports so: never two copies.
  */
 async function rollbackOutgoing(p: { migrationId: string; allowReclaim?: boolean }): Promise<{ runsOn: 'source' | 'destination' | 'undecided'; state: VmState; epoch: number }> {
+  if (connecting?.id === p.migrationId) connecting.cancelled = true;
   if (outgoing && outgoing.id === p.migrationId) {
     const o = outgoing;
     if (o.state !== 'done' && o.state !== 'failed') { o.error = 'cancelled'; o.state = 'cancelled'; }

@@ -108,5 +108,22 @@ const sn3 = await c.startMigration({ type: 'shared-nothing', vm: `rec-sn3-${tag}
 console.log((await c.awaitMigration(sn3.id)).outcome);
 await save('shared-nothing-completed-v3', sn3.id);
 
-for (const n of [`rec-v3-${tag}`, `rec-sn3-${tag}`, `rec-ok-${tag}`, `rec-cancel-${tag}`, `rec-throttle-${tag}`, `rec-st-${tag}`, `rec-stc-${tag}`, `rec-sn-${tag}`, `rec-v2-${tag}`]) await c.destroyVm(n).catch(() => undefined);
+// 10. Parallel start (patch 'parallel-start'): the grant minted by a local activity, the
+// destination prepared while the source connects.
+await c.createVm({ name: `rec-v4-${tag}`, host: A, memory: '16MiB', disk: '4MiB', dirtyRate: '4MiB', fill: 0.5 });
+const v4 = await c.startMigration({ type: 'live', vm: `rec-v4-${tag}`, to: B });
+console.log((await c.awaitMigration(v4.id)).outcome);
+await save('live-migration-completed-v4', v4.id);
+await c.createVm({ name: `rec-sn4-${tag}`, host: A, memory: '16MiB', disk: '8MiB', storage: 'local', writeRate: '1MiB', diskFill: 0.5 });
+const sn4 = await c.startMigration({ type: 'shared-nothing', vm: `rec-sn4-${tag}`, to: B });
+console.log((await c.awaitMigration(sn4.id)).outcome);
+await save('shared-nothing-completed-v4', sn4.id);
+
+// 11. The cutover activity releases the source itself (patch 'release-in-cutover').
+await c.createVm({ name: `rec-v5-${tag}`, host: A, memory: '16MiB', disk: '4MiB', dirtyRate: '4MiB', fill: 0.5 });
+const v5 = await c.startMigration({ type: 'live', vm: `rec-v5-${tag}`, to: B });
+console.log((await c.awaitMigration(v5.id)).outcome);
+await save('live-migration-completed-v5', v5.id);
+
+for (const n of [`rec-v5-${tag}`, `rec-v4-${tag}`, `rec-sn4-${tag}`, `rec-v3-${tag}`, `rec-sn3-${tag}`, `rec-ok-${tag}`, `rec-cancel-${tag}`, `rec-throttle-${tag}`, `rec-st-${tag}`, `rec-stc-${tag}`, `rec-sn-${tag}`, `rec-v2-${tag}`]) await c.destroyVm(n).catch(() => undefined);
 await c.close();

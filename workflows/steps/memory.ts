@@ -1,8 +1,9 @@
 // Shared steps of every move that carries a running VM's memory and state to another host:
 // preflight, blank VM on the destination, pre-copy rounds under the convergence policy, and
 // the cutover with its fenced resolution. Live and shared-nothing migration compose these.
-import { ApplicationFailure, CancellationScope, condition, log, patched } from '@temporalio/workflow';
+import { ApplicationFailure, CancellationScope, condition, log, patched, proxyLocalActivities } from '@temporalio/workflow';
 import type { MigrationPolicy, ProgressSample, VmInfo, HostInfo } from '../../common/types.js';
+import type { OrchestratorActivities } from '../../activities/orchestrator-activities.js';
 import type { HostProxies } from '../hosts.js';
 import type { Saga } from '../saga.js';
 import { reasonOf, type MigrationTracker } from '../tracker.js';
@@ -16,7 +17,16 @@ export interface MemoryMoveContext {
   policy: MigrationPolicy;
   tracker: MigrationTracker;
   saga: Saga;
+  /** The destination's data-plane address (preflight's hostInfo): lets the source connect while the destination prepares. */
+  destDataPlane?: { host: string; port: number };
+  /** The cutover activity also removes the source's fenced copy (live migration, files kept). */
+  releaseSourceInCutover?: boolean;
 }
+
+const local = proxyLocalActivities<OrchestratorActivities>({ startToCloseTimeout: '5 s' });
+
+/** How long one startOutgoing attempt keeps retrying a grant the destination has not issued yet. */
+const GRANT_WAIT_MS = 20_000;
 
 /** Checks that change nothing: the VM runs on the source, is not migrating, fits the destination. */
 export async function preflight(c: Pick<MemoryMoveContext, 'vm' | 'src' | 'dst'>): Promise<{ vm: VmInfo; dest: HostInfo }> {
@@ -61,25 +71,51 @@ export async function settleSource(c: Pick<MemoryMoveContext, 'migrationId' | 'v
  * supervision activity has finished too: the caller awaits it alongside its cleanup (v3), so a
  * finished migration leaves no activity pending and the wait costs no extra time.
  */
-export async function moveMemory(c: MemoryMoveContext, vm: VmInfo, destSpec: VmInfo['spec'] = vm.spec): Promise<{ supervisionEnded: Promise<void> }> {
+export async function moveMemory(c: MemoryMoveContext, vm: VmInfo, destSpec: VmInfo['spec'] = vm.spec): Promise<{ supervisionEnded: Promise<void>; sourceReleased: boolean }> {
   const { migrationId, src, dst, tracker, saga, policy } = c;
   const ids = { migrationId, vm: c.vm };
 
   tracker.phase('prepare-destination');
   saga.add('destroy blank VM on destination', () => dst.undo.abortIncoming(ids));
-  const target = await dst.quick.prepareIncoming.executeWithOptions(
+  // streams, token: input fields only (replay compares commands, not their arguments).
+  const prepareIncoming = (token?: string) => dst.quick.prepareIncoming.executeWithOptions(
     { summary: `Blank VM ${c.vm} waits on ${dst.name} for memory and state` },
-    // streams: an input field only (replay compares commands, not their arguments).
-    [{ migrationId, spec: destSpec, sourceHost: src.name, ...(policy.streams && policy.streams > 1 ? { streams: policy.streams } : {}) }],
+    [{ migrationId, spec: destSpec, sourceHost: src.name, ...(policy.streams && policy.streams > 1 ? { streams: policy.streams } : {}), ...(token ? { token } : {}) }],
   );
-
-  tracker.phase('precopy');
   // Rollback of the source: stop the job and keep (or put) the VM running. It reports where
   // the VM runs from the ownership record, so it can never resume a VM the destination owns.
-  saga.add('stop memory job, VM stays on source', async () => {
+  const stopSourceJob = (): void => saga.add('stop memory job, VM stays on source', async () => {
     if ((await settleSource(c)) === 'destination') log.warn('rollback found the VM owned by the destination', { ...ids });
   });
-  await src.quick.startOutgoing({ ...ids, target, policy });
+
+  // v4 (simulator): one round trip less. The grant is minted here and given to both ends at
+  // once: the source connects while the destination prepares, retrying until the grant exists.
+  // QEMU picks its incoming port only when prepared, so it keeps the sequential order.
+  if (destSpec.driver !== 'qemu' && c.destDataPlane && patched('parallel-start')) {
+    const { token } = await local.mintGrant({ destination: dst.name });
+    stopSourceJob();
+    const prepared = prepareIncoming(token);
+    const started = src.quick.startOutgoing.executeWithOptions(
+      { summary: `Connect ${c.vm}'s memory stream to ${dst.name} (as soon as it is prepared) and start pre-copy` },
+      [{ ...ids, target: { endpoint: c.destDataPlane, token }, policy, grantWaitMs: GRANT_WAIT_MS }],
+    );
+    started.catch(() => undefined);
+    try {
+      await prepared;
+    } catch (e) {
+      // The grant will never come: stop the source's attempts, so its activity ends before the
+      // rollback does (settleSource repeats this; it is idempotent).
+      await CancellationScope.nonCancellable(async () => { await src.undo.rollbackOutgoing(ids); await started.catch(() => undefined); });
+      throw e;
+    }
+    await started;
+    tracker.phase('precopy');
+  } else {
+    const target = await prepareIncoming();
+    tracker.phase('precopy');
+    stopSourceJob();
+    await src.quick.startOutgoing({ ...ids, target, policy });
+  }
 
   const supervision = new CancellationScope();
   const supervised = supervision.run(() => dst.supervise.superviseIncoming(ids));
@@ -125,12 +161,15 @@ export async function moveMemory(c: MemoryMoveContext, vm: VmInfo, destSpec: VmI
   tracker.phase('cutover');
   // Once begun, the switchover finishes; a cancel that arrives now is honoured by rollback only
   // if the destination did not take the VM.
+  let sourceReleased = false;
   await CancellationScope.nonCancellable(async () => {
     try {
+      const release = c.releaseSourceInCutover === true;
       tracker.cutover = await src.long.cutover.executeWithOptions(
-        { summary: `Pause ${c.vm} on ${src.name}, send last dirty pages and device state, resume on ${dst.name}`, retry: { maximumAttempts: 3, initialInterval: '200 ms' } },
-        [{ ...ids, destination: dst.name, verify: policy.verify }],
+        { summary: `Pause ${c.vm} on ${src.name}, send last dirty pages and device state, resume on ${dst.name}${release ? `; then remove the fenced copy from ${src.name}` : ''}`, retry: { maximumAttempts: 3, initialInterval: '200 ms' } },
+        [{ ...ids, destination: dst.name, verify: policy.verify, ...(release ? { releaseSource: true } : {}) }],
       );
+      sourceReleased = release;
     } catch (e) {
       // Uncertain outcome (lost acknowledgement, crashed agent): ask the ownership records.
       if ((await settleSource(c)) !== 'destination') throw e;
@@ -142,5 +181,5 @@ export async function moveMemory(c: MemoryMoveContext, vm: VmInfo, destSpec: VmI
   // (outside the downtime) leaves no activity pending behind a finished migration.
   const ended = CancellationScope.nonCancellable(async () => { await supervised.catch(() => undefined); });
   if (supervisionEndsByItself && !patched('fast-path-v3')) await ended;
-  return { supervisionEnded: ended };
+  return { supervisionEnded: ended, sourceReleased };
 }
