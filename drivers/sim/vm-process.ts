@@ -513,15 +513,18 @@ let connecting: { id: string; cancelled: boolean } | null = null;
 async function connectFirst(job: { id: string; cancelled: boolean; attempts: number }, endpoint: { host: string; port: number }, hello: Hello, grantWaitMs: number): Promise<FrameChannel> {
   const deadline = performance.now() + grantWaitMs;
   // The destination holds a connection for a grant not issued yet (up to 2 s), so a retry is
-  // needed only for a long preparation (e.g. waiting for a migration slot).
-  for (let delay = 50; ; delay = Math.min(delay * 2, 1000)) {
+  // needed only for a long preparation (e.g. waiting for a migration slot). After such a wait
+  // the next attempt goes at once (no gap in which the grant could come unseen); a refusal that
+  // came at once (the destination holds too many) backs off.
+  for (let backoff = 50; ; backoff = Math.min(backoff * 2, 1000)) {
     job.attempts++;
+    const t = performance.now();
     try {
       return await connectDataPlane(endpoint, hello, dataPlaneTlsFromEnv());
     } catch (e) {
-      if (job.cancelled || !/no valid grant/.test((e as Error).message) || performance.now() + delay > deadline) throw e;
+      if (job.cancelled || !/no valid grant/.test((e as Error).message) || performance.now() + 10 > deadline) throw e;
     }
-    await sleep(delay);
+    await sleep(performance.now() - t > 1000 ? 10 : backoff);
     if (job.cancelled) throw new Error(`migration ${job.id} was rolled back while connecting`);
   }
 }
