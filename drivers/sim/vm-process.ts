@@ -502,15 +502,19 @@ async function precopy(o: Outgoing): Promise<void> {
   }
 }
 
-/** A startOutgoing still connecting; rollbackOutgoing of its migration cancels it. */
-let connecting: { id: string; cancelled: boolean } | null = null;
+/**
+ * A startOutgoing still connecting: rollbackOutgoing of its migration cancels it; a retried
+ * startOutgoing of the same migration (the agent restarted meanwhile) waits for its outcome.
+ */
+interface Connecting { id: string; cancelled: boolean; done?: Promise<{ started: boolean }> }
+let connecting: Connecting | null = null;
 
 /**
  * Stream 0's connection. With `grantWaitMs` (parallel start) the destination may still be
  * preparing: its "no valid grant" refusal changes nothing there, so it is retried, briefly
  * spaced, until the grant exists or the wait is over. Any other refusal fails at once.
  */
-async function connectFirst(job: { id: string; cancelled: boolean; attempts: number }, endpoint: { host: string; port: number }, hello: Hello, grantWaitMs: number): Promise<FrameChannel> {
+async function connectFirst(job: Connecting & { attempts: number }, endpoint: { host: string; port: number }, hello: Hello, grantWaitMs: number): Promise<FrameChannel> {
   const deadline = performance.now() + grantWaitMs;
   // The destination holds a connection for a grant not issued yet (up to 2 s), so a retry is
   // needed only for a long preparation (e.g. waiting for a migration slot). After such a wait
@@ -529,14 +533,21 @@ async function connectFirst(job: { id: string; cancelled: boolean; attempts: num
   }
 }
 
-async function startOutgoing(p: { migrationId: string; endpoint: { host: string; port: number }; token: string; policy: MigrationPolicy; grantWaitMs?: number }): Promise<{ started: boolean }> {
+function startOutgoing(p: Parameters<typeof beginOutgoing>[0]): Promise<{ started: boolean }> {
+  if (connecting?.id === p.migrationId && connecting.done) return connecting.done.then(() => ({ started: false }));
+  const done = beginOutgoing(p);
+  if (connecting?.id === p.migrationId) connecting.done = done;
+  return done;
+}
+
+async function beginOutgoing(p: { migrationId: string; endpoint: { host: string; port: number }; token: string; policy: MigrationPolicy; grantWaitMs?: number }): Promise<{ started: boolean }> {
   if (outgoing && outgoing.id === p.migrationId && outgoing.state !== 'failed' && outgoing.state !== 'cancelled') return { started: false };
   if (outgoing && (outgoing.state === 'precopy' || outgoing.state === 'cutover' || outgoing.state === 'stopping')) throw new Error(`VM ${cfg.spec.name} is already migrating (${outgoing.id})`);
   if (connecting) throw new Error(`VM ${cfg.spec.name} is already connecting for migration ${connecting.id}`);
   if (state !== 'running') throw new Error(`VM ${cfg.spec.name} is ${state}, not running`);
   const streams = p.policy.streams ?? 1;
   const hello = (stream: number): Hello => ({ migrationId: p.migrationId, vm: cfg.spec.name, token: p.token, kind: 'memory' as const, from: cfg.host, ...(streams > 1 ? { stream, streams } : {}) });
-  const job = { id: p.migrationId, cancelled: false, attempts: 0, t0: performance.now() };
+  const job: Connecting & { attempts: number; t0: number } = { id: p.migrationId, cancelled: false, attempts: 0, t0: performance.now() };
   connecting = job;
   // Migrating from now on, as the host's slot count sees it (the wait for a grant can be long).
   const before = migrationId; // a shared-nothing move set it already (the disk mirror)

@@ -105,7 +105,10 @@ export async function moveMemory(c: MemoryMoveContext, vm: VmInfo, destSpec: VmI
     } catch (e) {
       // The grant will never come: stop the source's attempts, so its activity ends before the
       // rollback does (settleSource repeats this; it is idempotent).
-      await CancellationScope.nonCancellable(async () => { await src.undo.rollbackOutgoing(ids); await started.catch(() => undefined); });
+      await CancellationScope.nonCancellable(async () => {
+        await src.undo.rollbackOutgoing(ids).catch(() => undefined); // the saga's rollback reports any failure
+        await started.catch(() => undefined);
+      });
       throw e;
     }
     await started;
