@@ -101,6 +101,8 @@ export function createHostActivities({ host, driver }: HostActivityDeps) {
     /** `token`: a grant the orchestrator minted and gave the source at the same time (parallel start). */
     async prepareIncoming(p: { migrationId: string; spec: VmSpec; sourceHost: string; streams?: number; token?: string }): Promise<IncomingTarget> {
       await admitMigration(p.migrationId, p.spec.name, 'incoming');
+      // Fault injection: a destination that refuses late (after preflight passed).
+      if ((await faultPoint('prepare-incoming')) === 'refuse') nonRetryable(new Error(`destination ${host.name} refused the incoming VM (fault injection)`), 'DestinationRefused');
       try { return await driver.prepareIncoming(p.spec, p.migrationId, p.sourceHost, { streams: p.streams, token: p.token }); } catch (e) { return nonRetryable(e, 'DestinationRefused'); }
     },
 

@@ -126,6 +126,36 @@ describe('live migration', () => {
     expect(st.outcome).toBe('rolled-back');
   });
 
+  it('a destination that refuses while the source is already connecting (parallel start): clean rollback, no activity left behind, the VM can move again', async () => {
+    await lab.client.createVm({ name: 'late1', host: A, memory: '32MiB', disk: '4MiB', dirtyRate: '2MiB', fill: 0.5 });
+    // The source connects at once and is held, waiting for a grant that never comes.
+    fs.writeFileSync(faultsFile, JSON.stringify({ 'prepare-incoming': 'refuse' }));
+    let r: MigrationResult;
+    let id = '';
+    try {
+      ({ id } = await lab.client.startMigration({ type: 'live', vm: 'late1', to: B }));
+      r = await lab.client.awaitMigration(id);
+    } finally {
+      fs.writeFileSync(faultsFile, '{}');
+    }
+    expect(r.outcome).toBe('rolled-back');
+    expect(r.reason).toMatch(/refused the incoming VM/);
+    expect(await whereIs('late1')).toEqual([{ host: A, state: 'running' }]);
+    expect(fs.readdirSync(lab.runDir(B))).not.toContain('late1');
+    // Both halves of the parallel start ended before the workflow did: startOutgoing was
+    // stopped (its connection attempt cancelled by the rollback), not left running.
+    const events = (await lab.client.client.workflow.getHandle(id).fetchHistory()).events ?? [];
+    const startId = events.find((e) => e.activityTaskScheduledEventAttributes?.activityType?.name === 'startOutgoing')?.eventId?.toString();
+    expect(startId).toBeDefined();
+    const ended = events.find((e) => [e.activityTaskCompletedEventAttributes, e.activityTaskFailedEventAttributes].some((a) => a?.scheduledEventId?.toString() === startId));
+    expect(ended?.activityTaskFailedEventAttributes?.failure?.message).toMatch(/rolled back (while connecting|before it started)/);
+    // The VM is free to move: nothing of the cancelled attempt is left in its process.
+    expect((await lab.client.vmSpec('late1'))?.migrationId).toBeUndefined();
+    const again = await lab.client.startMigration({ type: 'live', vm: 'late1', to: B });
+    expect((await lab.client.awaitMigration(again.id)).outcome).toBe('completed');
+    expect((await lab.client.verifyVm('late1')).ok).toBe(true);
+  });
+
   it('the source agent killed while the cutover activity releases the source: the retry answers from its journal and finishes the release', async () => {
     await lab.client.createVm({ name: 'rel1', host: A, memory: '32MiB', disk: '4MiB', dirtyRate: '2MiB', fill: 0.5 });
     const agentA = lab.status().hosts.find((h) => h.name === A)!.pid!;

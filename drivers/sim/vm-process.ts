@@ -508,6 +508,12 @@ async function precopy(o: Outgoing): Promise<void> {
  */
 interface Connecting { id: string; cancelled: boolean; done?: Promise<{ started: boolean }> }
 let connecting: Connecting | null = null;
+/**
+ * Migrations rolled back here (newest 64). With parallel start the rollback can overtake the
+ * start it undoes (the destination refused while startOutgoing was still on its way): a start
+ * that arrives after its rollback is refused instead of waiting for a grant that never comes.
+ */
+const rolledBack: string[] = [];
 
 /**
  * Stream 0's connection. With `grantWaitMs` (parallel start) the destination may still be
@@ -544,6 +550,7 @@ async function beginOutgoing(p: { migrationId: string; endpoint: { host: string;
   if (outgoing && outgoing.id === p.migrationId && outgoing.state !== 'failed' && outgoing.state !== 'cancelled') return { started: false };
   if (outgoing && (outgoing.state === 'precopy' || outgoing.state === 'cutover' || outgoing.state === 'stopping')) throw new Error(`VM ${cfg.spec.name} is already migrating (${outgoing.id})`);
   if (connecting) throw new Error(`VM ${cfg.spec.name} is already connecting for migration ${connecting.id}`);
+  if (rolledBack.includes(p.migrationId)) throw new Error(`migration ${p.migrationId} was rolled back before it started`);
   if (state !== 'running') throw new Error(`VM ${cfg.spec.name} is ${state}, not running`);
   const streams = p.policy.streams ?? 1;
   const hello = (stream: number): Hello => ({ migrationId: p.migrationId, vm: cfg.spec.name, token: p.token, kind: 'memory' as const, from: cfg.host, ...(streams > 1 ? { stream, streams } : {}) });
@@ -713,6 +720,7 @@ async function cutover(p: { migrationId: string; verify?: 'digest' | 'full'; des
  */
 async function rollbackOutgoing(p: { migrationId: string; allowReclaim?: boolean }): Promise<{ runsOn: 'source' | 'destination' | 'undecided'; state: VmState; epoch: number }> {
   if (connecting?.id === p.migrationId) connecting.cancelled = true;
+  if (!rolledBack.includes(p.migrationId)) { rolledBack.push(p.migrationId); if (rolledBack.length > 64) rolledBack.shift(); }
   if (outgoing && outgoing.id === p.migrationId) {
     const o = outgoing;
     if (o.state !== 'done' && o.state !== 'failed') { o.error = 'cancelled'; o.state = 'cancelled'; }
