@@ -70,10 +70,11 @@ export class Guest {
 
   constructor(readonly spec: VmSpec, diskPaths: Record<string, string>, touch = true) {
     this.pages = Math.floor(spec.memoryBytes / PAGE_SIZE);
-    this.memory = Buffer.alloc(this.pages * PAGE_SIZE);
     // A booting guest touches every page now: first-touch faults must not land in a migration's
     // downtime. An incoming guest skips it (it would cost ~1 s/GiB before the first page can
-    // arrive); its pages are touched as they are received, during pre-copy.
+    // arrive); its pages are faulted in during pre-copy, just ahead of the pages arriving, by a
+    // worker thread (prefault.ts): so its memory lives in a SharedArrayBuffer.
+    this.memory = touch ? Buffer.alloc(this.pages * PAGE_SIZE) : Buffer.from(new SharedArrayBuffer(this.pages * PAGE_SIZE));
     if (touch) this.memory.fill(0);
     this.dirty = new Uint8Array(this.pages);
     let off = PAGE_SIZE;

@@ -12,6 +12,7 @@ import { Guest, ZERO_PAGE, type DeviceState } from './guest.js';
 import { serveControl } from './control.js';
 import { assertOwner, readOwner, updateOwner, writeOwner, FencedError } from './ownership.js';
 import { DiskMirror, type MirrorTarget } from './disk-mirror.js';
+import { Prefaulter } from './prefault.js';
 import { PAGE_SIZE, type VmSpec, type VmState, type MigrationPolicy, type ProgressSample, type CutoverResult, type DiskMirrorStatus } from '../../common/types.js';
 import { FrameChannel, FrameType, FrameFlag, header, jsonFrame, writeAll, crc32, ZERO_FLAG, parseJson, type Frame } from '../../dataplane/frames.js';
 import { connectDataPlane, acceptSecure, dataPlaneTlsFromEnv, secureContextFor, type GrantCheck, type Hello } from '../../dataplane/endpoint.js';
@@ -852,6 +853,8 @@ interface Incoming {
 let incoming: Incoming | null = cfg.mode === 'incoming'
   ? { state: 'waiting', bytes: 0, pages: 0, torn: 0, crcs: new Uint32Array(guest.pages).fill(ZERO_CRC), streams: 1, socks: [], reached: [], barrierWaits: [] }
   : null;
+/** Faults guest memory in just ahead of the pages arriving (until every page is in, or the end). */
+const prefaulter = cfg.mode === 'incoming' ? new Prefaulter(guest.memory) : null;
 
 /** Re-runs the barrier checks (a stream reached a barrier, or the transfer failed). */
 function wakeBarriers(inc: Incoming): void {
@@ -911,11 +914,13 @@ function applyPages(inc: Incoming, parts: Buffer[], flags = 0, stream = 0): void
   const crcs = inc.crcs;
   // Cursor over the pieces: part pi, offset po; pos counts body bytes consumed.
   let pi = 0, po = idxLen, pos = idxLen;
+  let highest = -1;
   for (let k = 0; k < n; k++) {
     const raw = index.readUInt32LE(4 + k * 8);
     const crc = index.readUInt32LE(8 + k * 8);
     const p = (raw & ~ZERO_FLAG) >>> 0;
     if (p >= guest.pages) throw new Error(`page ${p} outside guest memory of ${guest.pages} pages`);
+    if (p > highest) highest = p;
     // Each page has one stream: a copy on another could overtake a newer one.
     if (inc.streams > 1 && streamOf(p, inc.streams) !== stream) throw new Error(`page ${p} arrived on stream ${stream}, not its own (${streamOf(p, inc.streams)})`);
     const dst = p * PAGE_SIZE;
@@ -974,6 +979,7 @@ function applyPages(inc: Incoming, parts: Buffer[], flags = 0, stream = 0): void
   }
   if (pos !== total) throw new Error('page frame has trailing bytes');
   inc.bytes += wireBytes + 12;
+  if (highest >= 0) prefaulter?.advance(highest);
 }
 
 async function onIncomingFrame(inc: Incoming, f: Frame): Promise<void> {
@@ -999,6 +1005,7 @@ async function onIncomingFrame(inc: Incoming, f: Frame): Promise<void> {
       const digest = crc32(Buffer.from(inc.crcs.buffer)) >>> 0;
       const fullCrc = d.verify === 'full' ? crc32(guest.memory) >>> 0 : undefined;
       inc.state = 'verified';
+      prefaulter?.stop();
       await writeAll(inc.sock!, [jsonFrame(FrameType.Verified, { digest, fullCrc })]);
       return;
     }
@@ -1087,6 +1094,7 @@ function acceptIncoming(sock: net.Socket, rest: Buffer, handOver?: { auth?: Gran
     chain = chain.then(() => onIncomingFrame(inc, f)).catch((e: Error) => {
       inc.error = e.message;
       if (inc.state !== 'running') inc.state = 'failed';
+      prefaulter?.stop();
       log(`incoming failed: ${e.message}`);
       sock.end(jsonFrame(FrameType.Error, { message: e.message }));
       for (const s of inc.socks.slice(1)) s?.destroy();
@@ -1104,6 +1112,7 @@ function acceptIncoming(sock: net.Socket, rest: Buffer, handOver?: { auth?: Gran
 function closedEarly(inc: Incoming, why = 'data-plane connection closed before the switchover'): void {
   if (inc.state !== 'receiving' && inc.state !== 'verified') return;
   inc.state = 'failed';
+  prefaulter?.stop();
   inc.error = why;
   for (const s of inc.socks) s?.destroy();
   wakeBarriers(inc);
@@ -1136,6 +1145,7 @@ function acceptDataStream(inc: Incoming, stream: number, sock: net.Socket, rest:
 function abortIncoming(): { aborted: boolean; state: VmState } {
   if (state === 'running') return { aborted: false, state };
   if (incoming) { incoming.state = 'aborted'; for (const s of incoming.socks) s?.destroy(); wakeBarriers(incoming); }
+  prefaulter?.stop();
   state = 'stopped';
   persist();
   setTimeout(() => process.exit(0), 20);
