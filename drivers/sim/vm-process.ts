@@ -151,15 +151,35 @@ async function run(opts: { persist?: boolean } = {}): Promise<void> {
   let last = performance.now();
   workloadTimer = setInterval(() => {
     const now = performance.now();
-    guest.step(Math.min(100, now - last));
+    workloadOwed = Math.min(100, workloadOwed + (now - last));
     last = now;
+    if (!workloadStepping) workloadSlice();
   }, 5);
   if (opts.persist !== false) persist();
+}
+
+/** Guest time (ms) the workload still has to run: it catches up on at most 100 ms. */
+let workloadOwed = 0;
+let workloadStepping = false;
+/**
+ * The guest runs what it is owed in slices of 2 ms of guest time, yielding to the event loop
+ * between them: a guest that dirties memory as fast as its core allows keeps its rate, but
+ * control calls (status, progress, cutover) and the sender are served between slices instead
+ * of waiting behind one long catch-up step (measured before: status 13 ms median, 42 ms max).
+ */
+function workloadSlice(): void {
+  if (state !== 'running' || workloadOwed <= 0) { workloadStepping = false; return; }
+  workloadStepping = true;
+  const ms = Math.min(2, workloadOwed);
+  workloadOwed -= ms;
+  guest.step(ms);
+  setImmediate(workloadSlice);
 }
 
 function pause(opts: { persist?: boolean } = {}): void {
   if (workloadTimer) clearInterval(workloadTimer);
   workloadTimer = null;
+  workloadOwed = 0; // a paused guest owes nothing (a slice still queued finds it paused)
   state = 'paused';
   unbindProbe();
   if (opts.persist !== false) persist();
