@@ -331,9 +331,8 @@ export class DataPlaneServer {
    */
   private park(id: string, sock: net.Socket, resume: () => void): boolean {
     if (this.grants.ended.has(id) || this.parkedCount >= MAX_PARKED || sock.destroyed) return false;
-    let set = this.parked.get(id);
-    if (!set) this.parked.set(id, (set = new Set()));
-    const waiting = set;
+    const waiting = this.parked.get(id) ?? new Set<() => void>();
+    this.parked.set(id, waiting);
     let done = false;
     const leave = (): boolean => {
       if (done) return false;

@@ -8,7 +8,7 @@ import { execFileSync } from 'node:child_process';
 import { findTemporalCli } from '../../lab/temporal-server.js';
 import { temporalConfig } from '../../common/temporal.js';
 import { readLab, labDir } from '../../lab/lab.js';
-import { VmferryClient } from '../../client/index.js';
+import { VmferryClient, type CreateVmInput } from '../../client/index.js';
 
 const out = path.join(path.dirname(fileURLToPath(import.meta.url)), 'histories');
 const c = await VmferryClient.connect();
@@ -26,6 +26,19 @@ async function save(name: string, workflowId: string): Promise<void> {
   const ids = fs.existsSync(idsFile) ? (JSON.parse(fs.readFileSync(idsFile, 'utf8')) as Record<string, string>) : {};
   fs.writeFileSync(idsFile, JSON.stringify({ ...ids, [name]: workflowId }, null, 2));
   console.log(`saved ${name} (${(JSON.parse(json) as { events: unknown[] }).events.length} events) from ${workflowId}`);
+}
+
+/** A VM on shared storage with a dirtying guest, and one on local storage with a writing guest. */
+const LIVE_VM = { memory: '16MiB', disk: '4MiB', dirtyRate: '4MiB', fill: 0.5 } as const;
+const LOCAL_VM = { memory: '16MiB', disk: '8MiB', storage: 'local', writeRate: '1MiB', diskFill: 0.5 } as const;
+
+/** Creates `vm` on A, moves it to B and saves the history as `name`; nothing at all if that fixture is kept. */
+async function recordMove(name: string, vm: string, type: 'live' | 'shared-nothing', spec: Omit<CreateVmInput, 'name' | 'host'>): Promise<void> {
+  if (fs.existsSync(path.join(out, `${name}.json`))) { console.log(`kept existing ${name}`); return; }
+  await c.createVm({ ...spec, name: vm, host: A });
+  const m = await c.startMigration({ type, vm, to: B });
+  console.log((await c.awaitMigration(m.id)).outcome);
+  await save(name, m.id);
 }
 
 // 1. A completed live migration under a dirtying workload.
@@ -78,16 +91,10 @@ console.log((await c.awaitMigration(stc.id)).outcome);
 await save('storage-migration-cancelled', stc.id);
 
 // 6. Shared-nothing, completed.
-await c.createVm({ name: `rec-sn-${tag}`, host: A, memory: '16MiB', disk: '8MiB', storage: 'local', writeRate: '1MiB', diskFill: 0.5 });
-const sn = await c.startMigration({ type: 'shared-nothing', vm: `rec-sn-${tag}`, to: B });
-console.log((await c.awaitMigration(sn.id)).outcome);
-await save('shared-nothing-completed', sn.id);
+await recordMove('shared-nothing-completed', `rec-sn-${tag}`, 'shared-nothing', LOCAL_VM);
 
 // 7. Live migration on the current code path (supervision ends by itself).
-await c.createVm({ name: `rec-v2-${tag}`, host: A, memory: '16MiB', disk: '4MiB', dirtyRate: '4MiB', fill: 0.5 });
-const v2 = await c.startMigration({ type: 'live', vm: `rec-v2-${tag}`, to: B });
-console.log((await c.awaitMigration(v2.id)).outcome);
-await save('live-migration-completed-v2', v2.id);
+await recordMove('live-migration-completed-v2', `rec-v2-${tag}`, 'live', LIVE_VM);
 
 // 8. Evacuation of a host with two VMs (children: live and shared-nothing).
 await c.createVm({ name: `rec-ev1-${tag}`, host: A, memory: '16MiB', disk: '4MiB' });
@@ -99,31 +106,16 @@ for (const n of [`rec-ev1-${tag}`, `rec-ev2-${tag}`]) await c.destroyVm(n).catch
 
 // 9. Live and shared-nothing migrations on the fast path (patch 'fast-path-v3': preflight in
 // parallel, cleanup overlapping the end of supervision).
-await c.createVm({ name: `rec-v3-${tag}`, host: A, memory: '16MiB', disk: '4MiB', dirtyRate: '4MiB', fill: 0.5 });
-const v3 = await c.startMigration({ type: 'live', vm: `rec-v3-${tag}`, to: B });
-console.log((await c.awaitMigration(v3.id)).outcome);
-await save('live-migration-completed-v3', v3.id);
-await c.createVm({ name: `rec-sn3-${tag}`, host: A, memory: '16MiB', disk: '8MiB', storage: 'local', writeRate: '1MiB', diskFill: 0.5 });
-const sn3 = await c.startMigration({ type: 'shared-nothing', vm: `rec-sn3-${tag}`, to: B });
-console.log((await c.awaitMigration(sn3.id)).outcome);
-await save('shared-nothing-completed-v3', sn3.id);
+await recordMove('live-migration-completed-v3', `rec-v3-${tag}`, 'live', LIVE_VM);
+await recordMove('shared-nothing-completed-v3', `rec-sn3-${tag}`, 'shared-nothing', LOCAL_VM);
 
 // 10. Parallel start (patch 'parallel-start'): the grant minted by a local activity, the
 // destination prepared while the source connects.
-await c.createVm({ name: `rec-v4-${tag}`, host: A, memory: '16MiB', disk: '4MiB', dirtyRate: '4MiB', fill: 0.5 });
-const v4 = await c.startMigration({ type: 'live', vm: `rec-v4-${tag}`, to: B });
-console.log((await c.awaitMigration(v4.id)).outcome);
-await save('live-migration-completed-v4', v4.id);
-await c.createVm({ name: `rec-sn4-${tag}`, host: A, memory: '16MiB', disk: '8MiB', storage: 'local', writeRate: '1MiB', diskFill: 0.5 });
-const sn4 = await c.startMigration({ type: 'shared-nothing', vm: `rec-sn4-${tag}`, to: B });
-console.log((await c.awaitMigration(sn4.id)).outcome);
-await save('shared-nothing-completed-v4', sn4.id);
+await recordMove('live-migration-completed-v4', `rec-v4-${tag}`, 'live', LIVE_VM);
+await recordMove('shared-nothing-completed-v4', `rec-sn4-${tag}`, 'shared-nothing', LOCAL_VM);
 
 // 11. The cutover activity releases the source itself (patch 'release-in-cutover').
-await c.createVm({ name: `rec-v5-${tag}`, host: A, memory: '16MiB', disk: '4MiB', dirtyRate: '4MiB', fill: 0.5 });
-const v5 = await c.startMigration({ type: 'live', vm: `rec-v5-${tag}`, to: B });
-console.log((await c.awaitMigration(v5.id)).outcome);
-await save('live-migration-completed-v5', v5.id);
+await recordMove('live-migration-completed-v5', `rec-v5-${tag}`, 'live', LIVE_VM);
 
 for (const n of [`rec-v5-${tag}`, `rec-v4-${tag}`, `rec-sn4-${tag}`, `rec-v3-${tag}`, `rec-sn3-${tag}`, `rec-ok-${tag}`, `rec-cancel-${tag}`, `rec-throttle-${tag}`, `rec-st-${tag}`, `rec-stc-${tag}`, `rec-sn-${tag}`, `rec-v2-${tag}`]) await c.destroyVm(n).catch(() => undefined);
 await c.close();
