@@ -23,6 +23,26 @@ async function sinkMain(): Promise<void> {
   server.listen(0, '127.0.0.1', () => process.stdout.write(`${(server.address() as net.AddressInfo).port}\n`));
 }
 
+/**
+ * Child mode: `node baselines.ts sink-fresh <bytes>`: like sink, but each connection reads
+ * straight into `bytes` of untouched memory (Node's onread), as the plaintext receiver does
+ * into an incoming guest: the first-touch page faults are part of the receive.
+ */
+async function sinkFreshMain(size: number): Promise<void> {
+  const server = net.createServer({ pauseOnConnect: true }, (s0) => {
+    const mem = new Uint8Array(new SharedArrayBuffer(size));
+    let n = 0;
+    const handle = (s0 as unknown as { _handle: unknown })._handle;
+    (s0 as unknown as { _handle: unknown })._handle = null;
+    const s = new net.Socket({
+      handle, readable: true, writable: true,
+      onread: { buffer: () => mem.subarray(n % size, Math.min(size, (n % size) + (1 << 20))), callback: (k: number) => { n += k; return true; } },
+    } as net.SocketConstructorOpts);
+    s.on('end', () => { s.end(JSON.stringify({ bytes: n })); });
+  });
+  server.listen(0, '127.0.0.1', () => process.stdout.write(`${(server.address() as net.AddressInfo).port}\n`));
+}
+
 /** Child mode: `node baselines.ts pump <port> <streams> <bytesPerStream>`: prints {ms, bytes}. */
 async function pumpMain(port: number, streams: number, perStream: number): Promise<void> {
   const buf = Buffer.alloc(1 << 20, 0xa5);
@@ -58,8 +78,8 @@ function runNode(args: string[]): { child: ReturnType<typeof spawn>; firstLine: 
 }
 
 /** Loopback TCP throughput (bytes/s) of a plain pump with `streams` parallel connections. */
-export async function loopbackThroughput(streams: number, totalBytes: number): Promise<number> {
-  const sink = runNode(['sink']);
+export async function loopbackThroughput(streams: number, totalBytes: number, into: 'discard' | 'untouched-memory' = 'discard'): Promise<number> {
+  const sink = runNode(into === 'discard' ? ['sink'] : ['sink-fresh', String(Math.max(1 << 20, totalBytes))]);
   try {
     const port = Number(await sink.firstLine);
     const perStream = Math.max(1 << 20, Math.floor(totalBytes / streams / (1 << 20)) * (1 << 20));
@@ -147,6 +167,7 @@ export function memoryWork(size: number): { crcBps: number; firstTouchCopyBps: n
 if (process.argv[1] && path.resolve(process.argv[1]) === SELF) {
   const [mode, ...rest] = process.argv.slice(2);
   if (mode === 'sink') await sinkMain();
+  else if (mode === 'sink-fresh') await sinkFreshMain(Number(rest[0]));
   else if (mode === 'pump') await pumpMain(Number(rest[0]), Number(rest[1]), Number(rest[2]));
   else {
     const bps = await loopbackThroughput(Number(mode ?? 1), 2 ** 30);

@@ -70,6 +70,8 @@ interface CaseDef {
   expect: 'completed' | 'rolled-back';
   /** Fraction of each page that is repetitive (the compression cases). */
   compressible?: number;
+  /** Between the two plaintext hosts (trusted migration network, no data-plane TLS). */
+  plaintext?: boolean;
 }
 
 async function main(): Promise<void> {
@@ -92,9 +94,14 @@ async function main(): Promise<void> {
     lb1.push(await loopbackThroughput(1, pumpBytes));
     lbN.push(await loopbackThroughput(2, pumpBytes));
   }
+  // The same pump read straight into untouched memory (the plaintext receiver's situation):
+  // shows what the first-touch faults of a fresh guest cost before the engine does anything.
+  const lbFresh: number[] = [];
+  for (let i = 0; i < 2; i++) lbFresh.push(await loopbackThroughput(1, pumpBytes, 'untouched-memory'));
   const baselines: Record<string, number> = {
     'loopback TCP, 1 stream': Math.max(...lb1),
     'loopback TCP, 2 streams': Math.max(...lbN),
+    'loopback TCP, 1 stream, read into untouched memory': Math.max(...lbFresh),
   };
   const engineBaseline = ENGINE_STREAMS === 1 ? baselines['loopback TCP, 1 stream']! : baselines['loopback TCP, 2 streams']!;
   // A case is judged against the pump with as many streams as its policy opens.
@@ -126,19 +133,21 @@ async function main(): Promise<void> {
   });
   process.env.TEMPORAL_ADDRESS = server.address;
   if (profDir) process.env.NODE_OPTIONS = `${process.env.NODE_OPTIONS ?? ''} --cpu-prof --cpu-prof-dir=${path.resolve(profDir)}`;
-  const hosts = ['benchA', 'benchB'];
-  const [A, B] = hosts as [string, string];
+  // benchA/benchB: data-plane TLS (the lab's default); benchC/benchD: plaintext (a trusted
+  // migration network), where pages are read straight into guest memory.
+  const hosts = ['benchA', 'benchB', 'benchC', 'benchD'];
+  const [A, B, C, D] = hosts as [string, string, string, string];
   say('starting lab (orchestrator, agents)…');
   cleanups.push(() => labDown(labDir, { purge: false }));
   // Host limit 4: the evacuation case runs 4 migrations at a time.
-  await labUp({ dir: labDir, hosts, maxConcurrentMigrations: 4 });
+  await labUp({ dir: labDir, hosts, maxConcurrentMigrations: 4, plaintextHosts: [C, D] });
   if (profDir) delete process.env.NODE_OPTIONS;
   const client = await VmferryClient.connect({ labDir });
   cleanups.push(() => client.close());
   const agentPid = (h: string): number | null => labStatus(labDir).hosts.find((x) => x.name === h)?.pid ?? null;
   const step = await temporalStep(client, A);
   say(`Temporal step on this server (workflow task + activity round trip, median of 7): ${step.toFixed(0)} ms`);
-  const agentStart: Record<string, number> = { [A]: procKiB(agentPid(A), 'VmRSS'), [B]: procKiB(agentPid(B), 'VmRSS') };
+  const agentStart: Record<string, number> = Object.fromEntries(hosts.map((h) => [h, procKiB(agentPid(h), 'VmRSS')]));
   const runDir = (h: string): string => path.join(labDir, 'hosts', h, 'run');
 
   // ---------- cases ----------
@@ -146,7 +155,11 @@ async function main(): Promise<void> {
   for (const [label, mem] of [['1GiB', memBig], ['256MiB', memSmall]] as const) {
     const tag = scale === 1 ? label : `${label}×${scale}`;
     cases.push({ name: `${tag} idle`, memoryBytes: mem, fill: 1, dirtyFraction: 0, expect: 'completed' });
-    if (mem === memBig) cases.push({ name: `${tag} idle, ${PARALLEL_STREAMS} streams`, memoryBytes: mem, fill: 1, dirtyFraction: 0, expect: 'completed', policy: { streams: PARALLEL_STREAMS } });
+    if (mem === memBig) {
+      cases.push({ name: `${tag} idle, ${PARALLEL_STREAMS} streams`, memoryBytes: mem, fill: 1, dirtyFraction: 0, expect: 'completed', policy: { streams: PARALLEL_STREAMS } });
+      cases.push({ name: `${tag} idle, plaintext data plane`, memoryBytes: mem, fill: 1, dirtyFraction: 0, expect: 'completed', plaintext: true });
+      cases.push({ name: `${tag} idle, ${PARALLEL_STREAMS} streams, plaintext data plane`, memoryBytes: mem, fill: 1, dirtyFraction: 0, expect: 'completed', policy: { streams: PARALLEL_STREAMS }, plaintext: true });
+    }
     cases.push({ name: `${tag} dirty 5%`, memoryBytes: mem, fill: 1, dirtyFraction: 0.05, expect: 'completed' });
     cases.push({ name: `${tag} dirty 25%`, memoryBytes: mem, fill: 1, dirtyFraction: 0.25, expect: 'completed' });
     cases.push({ name: `${tag} dirty 100% auto-converge`, memoryBytes: mem, fill: 1, dirtyFraction: 1, expect: 'completed' });
@@ -170,7 +183,8 @@ async function main(): Promise<void> {
   for (const c of selected) {
     say(`case ${c.name}…`);
     const base = baselineFor(c.policy?.streams);
-    const r = await runCase(client, c, `bench${n++}`, { A, B, engineBaseline, streamBaseline: base, agentPid, runDir }).catch((e: Error) => failedCase(c, base, e));
+    const [from, to] = c.plaintext ? [C, D] : [A, B];
+    const r = await runCase(client, c, `bench${n++}`, { A: from, B: to, engineBaseline, streamBaseline: base, agentPid, runDir }).catch((e: Error) => failedCase(c, base, e));
     results.push(r);
     say(`  ${r.outcome}: total ${r.totalMs.toFixed(0)} ms, ${(r.throughputBytesPerSec / MiB).toFixed(0)} MiB/s (${(r.throughputRatio * 100).toFixed(0)}% of baseline), downtime ${r.downtimeMs} ms, probe ${r.probe ? `lost ${r.probe.lost}, max gap ${r.probe.maxGapMs} ms` : '—'}, rounds ${r.rounds}, wire ${r.wireRatio.toFixed(3)}×, orchestration ${r.orchestrationOverheadMs.toFixed(0)} ms${r.error ? `, error: ${r.error}` : ''}`);
   }
@@ -205,15 +219,18 @@ async function main(): Promise<void> {
     }
   }
 
-  const agentEnd: Record<string, number> = { [A]: procKiB(agentPid(A), 'VmHWM'), [B]: procKiB(agentPid(B), 'VmHWM') };
+  const agentEnd: Record<string, number> = Object.fromEntries(hosts.map((h) => [h, procKiB(agentPid(h), 'VmHWM')]));
 
   // ---------- targets ----------
-  const find = (frag: string): CaseResult | undefined => results.find((r) => r.name.includes(frag) && r.memoryBytes === memBig && r.fill === 1);
+  const find = (frag: string, plaintext = false): CaseResult | undefined => results.find((r) => r.name.includes(frag) && r.name.includes('plaintext') === plaintext && r.memoryBytes === memBig && r.fill === 1);
   const targets: Target[] = [];
-  const idle = find('idle');
-  if (idle) targets.push({ name: `idle ${mibStr(memBig)}: memory ÷ total time vs loopback (${ENGINE_STREAMS} stream)`, value: pct(idle.throughputRatio), target: '≥ 70%', pass: idle.outcome === 'completed' && idle.throughputRatio >= 0.7 });
-  const idleN = find(`idle, ${PARALLEL_STREAMS} streams`);
-  if (idleN) targets.push({ name: `idle ${mibStr(memBig)}, ${PARALLEL_STREAMS} streams: memory ÷ total time vs loopback (${PARALLEL_STREAMS} streams)`, value: pct(idleN.throughputRatio), target: '≥ 70%', pass: idleN.outcome === 'completed' && idleN.throughputRatio >= 0.7 });
+  for (const plaintext of [false, true]) {
+    const dp = plaintext ? 'plaintext data plane' : 'TLS data plane';
+    const idle = find('idle', plaintext);
+    if (idle) targets.push({ name: `idle ${mibStr(memBig)}, ${dp}: memory ÷ total time vs loopback (${ENGINE_STREAMS} stream)`, value: pct(idle.throughputRatio), target: '≥ 70%', pass: idle.outcome === 'completed' && idle.throughputRatio >= 0.7 });
+    const idleN = find(`idle, ${PARALLEL_STREAMS} streams`, plaintext);
+    if (idleN) targets.push({ name: `idle ${mibStr(memBig)}, ${PARALLEL_STREAMS} streams, ${dp}: memory ÷ total time vs loopback (${PARALLEL_STREAMS} streams)`, value: pct(idleN.throughputRatio), target: '≥ 70%', pass: idleN.outcome === 'completed' && idleN.throughputRatio >= 0.7 });
+  }
   for (const [frag, lim] of [['dirty 5%', 50], ['dirty 25%', 150]] as const) {
     const c = find(frag);
     if (!c) continue;

@@ -90,11 +90,12 @@ program.name('vmferry').description('Move running VMs between hosts without stop
 const lab = program.command('lab').description('the local lab: Temporal dev server, orchestrator worker, host agents');
 lab.command('up').description('start whatever is missing (idempotent)')
   .option('--hosts <names>', 'comma-separated host names', (v) => v.split(',').map((s) => s.trim()).filter(Boolean))
+  .option('--plaintext-hosts <names>', 'hosts (of --hosts) whose data plane is plaintext: a trusted migration network, no TLS (faster); set when a host is first created', (v) => v.split(',').map((s) => s.trim()).filter(Boolean))
   .option('--detach', 'return once everything is up (default: stay in the foreground; Ctrl-C stops the lab)')
   .option('--json', 'print the status as JSON')
-  .action(async (o: { hosts?: string[]; detach?: boolean; json?: boolean }) => {
+  .action(async (o: { hosts?: string[]; plaintextHosts?: string[]; detach?: boolean; json?: boolean }) => {
     const dir = program.opts().lab as string | undefined;
-    const st = await labUp({ dir, hosts: o.hosts, log: o.json ? undefined : (m) => console.error(m) });
+    const st = await labUp({ dir, hosts: o.hosts, plaintextHosts: o.plaintextHosts, log: o.json ? undefined : (m) => console.error(m) });
     if (o.json) out(st);
     else {
       console.log(`lab up in ${st.dir}`);

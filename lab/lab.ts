@@ -88,6 +88,12 @@ export interface LabUpOptions {
   log?: (m: string) => void;
   /** Each host's limit on simultaneous migrations (default 2). */
   maxConcurrentMigrations?: number;
+  /**
+   * Hosts whose data plane is plaintext (no `tls` in host.json): a trusted migration network,
+   * like Proxmox's `migration: type=insecure`. Pages are then read straight into guest memory
+   * (no TLS record layer in between); both ends of a migration must be plaintext hosts.
+   */
+  plaintextHosts?: string[];
 }
 
 /** Starts whatever is missing; touches nothing that already runs. */
@@ -98,6 +104,8 @@ export async function labUp(opts: LabUpOptions = {}): Promise<LabStatus> {
   const prev = readLab(dir);
   const hostNames = opts.hosts ?? prev?.hosts.map((h) => h.name) ?? DEFAULT_HOSTS;
   for (const h of hostNames) if (!/^[A-Za-z][A-Za-z0-9-]{0,31}$/.test(h)) throw new Error(`bad host name "${h}": letters, digits and dashes, starting with a letter`);
+  const plain = new Set(opts.plaintextHosts ?? []);
+  for (const h of plain) if (!hostNames.includes(h)) throw new Error(`plaintext host "${h}" is not one of the lab's hosts (${hostNames.join(', ')})`);
 
   let temporal: LabState['temporal'];
   const namespace = process.env.TEMPORAL_NAMESPACE ?? 'default';
@@ -129,17 +137,17 @@ export async function labUp(opts: LabUpOptions = {}): Promise<LabStatus> {
     state.worker = { pid, metricsUrl: `http://${metrics}/metrics` };
     pending.push(waitFor('orchestrator worker', () => fs.readFileSync(logFile, 'utf8').slice(start).includes('[orchestrator] serving'), pid, logFile));
   }
-  // Data-plane TLS: a lab CA and one certificate per host (lab/pki.ts), always on in the lab.
-  const pki = ensureLabPki(dir, hostNames);
+  // Data-plane TLS: a lab CA and one certificate per host (lab/pki.ts), on unless a host is named plaintext.
+  const pki = ensureLabPki(dir, hostNames.filter((h) => !plain.has(h)));
   for (const name of hostNames) {
     const home = path.join(dir, 'hosts', name);
     const configFile = path.join(home, 'host.json');
     let cfg: HostConfig;
     if (fs.existsSync(configFile)) {
       cfg = JSON.parse(fs.readFileSync(configFile, 'utf8')) as HostConfig;
-      if (!cfg.tls) { cfg.tls = pki[name]; fs.writeFileSync(configFile, JSON.stringify(cfg, null, 2)); }
+      if (!cfg.tls && !plain.has(name)) { cfg.tls = pki[name]; fs.writeFileSync(configFile, JSON.stringify(cfg, null, 2)); }
     } else {
-      cfg = { ...hostConfigFor(dir, name, await freePort(), opts.maxConcurrentMigrations), tls: pki[name] };
+      cfg = { ...hostConfigFor(dir, name, await freePort(), opts.maxConcurrentMigrations), ...(plain.has(name) ? {} : { tls: pki[name] }) };
       fs.mkdirSync(home, { recursive: true });
       fs.writeFileSync(configFile, JSON.stringify(cfg, null, 2));
     }

@@ -5,6 +5,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import net from 'node:net';
+import tls from 'node:tls';
 import dgram from 'node:dgram';
 import zlib from 'node:zlib';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -13,6 +14,7 @@ import { serveControl } from './control.js';
 import { assertOwner, readOwner, updateOwner, writeOwner, FencedError } from './ownership.js';
 import { DiskMirror, type MirrorTarget } from './disk-mirror.js';
 import { Prefaulter } from './prefault.js';
+import { PlacingReader } from '../../dataplane/placing-reader.js';
 import { PAGE_SIZE, type VmSpec, type VmState, type MigrationPolicy, type ProgressSample, type CutoverResult, type DiskMirrorStatus } from '../../common/types.js';
 import { FrameChannel, FrameType, FrameFlag, header, jsonFrame, writeAll, crc32, ZERO_FLAG, parseJson, type Frame } from '../../dataplane/frames.js';
 import { connectDataPlane, acceptSecure, dataPlaneTlsFromEnv, secureContextFor, type GrantCheck, type Hello } from '../../dataplane/endpoint.js';
@@ -909,31 +911,14 @@ function bodyPrefix(parts: Buffer[], n: number): Buffer {
 }
 
 /**
- * Places one Pages frame, given as the pieces it arrived in (no joining copy): each page's CRC
- * is checked against the index table before the page reaches guest memory.
+ * Validates a Pages frame's index table (u32 count, then u32 page | ZERO_FLAG and u32 CRC per
+ * page) before any of its data reaches guest memory, applies its zero pages, and returns where
+ * its data goes: runs of guest memory ([offset, length]) in wire order.
  */
-function applyPages(inc: Incoming, parts: Buffer[], flags = 0, stream = 0): void {
-  let total = 0;
-  for (const b of parts) total += b.length;
-  if (total < 4) throw new Error('page frame shorter than its index');
-  const n = bodyPrefix(parts, 4).readUInt32LE(0);
-  const idxLen = 4 + n * 8;
-  if (total < idxLen) throw new Error('page frame shorter than its index');
-  const index = bodyPrefix(parts, idxLen);
-  const wireBytes = total;
-  if (flags & FrameFlag.Deflate) {
-    // Inflate the data region; the limit refuses a frame that would expand beyond its pages.
-    const z = Buffer.concat(parts).subarray(idxLen);
-    let data: Buffer;
-    try { data = zlib.inflateRawSync(z, { maxOutputLength: n * PAGE_SIZE }); } catch (e) { throw new Error(`page frame does not inflate: ${(e as Error).message}`); }
-    parts = [index, data];
-    total = idxLen + data.length;
-  }
-  const live = (flags & FrameFlag.Live) !== 0;
+function pageRuns(inc: Incoming, index: Buffer, stream: number): Array<[number, number]> {
+  const n = index.readUInt32LE(0);
   const mem = guest.memory;
-  const crcs = inc.crcs;
-  // Cursor over the pieces: part pi, offset po; pos counts body bytes consumed.
-  let pi = 0, po = idxLen, pos = idxLen;
+  const runs: Array<[number, number]> = [];
   let highest = -1;
   for (let k = 0; k < n; k++) {
     const raw = index.readUInt32LE(4 + k * 8);
@@ -947,59 +932,85 @@ function applyPages(inc: Incoming, parts: Buffer[], flags = 0, stream = 0): void
     if ((raw & ZERO_FLAG) !== 0) {
       if (crc !== ZERO_CRC) throw new Error(`zero page ${p} with a non-zero checksum`);
       mem.fill(0, dst, dst + PAGE_SIZE);
-      crcs[p] = crc;
+      inc.crcs[p] = crc;
       continue;
     }
-    if (pos + PAGE_SIZE > total) throw new Error('page frame truncated');
-    while (po >= parts[pi]!.length) { po -= parts[pi]!.length; pi++; }
-    const part = parts[pi]!;
-    if (part.length - po >= PAGE_SIZE) {
-      const data = part.subarray(po, po + PAGE_SIZE);
-      const got = crc32(data) >>> 0;
-      mem.set(data, dst);
-      po += PAGE_SIZE;
-      if (got !== crc) {
-        if (!live) throw new Error(`page ${p} failed its checksum`);
-        // Rewritten at the source after its CRC was taken: dirty there, so it travels again.
-        // Our table keeps what arrived; the cutover digest settles it.
-        crcs[p] = got;
-        inc.torn++;
-        pos += PAGE_SIZE;
-        inc.pages++;
-        continue;
-      }
-    } else {
-      // The page straddles two socket reads: checksum the pieces, then copy them.
-      const pieces: Buffer[] = [];
-      let c = 0;
-      for (let got = 0; got < PAGE_SIZE;) {
-        while (po >= parts[pi]!.length) { po -= parts[pi]!.length; pi++; }
-        const q = parts[pi]!;
-        const take = Math.min(PAGE_SIZE - got, q.length - po);
-        const piece = q.subarray(po, po + take);
-        c = crc32(piece, c);
-        pieces.push(piece);
-        got += take;
-        po += take;
-      }
-      let at = dst;
-      for (const piece of pieces) { mem.set(piece, at); at += piece.length; }
-      if ((c >>> 0) !== crc) {
-        if (!live) throw new Error(`page ${p} failed its checksum`);
-        crcs[p] = c >>> 0;
-        inc.torn++;
-        pos += PAGE_SIZE;
-        inc.pages++;
-        continue;
-      }
-    }
-    pos += PAGE_SIZE;
-    inc.pages++;
-    crcs[p] = crc;
+    const last = runs[runs.length - 1];
+    if (last && last[0] + last[1] === dst) last[1] += PAGE_SIZE;
+    else runs.push([dst, PAGE_SIZE]);
   }
-  if (pos !== total) throw new Error('page frame has trailing bytes');
-  inc.bytes += wireBytes + 12;
   if (highest >= 0) prefaulter?.advance(highest);
+  return runs;
+}
+
+/**
+ * A Pages frame's data is in guest memory: each page against the CRC of its index entry. A Live
+ * frame's page may have been rewritten at the source after its CRC was taken (it is dirty there
+ * and travels again): our table then keeps the CRC of what arrived, and the cutover digest
+ * settles it. A paused frame must match exactly.
+ */
+function pagesPlaced(inc: Incoming, index: Buffer, flags: number, wireBytes: number): void {
+  const n = index.readUInt32LE(0);
+  const live = (flags & FrameFlag.Live) !== 0;
+  const mem = guest.memory;
+  const crcs = inc.crcs;
+  for (let k = 0; k < n; k++) {
+    const raw = index.readUInt32LE(4 + k * 8);
+    if ((raw & ZERO_FLAG) !== 0) continue;
+    const crc = index.readUInt32LE(8 + k * 8);
+    const off = raw * PAGE_SIZE;
+    const got = crc32(mem.subarray(off, off + PAGE_SIZE)) >>> 0;
+    if (got !== crc) {
+      if (!live) throw new Error(`page ${raw} failed its checksum`);
+      inc.torn++;
+    }
+    crcs[raw] = got;
+    inc.pages++;
+  }
+  inc.bytes += wireBytes + 12;
+}
+
+/** Places one Pages frame given as the pieces it arrived in (TLS streams, compressed frames). */
+function applyPages(inc: Incoming, parts: Buffer[], flags = 0, stream = 0): void {
+  let total = 0;
+  for (const b of parts) total += b.length;
+  if (total < 4) throw new Error('page frame shorter than its index');
+  const n = bodyPrefix(parts, 4).readUInt32LE(0);
+  const idxLen = 4 + n * 8;
+  if (total < idxLen) throw new Error('page frame shorter than its index');
+  const index = Buffer.from(bodyPrefix(parts, idxLen));
+  const wireBytes = total;
+  const runs = pageRuns(inc, index, stream);
+  let need = 0;
+  for (const [, l] of runs) need += l;
+  let data: Buffer[];
+  if (flags & FrameFlag.Deflate) {
+    // Inflate the data region; the limit refuses a frame that would expand beyond its pages.
+    const z = Buffer.concat(parts).subarray(idxLen);
+    try { data = [zlib.inflateRawSync(z, { maxOutputLength: n * PAGE_SIZE })]; } catch (e) { throw new Error(`page frame does not inflate: ${(e as Error).message}`); }
+  } else {
+    // The data region as views of the pieces (no joining copy).
+    data = [];
+    let skip = idxLen;
+    for (const b of parts) { if (skip >= b.length) { skip -= b.length; continue; } data.push(skip ? b.subarray(skip) : b); skip = 0; }
+  }
+  let have = 0;
+  for (const b of data) have += b.length;
+  if (have < need) throw new Error('page frame truncated');
+  if (have > need) throw new Error('page frame has trailing bytes');
+  // Copy the data into its runs, piece by piece.
+  const mem = guest.memory;
+  let di = 0, dpos = 0;
+  for (const [off, len] of runs) {
+    for (let at = off, left = len; left > 0;) {
+      const piece = data[di]!;
+      const take = Math.min(left, piece.length - dpos);
+      mem.set(piece.subarray(dpos, dpos + take), at);
+      at += take; left -= take; dpos += take;
+      if (dpos === piece.length) { di++; dpos = 0; }
+    }
+  }
+  pagesPlaced(inc, index, flags, wireBytes);
 }
 
 async function onIncomingFrame(inc: Incoming, f: Frame): Promise<void> {
@@ -1104,25 +1115,39 @@ function acceptIncoming(sock: net.Socket, rest: Buffer, handOver?: { auth?: Gran
   }
   if (stream > 0) { acceptDataStream(inc, stream, sock, rest); return; }
   inc.state = 'receiving';
-  inc.sock = sock;
   inc.streams = streams;
-  inc.socks = [sock];
   inc.reached = new Array<number>(streams).fill(0);
-  const chan = new FrameChannel(sock, rest);
-  let chain = Promise.resolve();
-  chan.onFrame = (f) => {
-    chain = chain.then(() => onIncomingFrame(inc, f)).catch((e: Error) => {
-      inc.error = e.message;
-      if (inc.state !== 'running') inc.state = 'failed';
-      prefaulter?.stop();
-      log(`incoming failed: ${e.message}`);
-      sock.end(jsonFrame(FrameType.Error, { message: e.message }));
-      for (const s of inc.socks.slice(1)) s?.destroy();
-      wakeBarriers(inc);
-      persist();
-    });
-    return true;
+  const failed = (e: Error): void => {
+    inc.error = e.message;
+    if (inc.state !== 'running') inc.state = 'failed';
+    prefaulter?.stop();
+    log(`incoming failed: ${e.message}`);
+    inc.sock!.end(jsonFrame(FrameType.Error, { message: e.message }));
+    for (const s of inc.socks.slice(1)) s?.destroy();
+    wakeBarriers(inc);
+    persist();
   };
+  // Plaintext: pages are read straight into guest memory. TLS: frames, then a copy.
+  const placing = sock instanceof tls.TLSSocket ? null : PlacingReader.attach(sock, rest, {
+    memory: guest.memory,
+    pageRuns: (index) => pageRuns(inc, index, 0),
+    pagesPlaced: (index, flags, wireBytes) => pagesPlaced(inc, index, flags, wireBytes),
+    frame: (f) => onIncomingFrame(inc, f),
+    fail: failed,
+  });
+  if (placing) {
+    sock = placing.sock;
+    log(`incoming data plane: plaintext${streams > 1 ? `, ${streams} streams` : ''}, pages read straight into guest memory`);
+  } else {
+    const chan = new FrameChannel(sock, rest);
+    let chain = Promise.resolve();
+    chan.onFrame = (f) => {
+      chain = chain.then(() => onIncomingFrame(inc, f)).catch(failed);
+      return true;
+    };
+  }
+  inc.sock = sock;
+  inc.socks = [sock];
   sock.on('close', () => closedEarly(inc));
   void writeAll(sock, [jsonFrame(FrameType.Welcome, { vm: cfg.spec.name, pages: guest.pages })]);
   persist();
@@ -1141,22 +1166,39 @@ function closedEarly(inc: Incoming, why = 'data-plane connection closed before t
 
 /** Streams 1..n-1 carry pages and barriers only; frames apply as they arrive (pages are partitioned by stream). */
 function acceptDataStream(inc: Incoming, stream: number, sock: net.Socket, rest: Buffer): void {
-  inc.socks[stream] = sock;
-  const chan = new FrameChannel(sock, rest);
-  chan.onFrame = (f) => {
-    if (inc.state !== 'receiving') return true;
-    try {
-      if (f.type === FrameType.Pages) applyPages(inc, f.parts ?? [f.body], f.flags, stream);
-      else if (f.type === FrameType.RoundEnd) { inc.reached[stream] = parseJson<{ seq: number }>(f).seq; wakeBarriers(inc); }
-      else throw new Error(`unexpected ${FrameType[f.type]} frame on data stream ${stream}`);
-    } catch (e) {
-      const why = (e as Error).message;
-      log(`incoming failed on stream ${stream}: ${why}`);
-      inc.sock?.end(jsonFrame(FrameType.Error, { message: why })); // the source hears it on stream 0
-      closedEarly(inc, why);
-    }
-    return true;
+  const failed = (e: Error): void => {
+    const why = e.message;
+    // Past the switch-over (or after a failure) a late frame only closes its own stream.
+    if (inc.state !== 'receiving') { sock.destroy(); return; }
+    log(`incoming failed on stream ${stream}: ${why}`);
+    inc.sock?.end(jsonFrame(FrameType.Error, { message: why })); // the source hears it on stream 0
+    closedEarly(inc, why);
   };
+  const frame = (f: Frame): void => {
+    if (inc.state !== 'receiving') return;
+    if (f.type === FrameType.Pages) applyPages(inc, f.parts ?? [f.body], f.flags, stream);
+    else if (f.type === FrameType.RoundEnd) { inc.reached[stream] = parseJson<{ seq: number }>(f).seq; wakeBarriers(inc); }
+    else throw new Error(`unexpected ${FrameType[f.type]} frame on data stream ${stream}`);
+  };
+  const placing = sock instanceof tls.TLSSocket ? null : PlacingReader.attach(sock, rest, {
+    memory: guest.memory,
+    pageRuns: (index) => {
+      if (inc.state !== 'receiving') throw new Error(`incoming ${inc.state}`);
+      return pageRuns(inc, index, stream);
+    },
+    pagesPlaced: (index, flags, wireBytes) => pagesPlaced(inc, index, flags, wireBytes),
+    frame,
+    fail: failed,
+  });
+  if (placing) sock = placing.sock;
+  else {
+    const chan = new FrameChannel(sock, rest);
+    chan.onFrame = (f) => {
+      try { frame(f); } catch (e) { failed(e as Error); }
+      return true;
+    };
+  }
+  inc.socks[stream] = sock;
   sock.on('close', () => closedEarly(inc));
   void writeAll(sock, [jsonFrame(FrameType.Welcome, { vm: cfg.spec.name, pages: guest.pages, stream })]);
 }
