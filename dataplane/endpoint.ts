@@ -409,7 +409,7 @@ export class DataPlaneServer {
 
   /** TLS mode: route on the plaintext preamble; the receiver authenticates after hand-over. */
   private route(sock: net.Socket, hello: Hello, rest: Buffer, parked = false): void {
-    if (hello.token !== undefined) { this.refuse(sock, 'this host takes grant tokens only inside TLS (STARTTLS)'); return; }
+    if (hello.token !== undefined) { this.refuse(sock, 'this host takes grant tokens only inside TLS (STARTTLS); the source has a plaintext data plane (no tls in its host.json), this host has TLS: both ends must use the same mode'); return; }
     if (rest.length > 0) { this.refuse(sock, 'data sent before STARTTLS'); return; }
     const id = typeof hello.grant === 'string' ? hello.grant : '';
     const g = this.grants.get(id);
@@ -465,8 +465,9 @@ export class DataPlaneServer {
     sock.on('data', onData);
   }
 
-  /** Plaintext mode (legacy): the token itself admits the connection. */
+  /** Plaintext mode (a trusted migration network): the token itself admits the connection. */
   private admitPlain(sock: net.Socket, hello: Hello, rest: Buffer, parked = false): void {
+    if (hello.token === undefined && typeof hello.grant === 'string') { this.refuse(sock, 'this host has a plaintext data plane (no tls in its host.json) and the source speaks TLS: both ends must use the same mode'); return; }
     const tok = parseToken(hello.token);
     const g = tok ? this.grants.get(tok.id) : undefined;
     if (tok && !g && tok.destination === this.hostName) {

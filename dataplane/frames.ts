@@ -1,7 +1,8 @@
 // Wire format of the data plane. Every frame is
 //   u8 type | u8 flags | u16 reserved | u32 body length | u32 CRC-32 of body | body
 // Page frames carry an index table then the non-zero pages; control frames carry JSON.
-// The reader validates sizes and checksums before anything reaches guest memory or disks.
+// The reader validates sizes and checksums before anything reaches guest memory or disks
+// (PlacingReader, the plaintext zero-copy path, checks each page's CRC once it is in place).
 import zlib from 'node:zlib';
 import type { Socket } from 'node:net';
 
