@@ -8,10 +8,11 @@ import { startTestLab, type TestLab } from './helpers/lab.js';
 let lab: TestLab;
 let A: string;
 let B: string;
+let T: string;
 
 beforeAll(async () => {
-  lab = await startTestLab(['A', 'B'], { plaintext: true });
-  [A, B] = lab.hosts as [string, string];
+  lab = await startTestLab(['A', 'B', 'T'], { plaintext: ['A', 'B'] }); // T keeps TLS
+  [A, B, T] = lab.hosts as [string, string, string];
 });
 
 afterAll(async () => {
@@ -34,6 +35,25 @@ describe('plaintext data plane (zero-copy receive)', () => {
       expect(vmLog(to, 'pt1')).toContain(`incoming data plane: plaintext${streams > 1 ? `, ${streams} streams` : ''}, pages read straight into guest memory`);
       const v = await lab.client.verifyVm('pt1');
       expect(v.checks.filter((c) => !c.ok)).toEqual([]);
+    }
+  });
+
+  it('a TLS host and a plaintext host refuse each other with a clear reason; the VM stays where it was, nothing left behind', async () => {
+    await lab.client.createVm({ name: 'pt3', host: T, memory: '16MiB', disk: '4MiB', dirtyRate: '4MiB' });
+    await lab.client.createVm({ name: 'pt4', host: A, memory: '16MiB', disk: '4MiB', dirtyRate: '4MiB' });
+    for (const [vm, from, to, why] of [
+      ['pt3', T, A, /plaintext data plane .* the source speaks TLS: both ends must use the same mode/],
+      ['pt4', A, T, /the source has a plaintext data plane .* this host has TLS: both ends must use the same mode/],
+    ] as const) {
+      const t0 = Date.now();
+      const { id } = await lab.client.startMigration({ type: 'live', vm, to });
+      const r = await lab.client.awaitMigration(id);
+      expect(r.outcome).toBe('rolled-back');
+      expect(r.reason).toMatch(why);
+      expect(Date.now() - t0).toBeLessThan(15_000);
+      expect(await lab.whereIs(vm)).toEqual([{ host: from, state: 'running' }]);
+      expect(fs.readdirSync(lab.runDir(to))).not.toContain(vm);
+      expect((await lab.client.verifyVm(vm)).ok).toBe(true);
     }
   });
 
