@@ -3,7 +3,8 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { startTestLab, type TestLab } from './helpers/lab.js';
+import { startTestLab, waitUntil, type TestLab } from './helpers/lab.js';
+import { labUp } from '../lab/lab.js';
 
 let lab: TestLab;
 let A: string;
@@ -38,6 +39,10 @@ describe('plaintext data plane (zero-copy receive)', () => {
     }
   });
 
+  it('refuses a plaintext host that is not one of the lab\'s hosts, before starting anything', async () => {
+    await expect(labUp({ dir: lab.dir, hosts: lab.hosts, plaintextHosts: ['nope'] })).rejects.toThrow(/plaintext host "nope" is not one of the lab's hosts/);
+  });
+
   it('a TLS host and a plaintext host refuse each other with a clear reason; the VM stays where it was, nothing left behind', async () => {
     await lab.client.createVm({ name: 'pt3', host: T, memory: '16MiB', disk: '4MiB', dirtyRate: '4MiB' });
     await lab.client.createVm({ name: 'pt4', host: A, memory: '16MiB', disk: '4MiB', dirtyRate: '4MiB' });
@@ -55,6 +60,24 @@ describe('plaintext data plane (zero-copy receive)', () => {
       expect(fs.readdirSync(lab.runDir(to))).not.toContain(vm);
       expect((await lab.client.verifyVm(vm)).ok).toBe(true);
     }
+  });
+
+  it('mid-transfer failures roll back cleanly: a cancel, then the destination VM process killed; the VM then moves', async () => {
+    await lab.client.createVm({ name: 'pt5', host: A, memory: '64MiB', disk: '4MiB', dirtyRate: '8MiB', fill: 0.9 });
+    for (const how of ['cancel', 'kill destination'] as const) {
+      const { id } = await lab.client.startMigration({ type: 'live', vm: 'pt5', to: B, policy: { maxBandwidth: 8 * 2 ** 20 } });
+      await waitUntil('pre-copy under way', async () => (await lab.client.progress(id)).phase === 'precopy' && fs.existsSync(path.join(lab.runDir(B), 'pt5', 'state.json')));
+      if (how === 'cancel') await lab.client.cancelMigration(id);
+      else process.kill((JSON.parse(fs.readFileSync(path.join(lab.runDir(B), 'pt5', 'state.json'), 'utf8')) as { pid: number }).pid, 'SIGKILL');
+      const r = await lab.client.awaitMigration(id);
+      expect(r.outcome, how).toBe('rolled-back');
+      expect(await lab.whereIs('pt5')).toEqual([{ host: A, state: 'running' }]);
+      await waitUntil('destination cleaned', async () => !fs.readdirSync(lab.runDir(B)).includes('pt5'));
+      expect((await lab.client.verifyVm('pt5')).ok).toBe(true);
+    }
+    const { id } = await lab.client.startMigration({ type: 'live', vm: 'pt5', to: B, policy: { verify: 'full' } });
+    expect((await lab.client.awaitMigration(id)).outcome).toBe('completed');
+    expect((await lab.client.verifyVm('pt5')).ok).toBe(true);
   });
 
   it('shared-nothing: disks mirrored, memory placed directly, nothing left on the source', async () => {
