@@ -41,7 +41,7 @@ export interface Target { name: string; value: number | string | null; target: s
 
 const mib = (b: number): string => (b / 2 ** 20).toFixed(0);
 
-export function markdown(r: { startedAt: string; scale: number; machine: Record<string, unknown>; baselines: Record<string, number>; cases: CaseResult[]; storage?: Record<string, unknown> | null; evacuations?: EvacuationRun[]; notMeasured: Array<{ name: string; why: string }>; targets: Target[] }): string {
+export function markdown(r: { startedAt: string; scale: number; machine: Record<string, unknown>; baselines: Record<string, number>; warmUp?: Array<{ from: string; to: string; orchestrationOverheadMs: number }>; cases: CaseResult[]; storage?: Record<string, unknown> | null; evacuations?: EvacuationRun[]; notMeasured: Array<{ name: string; why: string }>; targets: Target[] }): string {
   const L: string[] = [];
   L.push(`# vmferry bench — ${r.startedAt}`, '');
   L.push(`Scale ${r.scale}; machine: ${Object.entries(r.machine).map(([k, v]) => `${k} ${String(v)}`).join(', ')}`, '');
@@ -66,6 +66,7 @@ export function markdown(r: { startedAt: string; scale: number; machine: Record<
     L.push(`| ${c.name} | ${mib(c.memoryBytes)} MiB${c.fill < 1 ? ` (fill ${c.fill})` : ''} | ${(c.dirtyFraction * 100).toFixed(0)}% (${mib(c.dirtyRateBytesPerSec)} MiB/s) | ${c.outcome}${c.error ? ` (${c.error})` : ''} | ${c.totalMs.toFixed(0)} | ${mib(c.throughputBytesPerSec)} (${(c.throughputRatio * 100).toFixed(0)}%) | ${c.downtimeMs} | ${c.probe ? `${c.probe.lost} / ${c.probe.maxGapMs}` : '—'} | ${c.rounds} | ${c.wireRatio.toFixed(3)} | ${c.orchestrationOverheadMs.toFixed(0)} | ${agents} | ${(c.vmHwmKiB.source / 1024).toFixed(0)} / ${(c.vmHwmKiB.destination / 1024).toFixed(0)} |`);
   }
   L.push('', 'Orchestration overhead = workflow time − data movement (startOutgoing started → cutover completed, from the workflow history). Breakdown per case in latest.json.');
+  if (r.warmUp?.length) L.push('', `Before the cases, one unmeasured 16 MiB warm-up migration per host pair (first run of each code path after the lab started): orchestration overhead ${r.warmUp.map((w) => `${w.from} → ${w.to} ${w.orchestrationOverheadMs} ms`).join(', ')}.`);
   if (r.storage) {
     const st = r.storage as { outcome?: string; reason?: string; totalMs?: number; diskBytes?: number; bytesPerSec?: number; ratioToStorageBaseline?: number; ratioToDirectIoBaseline?: number; breakdownMs?: Record<string, number>; error?: string };
     L.push('', '## Storage migration', '');
