@@ -50,10 +50,12 @@ export class FaultLab {
     readonly hosts: [string, string],
     readonly client: VmferryClient,
     private readonly faultsFile: string,
+    /** Hosts without data-plane TLS (the zero-copy receive path). */
+    private readonly plaintext = false,
   ) {}
 
   /** A dedicated server (so it can be restarted with its SQLite file) and a two-host lab. */
-  static async start(): Promise<FaultLab> {
+  static async start(opts: { plaintext?: boolean } = {}): Promise<FaultLab> {
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vmferry-faults-'));
     const server = await startDevServer({ dbFile: path.join(dir, 'temporal.db'), logFile: path.join(dir, 'temporal.log'), headless: true });
     const faultsFile = path.join(dir, 'faults.json');
@@ -62,9 +64,9 @@ export class FaultLab {
     process.env.VMFERRY_FAULTS_FILE = faultsFile;
     const tag = crypto.randomBytes(2).toString('hex');
     const hosts: [string, string] = [`fa-${tag}`, `fb-${tag}`];
-    await labUp({ dir: path.join(dir, 'lab'), hosts });
+    await labUp({ dir: path.join(dir, 'lab'), hosts, plaintextHosts: opts.plaintext ? hosts : undefined });
     const client = await VmferryClient.connect({ labDir: path.join(dir, 'lab') });
-    return new FaultLab(dir, server, hosts, client, faultsFile);
+    return new FaultLab(dir, server, hosts, client, faultsFile, opts.plaintext);
   }
 
   get labDir(): string { return path.join(this.dir, 'lab'); }
@@ -86,7 +88,7 @@ export class FaultLab {
   }
 
   async heal(): Promise<void> {
-    await labUp({ dir: this.labDir, hosts: this.hosts });
+    await labUp({ dir: this.labDir, hosts: this.hosts, plaintextHosts: this.plaintext ? this.hosts : undefined });
   }
 
   async restartTemporal(downMs = 1500): Promise<void> {

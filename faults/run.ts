@@ -1,5 +1,7 @@
 // `npm run faults`: the full fault-injection matrix. Writes faults/results/latest.json and
-// latest.md; exits non-zero if any case breaks an invariant. `--only <substring>` filters cases.
+// latest.md; exits non-zero if any case breaks an invariant. `--only <substring>` filters cases;
+// `--plaintext` runs them between hosts without data-plane TLS (zero-copy receive), into
+// latest-plaintext.{json,md}.
 import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -8,10 +10,12 @@ import { FaultLab, matrix, representative, runCase, type CaseResult } from './ha
 const args = process.argv.slice(2);
 const only = args.includes('--only') ? args[args.indexOf('--only') + 1] : undefined;
 const quick = args.includes('--quick');
+const plaintext = args.includes('--plaintext');
+const out = plaintext ? 'latest-plaintext' : 'latest';
 const cases = (quick ? representative() : matrix()).filter((c) => !only || `${c.move}/${c.point}/${c.fault}`.includes(only));
 const outDir = path.join(path.dirname(fileURLToPath(import.meta.url)), 'results');
 
-const lab = await FaultLab.start();
+const lab = await FaultLab.start({ plaintext });
 const results: CaseResult[] = [];
 try {
   for (const c of cases) {
@@ -25,10 +29,10 @@ try {
   await lab.stop();
 }
 fs.mkdirSync(outDir, { recursive: true });
-fs.writeFileSync(path.join(outDir, 'latest.json'), JSON.stringify({ when: new Date().toISOString(), cases: results }, null, 2));
+fs.writeFileSync(path.join(outDir, `${out}.json`), JSON.stringify({ when: new Date().toISOString(), plaintext, cases: results }, null, 2));
 const rows = results.map((r) => `| ${r.move} | ${r.point} | ${r.fault} | ${r.outcome} | ${r.recoveryMs} | ${r.ok ? '✔' : '✘ ' + (r.error ?? Object.entries(r.invariants).filter(([, v]) => v !== true).map(([k, v]) => `${k}: ${v}`).join('; '))} |`);
-fs.writeFileSync(path.join(outDir, 'latest.md'), [
-  `# Fault matrix — ${new Date().toISOString()}`, '',
+fs.writeFileSync(path.join(outDir, `${out}.md`), [
+  `# Fault matrix${plaintext ? ' (plaintext data plane)' : ''} — ${new Date().toISOString()}`, '',
   `${results.filter((r) => r.ok).length} of ${results.length} cases keep every invariant.`, '',
   '| move | point | fault | outcome | recovery ms | invariants |', '|---|---|---|---|---|---|', ...rows, '',
 ].join('\n'));
