@@ -66,8 +66,8 @@ async function pumpMain(port: number, streams: number, perStream: number): Promi
   process.stdout.write(JSON.stringify({ ms, bytes: streams * perStream }) + '\n');
 }
 
-function runNode(args: string[]): { child: ReturnType<typeof spawn>; firstLine: Promise<string>; done: Promise<string> } {
-  const child = spawn(process.execPath, ['--import', 'tsx', SELF, ...args], { stdio: ['ignore', 'pipe', 'inherit'] });
+function runNode(args: string[], env?: NodeJS.ProcessEnv): { child: ReturnType<typeof spawn>; firstLine: Promise<string>; done: Promise<string> } {
+  const child = spawn(process.execPath, ['--import', 'tsx', SELF, ...args], { stdio: ['ignore', 'pipe', 'inherit'], env: env ?? process.env });
   let out = '';
   let firstResolve: (s: string) => void;
   const firstLine = new Promise<string>((r) => { firstResolve = r; });
@@ -78,8 +78,8 @@ function runNode(args: string[]): { child: ReturnType<typeof spawn>; firstLine: 
 }
 
 /** Loopback TCP throughput (bytes/s) of a plain pump with `streams` parallel connections. */
-export async function loopbackThroughput(streams: number, totalBytes: number, into: 'discard' | 'untouched-memory' = 'discard'): Promise<number> {
-  const sink = runNode(into === 'discard' ? ['sink'] : ['sink-fresh', String(Math.max(1 << 20, totalBytes))]);
+export async function loopbackThroughput(streams: number, totalBytes: number, into: 'discard' | 'untouched-memory' = 'discard', sinkEnv?: NodeJS.ProcessEnv): Promise<number> {
+  const sink = runNode(into === 'discard' ? ['sink'] : ['sink-fresh', String(Math.max(1 << 20, totalBytes))], sinkEnv);
   try {
     const port = Number(await sink.firstLine);
     const perStream = Math.max(1 << 20, Math.floor(totalBytes / streams / (1 << 20)) * (1 << 20));

@@ -57,6 +57,11 @@ export function markdown(r: { startedAt: string; scale: number; machine: Record<
       const direct = 1 / (1 / fresh + 1 / crc);
       L.push('', `Plaintext data plane (pages read straight into guest memory): receive into untouched memory + page CRC allows at most ${mib(direct)} MiB/s = ${((direct / pump) * 100).toFixed(0)}% of the 1-stream pump.`);
     }
+    const huge = r.baselines['loopback TCP, 1 stream, read into untouched huge-page memory'];
+    if (huge) {
+      const direct = 1 / (1 / huge + 1 / crc);
+      L.push('', `The same with guest memory on reserved huge pages: at most ${mib(direct)} MiB/s = ${((direct / pump) * 100).toFixed(0)}% of the 1-stream pump with page CRCs; ${((Math.min(huge, pump) / pump) * 100).toFixed(0)}% with verify 'sequence' (the pump into untouched huge-page memory alone: ${((huge / pump) * 100).toFixed(0)}%).`);
+    }
   }
   L.push('', '## Live migration', '');
   L.push('| case | memory | dirty (of baseline) | outcome | total ms | MiB/s (ratio) | downtime ms (hv) | probe lost / max gap ms | rounds | wire ÷ mem | orchestration ms | agent HWM growth MiB | VM HWM MiB src/dst |');

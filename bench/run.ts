@@ -14,6 +14,7 @@ import { Prober, type ProbeStats } from '../client/probe.js';
 import type { MigrationPolicy, MigrationResult } from '../common/types.js';
 import { ORCHESTRATOR_TASK_QUEUE } from '../common/names.js';
 import { loopbackThroughput, memoryWork, storageThroughput } from './baselines.js';
+import { withHugetlb } from '../drivers/sim/sim-driver.js';
 import { markdown, svg, type CaseResult, type EvacuationRun, type Target } from './report.js';
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
@@ -72,6 +73,8 @@ interface CaseDef {
   compressible?: number;
   /** Between the two plaintext hosts (trusted migration network, no data-plane TLS). */
   plaintext?: boolean;
+  /** Between the two plaintext hosts whose guests use reserved huge pages (host.json `hugepages`). */
+  hugepages?: boolean;
 }
 
 async function main(): Promise<void> {
@@ -135,12 +138,13 @@ async function main(): Promise<void> {
   if (profDir) process.env.NODE_OPTIONS = `${process.env.NODE_OPTIONS ?? ''} --cpu-prof --cpu-prof-dir=${path.resolve(profDir)}`;
   // benchA/benchB: data-plane TLS (the lab's default); benchC/benchD: plaintext (a trusted
   // migration network), where pages are read straight into guest memory.
-  const hosts = ['benchA', 'benchB', 'benchC', 'benchD'];
-  const [A, B, C, D] = hosts as [string, string, string, string];
+  // benchE/benchF: plaintext, guests on reserved huge pages (as KVM hosts back guests).
+  const hosts = ['benchA', 'benchB', 'benchC', 'benchD', 'benchE', 'benchF'];
+  const [A, B, C, D, E, F] = hosts as [string, string, string, string, string, string];
   say('starting lab (orchestrator, agents)…');
   cleanups.push(() => labDown(labDir, { purge: false }));
   // Host limit 4: the evacuation case runs 4 migrations at a time.
-  await labUp({ dir: labDir, hosts, maxConcurrentMigrations: 4, plaintextHosts: [C, D] });
+  await labUp({ dir: labDir, hosts, maxConcurrentMigrations: 4, plaintextHosts: [C, D, E, F], hugepageHosts: [E, F] });
   if (profDir) delete process.env.NODE_OPTIONS;
   const client = await VmferryClient.connect({ labDir });
   cleanups.push(() => client.close());
@@ -151,7 +155,7 @@ async function main(): Promise<void> {
   // measure steady state, not the first run of each code path (workflow sandbox, activities,
   // VM process paths). Its overhead is reported (warmUp in latest.json), not judged.
   const warmUp: Array<{ from: string; to: string; orchestrationOverheadMs: number }> = [];
-  for (const [from, to] of [[A, B], [C, D]] as const) {
+  for (const [from, to] of [[A, B], [C, D], [E, F]] as const) {
     const vm = `benchwarm-${from}`;
     await client.createVm({ name: vm, host: from, memory: 16 * MiB, disk: MiB, dirtyRate: 0, writeRate: 0, fill: 1 });
     try {
@@ -177,6 +181,10 @@ async function main(): Promise<void> {
       cases.push({ name: `${tag} idle, ${PARALLEL_STREAMS} streams`, memoryBytes: mem, fill: 1, dirtyFraction: 0, expect: 'completed', policy: { streams: PARALLEL_STREAMS } });
       cases.push({ name: `${tag} idle, plaintext data plane`, memoryBytes: mem, fill: 1, dirtyFraction: 0, expect: 'completed', plaintext: true });
       cases.push({ name: `${tag} idle, ${PARALLEL_STREAMS} streams, plaintext data plane`, memoryBytes: mem, fill: 1, dirtyFraction: 0, expect: 'completed', policy: { streams: PARALLEL_STREAMS }, plaintext: true });
+      // The fastest configuration offered: trusted network, guests on huge pages, pages checked
+      // by sequence number (the cutover still proves every page's last copy arrived).
+      cases.push({ name: `${tag} idle, plaintext data plane, huge pages, verify sequence`, memoryBytes: mem, fill: 1, dirtyFraction: 0, expect: 'completed', hugepages: true, policy: { verify: 'sequence' } });
+      cases.push({ name: `${tag} idle, ${PARALLEL_STREAMS} streams, plaintext data plane, huge pages, verify sequence`, memoryBytes: mem, fill: 1, dirtyFraction: 0, expect: 'completed', policy: { streams: PARALLEL_STREAMS, verify: 'sequence' }, hugepages: true });
     }
     cases.push({ name: `${tag} dirty 5%`, memoryBytes: mem, fill: 1, dirtyFraction: 0.05, expect: 'completed' });
     cases.push({ name: `${tag} dirty 25%`, memoryBytes: mem, fill: 1, dirtyFraction: 0.25, expect: 'completed' });
@@ -195,20 +203,38 @@ async function main(): Promise<void> {
     cases.push({ name: `${small} 70% compressible, compression ${compression}`, memoryBytes: memSmall, fill: 1, dirtyFraction: 0, expect: 'completed', compressible: 0.7, policy: { compression } });
   }
   const selected = cases.filter((c) => !only || only.some((o) => c.name.includes(o)));
+  const notMeasured: Array<{ name: string; why: string }> = [];
 
   const results: CaseResult[] = [];
   let n = 0;
+  // Huge-page cases last, with the pool reserved just for them: a reserved pool takes the
+  // host's free (already backed) memory, which the other cases' fresh guests would miss.
+  selected.sort((x, y) => Number(!!x.hugepages) - Number(!!y.hugepages));
+  let pool: HugePool | null = null;
   for (const c of selected) {
+    if (c.hugepages && !pool) {
+      pool = reserveHugePages(2 * memBig + 256 * MiB);
+      cleanups.push(() => pool?.release());
+      if (pool.error) { notMeasured.push({ name: 'huge-page cases', why: pool.error }); say(`huge pages: ${pool.error}`); }
+      else {
+        say(`huge pages: ${pool.pages} × 2 MiB reserved for these cases${pool.previous !== pool.pages ? ` (vm.nr_hugepages was ${pool.previous}; restored after)` : ''}`);
+        const fresh: number[] = [];
+        for (let i = 0; i < 2; i++) fresh.push(await loopbackThroughput(1, pumpBytes, 'untouched-memory', { ...process.env, GLIBC_TUNABLES: withHugetlb(process.env.GLIBC_TUNABLES) }));
+        baselines['loopback TCP, 1 stream, read into untouched huge-page memory'] = Math.max(...fresh);
+      }
+    }
+    if (c.hugepages && pool?.error) continue;
     say(`case ${c.name}…`);
     const base = baselineFor(c.policy?.streams);
-    const [from, to] = c.plaintext ? [C, D] : [A, B];
+    const [from, to] = c.hugepages ? [E, F] : c.plaintext ? [C, D] : [A, B];
     const r = await runCase(client, c, `bench${n++}`, { A: from, B: to, engineBaseline, streamBaseline: base, agentPid, runDir }).catch((e: Error) => failedCase(c, base, e));
     results.push(r);
     say(`  ${r.outcome}: total ${r.totalMs.toFixed(0)} ms, ${(r.throughputBytesPerSec / MiB).toFixed(0)} MiB/s (${(r.throughputRatio * 100).toFixed(0)}% of baseline), downtime ${r.downtimeMs} ms, probe ${r.probe ? `lost ${r.probe.lost}, max gap ${r.probe.maxGapMs} ms` : '—'}, rounds ${r.rounds}, wire ${r.wireRatio.toFixed(3)}×, orchestration ${r.orchestrationOverheadMs.toFixed(0)} ms${r.error ? `, error: ${r.error}` : ''}`);
   }
 
+  pool?.release();
+
   // ---------- storage migration / evacuation ----------
-  const notMeasured: Array<{ name: string; why: string }> = [];
   const storageSupported = startMigrationSchema.safeParse({ type: 'storage', vm: 'x', toPath: '/tmp/x' }).success;
   let storage: Record<string, unknown> | null = null;
   if (!storageSupported) notMeasured.push({ name: `storage migration of a ${(diskBytes / GiB).toFixed(2)} GiB disk`, why: 'storage migration not implemented yet' });
@@ -240,10 +266,12 @@ async function main(): Promise<void> {
   const agentEnd: Record<string, number> = Object.fromEntries(hosts.map((h) => [h, procKiB(agentPid(h), 'VmHWM')]));
 
   // ---------- targets ----------
-  const find = (frag: string, plaintext = false): CaseResult | undefined => results.find((r) => r.name.includes(frag) && r.name.includes('plaintext') === plaintext && r.memoryBytes === memBig && r.fill === 1);
+  type Variant = 'tls' | 'plaintext' | 'huge';
+  const variantOf = (name: string): Variant => (name.includes('huge pages') ? 'huge' : name.includes('plaintext') ? 'plaintext' : 'tls');
+  const find = (frag: string, variant: Variant = 'tls'): CaseResult | undefined => results.find((r) => r.name.includes(frag) && variantOf(r.name) === variant && r.memoryBytes === memBig && r.fill === 1);
   const targets: Target[] = [];
-  for (const plaintext of [false, true]) {
-    const dp = plaintext ? 'plaintext data plane' : 'TLS data plane';
+  for (const plaintext of ['tls', 'plaintext', 'huge'] as const) {
+    const dp = plaintext === 'huge' ? 'plaintext data plane, huge pages, verify sequence' : plaintext === 'plaintext' ? 'plaintext data plane' : 'TLS data plane';
     const idle = find('idle', plaintext);
     if (idle) targets.push({ name: `idle ${mibStr(memBig)}, ${dp}: memory ÷ total time vs loopback (${ENGINE_STREAMS} stream)`, value: pct(idle.throughputRatio), target: '≥ 70%', pass: idle.outcome === 'completed' && idle.throughputRatio >= 0.7 });
     const idleN = find(`idle, ${PARALLEL_STREAMS} streams`, plaintext);
@@ -541,3 +569,28 @@ async function storageBreakdown(client: VmferryClient, id: string, totalMs: numb
 }
 
 main().then(() => cleanup(), async (e: Error) => { say(`FAILED: ${e.stack ?? e.message}`); await cleanup(); process.exit(1); }).then(() => process.exit(0));
+
+interface HugePool { pages: number; previous: number; error?: string; release(): void }
+
+/**
+ * Makes sure the host's huge-page pool holds `bytes` (root raises vm.nr_hugepages for the run
+ * and puts it back after); without root or memory for it, says why instead.
+ */
+function reserveHugePages(bytes: number): HugePool {
+  const file = '/proc/sys/vm/nr_hugepages';
+  const meminfo = (k: string): number => Number(new RegExp(`${k}:\\s+(\\d+)`).exec(fs.readFileSync('/proc/meminfo', 'utf8'))?.[1] ?? 0);
+  const need = Math.ceil(bytes / (2 * MiB));
+  let previous = 0;
+  try { previous = Number(fs.readFileSync(file, 'utf8')); } catch { return { pages: 0, previous: 0, error: 'no huge-page support on this host (/proc/sys/vm/nr_hugepages)', release: () => undefined }; }
+  if (meminfo('Hugepagesize') !== 2048) return { pages: 0, previous, error: `huge pages of ${meminfo('Hugepagesize')} kB, not 2 MiB`, release: () => undefined };
+  let changed = false;
+  if (meminfo('HugePages_Free') < need) {
+    if (process.getuid?.() !== 0) return { pages: previous, previous, error: `the huge-page pool has ${meminfo('HugePages_Free')} free pages, these cases need ${need}: sysctl vm.nr_hugepages=${previous + need} (root)`, release: () => undefined };
+    fs.writeFileSync(file, String(previous + need - meminfo('HugePages_Free')));
+    changed = true;
+  }
+  const release = (): void => { if (changed) { changed = false; try { fs.writeFileSync(file, String(previous)); } catch { /* leave it */ } } };
+  const free = meminfo('HugePages_Free');
+  if (free < need) { release(); return { pages: free, previous, error: `only ${free} of ${need} huge pages could be reserved (memory fragmented)`, release }; }
+  return { pages: meminfo('HugePages_Total'), previous, release };
+}

@@ -91,11 +91,12 @@ const lab = program.command('lab').description('the local lab: Temporal dev serv
 lab.command('up').description('start whatever is missing (idempotent)')
   .option('--hosts <names>', 'comma-separated host names', (v) => v.split(',').map((s) => s.trim()).filter(Boolean))
   .option('--plaintext-hosts <names>', 'hosts (of --hosts) whose data plane is plaintext: a trusted migration network, no TLS (faster); set when a host is first created', (v) => v.split(',').map((s) => s.trim()).filter(Boolean))
+  .option('--hugepage-hosts <names>', 'hosts (of --hosts) whose guests use the reserved huge pages (sysctl vm.nr_hugepages); set when a host is first created', (v) => v.split(',').map((s) => s.trim()).filter(Boolean))
   .option('--detach', 'return once everything is up (default: stay in the foreground; Ctrl-C stops the lab)')
   .option('--json', 'print the status as JSON')
-  .action(async (o: { hosts?: string[]; plaintextHosts?: string[]; detach?: boolean; json?: boolean }) => {
+  .action(async (o: { hosts?: string[]; plaintextHosts?: string[]; hugepageHosts?: string[]; detach?: boolean; json?: boolean }) => {
     const dir = program.opts().lab as string | undefined;
-    const st = await labUp({ dir, hosts: o.hosts, plaintextHosts: o.plaintextHosts, log: o.json ? undefined : (m) => console.error(m) });
+    const st = await labUp({ dir, hosts: o.hosts, plaintextHosts: o.plaintextHosts, hugepageHosts: o.hugepageHosts, log: o.json ? undefined : (m) => console.error(m) });
     if (o.json) out(st);
     else {
       console.log(`lab up in ${st.dir}`);
@@ -239,7 +240,7 @@ function withPolicyOptions(c: Command): Command {
     .option('--streams <n>', 'parallel TCP streams for memory, 1 to 16 (default 1; QEMU: multifd channels)', intArg('--streams'))
     .option('--approve-cutover', 'wait for `vmferry migration approve <id>` before the cutover')
     .option('--approval-timeout <ms>', 'roll back if not approved within this time (default 15 min)', intArg('--approval-timeout'))
-    .option('--verify <mode>', 'cutover check: digest (per-page CRC table) or full (CRC of all memory)', (v) => { if (v !== 'digest' && v !== 'full') throw new InvalidArgumentError('--verify is digest or full'); return v; });
+    .option('--verify <mode>', 'page checks: digest (per-page CRCs, checked on arrival and compared at cutover), full (also a CRC of all memory) or sequence (per-page sequence numbers: proves every page\'s last copy arrived, contents left to the transport; fastest)', (v) => { if (v !== 'digest' && v !== 'full' && v !== 'sequence') throw new InvalidArgumentError('--verify is digest, full or sequence'); return v; });
 }
 
 const migrate = program.command('migrate').description('start a migration');

@@ -16,7 +16,7 @@ export const policyInputSchema = z.object({
   throttleInitial: z.number().min(0).max(0.99),
   throttleIncrement: z.number().min(0.01).max(0.99),
   throttleMax: z.number().min(0).max(0.99),
-  verify: z.enum(['digest', 'full']),
+  verify: z.enum(['digest', 'full', 'sequence']),
   compression: z.enum(['none', 'deflate']),
   streams: z.number().int().min(1, 'streams: at least 1').max(16, 'streams: at most 16'),
   approveCutover: z.boolean(),

@@ -96,8 +96,14 @@ export interface MigrationPolicy {
   throttleInitial: number;
   throttleIncrement: number;
   throttleMax: number;
-  /** 'digest' compares per-page CRC tables at cutover; 'full' also CRCs the whole memory on both ends. */
-  verify: 'digest' | 'full';
+  /**
+   * 'digest': every page carries its CRC, checked on arrival, and the cutover compares both
+   * ends' per-page CRC tables. 'full': that, and a CRC of all memory on both ends at cutover.
+   * 'sequence': pages carry a send sequence number instead (no per-byte work); the cutover still
+   * proves the last copy of every page arrived, page contents are left to the transport (TLS,
+   * or TCP checksums on a plaintext network). Simulator only; QEMU has its own checks.
+   */
+  verify: 'digest' | 'full' | 'sequence';
   /**
    * Memory stream compression: 'deflate' (level 1, per 1 MiB frame, kept only where it is
    * smaller) trades source CPU for bytes on the wire; 'none' by default.

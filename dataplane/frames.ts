@@ -20,6 +20,11 @@ export const FrameFlag = {
   Live: 0x01,
   /** The data region (after the index) is deflate-raw compressed. */
   Deflate: 0x02,
+  /**
+   * The index's second word per page is a send sequence number, not a CRC (policy verify
+   * 'sequence'): recorded as it is, the cutover compares the tables.
+   */
+  Seq: 0x04,
 } as const;
 
 export enum FrameType {

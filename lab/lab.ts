@@ -94,6 +94,8 @@ export interface LabUpOptions {
    * (no TLS record layer in between); both ends of a migration must be plaintext hosts.
    */
   plaintextHosts?: string[];
+  /** Hosts whose guests use the reserved huge pages (host.json `hugepages`; see HostConfig). */
+  hugepageHosts?: string[];
 }
 
 /** Starts whatever is missing; touches nothing that already runs. */
@@ -106,6 +108,8 @@ export async function labUp(opts: LabUpOptions = {}): Promise<LabStatus> {
   for (const h of hostNames) if (!/^[A-Za-z][A-Za-z0-9-]{0,31}$/.test(h)) throw new Error(`bad host name "${h}": letters, digits and dashes, starting with a letter`);
   const plain = new Set(opts.plaintextHosts ?? []);
   for (const h of plain) if (!hostNames.includes(h)) throw new Error(`plaintext host "${h}" is not one of the lab's hosts (${hostNames.join(', ')})`);
+  const huge = new Set(opts.hugepageHosts ?? []);
+  for (const h of huge) if (!hostNames.includes(h)) throw new Error(`huge-page host "${h}" is not one of the lab's hosts (${hostNames.join(', ')})`);
 
   let temporal: LabState['temporal'];
   const namespace = process.env.TEMPORAL_NAMESPACE ?? 'default';
@@ -147,7 +151,7 @@ export async function labUp(opts: LabUpOptions = {}): Promise<LabStatus> {
       cfg = JSON.parse(fs.readFileSync(configFile, 'utf8')) as HostConfig;
       if (!cfg.tls && !plain.has(name)) { cfg.tls = pki[name]; fs.writeFileSync(configFile, JSON.stringify(cfg, null, 2)); }
     } else {
-      cfg = { ...hostConfigFor(dir, name, await freePort(), opts.maxConcurrentMigrations), ...(plain.has(name) ? {} : { tls: pki[name] }) };
+      cfg = { ...hostConfigFor(dir, name, await freePort(), opts.maxConcurrentMigrations), ...(plain.has(name) ? {} : { tls: pki[name] }), ...(huge.has(name) ? { hugepages: true } : {}) };
       fs.mkdirSync(home, { recursive: true });
       fs.writeFileSync(configFile, JSON.stringify(cfg, null, 2));
     }

@@ -111,6 +111,17 @@ describe('live migration', () => {
     for (const k of [0, 1, 2]) expect(vmLog).toContain(`incoming data plane (stream ${k} of 3)`);
   });
 
+  it("verify 'sequence' over TLS: pages carry sequence numbers, not CRCs; a dirtying guest arrives intact", async () => {
+    await lab.client.createVm({ name: 'seq1', host: A, memory: '64MiB', disk: '8MiB', dirtyRate: '48MiB', writeRate: '1MiB', fill: 0.9 });
+    const { id } = await lab.client.startMigration({ type: 'live', vm: 'seq1', to: B, policy: { verify: 'sequence', streams: 2 } });
+    const r = await lab.client.awaitMigration(id);
+    expect(r.outcome, r.reason).toBe('completed');
+    expect(r.cutover!.destinationDigest).toBe(r.cutover!.sourceDigest);
+    expect(await whereIs('seq1')).toEqual([{ host: B, state: 'running' }]);
+    const v = await lab.client.verifyVm('seq1');
+    expect(v.checks.filter((c) => !c.ok)).toEqual([]);
+  });
+
   it('cancel during pre-copy rolls back: VM running on the source, nothing left on the destination', async () => {
     await lab.client.createVm({ name: 'db1', host: A, memory: '64MiB', disk: '8MiB', dirtyRate: '8MiB', fill: 0.9 });
     const { id } = await lab.client.startMigration({ type: 'live', vm: 'db1', to: B, policy: { maxBandwidth: 8 * 2 ** 20 } });

@@ -37,6 +37,12 @@ function renice(pid: number, nice: number): void {
   for (const t of tids) { try { os.setPriority(t, nice); } catch { /* thread gone, or not allowed */ } }
 }
 
+/** GLIBC_TUNABLES with glibc.malloc.hugetlb=2 (large allocations from the huge-page pool), other tunables kept. */
+export function withHugetlb(tunables: string | undefined): string {
+  const kept = (tunables ?? '').split(':').filter((t) => t && !t.startsWith('glibc.malloc.hugetlb='));
+  return [...kept, 'glibc.malloc.hugetlb=2'].join(':');
+}
+
 export function isAlive(pid: number): boolean {
   try { process.kill(pid, 0); return true; } catch (e) { return (e as NodeJS.ErrnoException).code === 'EPERM'; }
 }
@@ -150,6 +156,7 @@ export class SimDriver implements HypervisorDriver {
     const env = { ...process.env };
     delete env[DATAPLANE_TLS_ENV];
     if (this.host.tls) env[DATAPLANE_TLS_ENV] = JSON.stringify(this.host.tls);
+    if (this.host.hugepages) env.GLIBC_TUNABLES = withHugetlb(env.GLIBC_TUNABLES);
     return env;
   }
 

@@ -211,6 +211,8 @@ interface Outgoing {
   socks: net.Socket[];
   /** Barriers sent so far (RoundEnd seq on every stream). */
   barrierSeq: number;
+  /** verify 'sequence': the last Pages frame's sequence number (all streams). */
+  sendSeq: number;
   policy: MigrationPolicy;
   round: number;
   bytesSent: number;
@@ -315,6 +317,7 @@ async function sendOn(o: Outgoing, stream: number, pages: number[], until: numbe
   const sock = o.socks[stream]!;
   const mem = guest.memory;
   const dirty = guest.dirty;
+  const bySeq = o.policy.verify === 'sequence';
   let i = 0;
   let lastYield = performance.now();
   while (i < pages.length) {
@@ -323,6 +326,8 @@ async function sendOn(o: Outgoing, stream: number, pages: number[], until: numbe
     if (sock.destroyed || !sock.writable) throw new Error('data-plane connection closed');
     const n = Math.min(FRAME_PAGES, pages.length - i);
     const live = state === 'running';
+    // verify 'sequence': the index carries this frame's sequence number instead of page CRCs.
+    const seqNo = bySeq ? (o.sendSeq = (o.sendSeq + 1) >>> 0 || 1) : 0;
     const head = Buffer.allocUnsafe(HEADER + 4 + n * 8);
     head.writeUInt32LE(n, HEADER);
     const runs: Buffer[] = [];
@@ -337,10 +342,10 @@ async function sendOn(o: Outgoing, stream: number, pages: number[], until: numbe
       let crc: number;
       if (pageIsZero(off)) {
         head.writeUInt32LE((p | ZERO_FLAG) >>> 0, ix);
-        crc = ZERO_CRC;
+        crc = bySeq ? seqNo : ZERO_CRC;
       } else {
         head.writeUInt32LE(p, ix);
-        crc = crc32(mem.subarray(off, off + PAGE_SIZE)) >>> 0;
+        crc = bySeq ? seqNo : crc32(mem.subarray(off, off + PAGE_SIZE)) >>> 0;
         if (off === runEnd) runEnd += PAGE_SIZE;
         else { if (runStart >= 0) runs.push(mem.subarray(runStart, runEnd)); runStart = off; runEnd = off + PAGE_SIZE; }
         data++;
@@ -350,7 +355,7 @@ async function sendOn(o: Outgoing, stream: number, pages: number[], until: numbe
     }
     if (runStart >= 0) runs.push(mem.subarray(runStart, runEnd));
     i += n;
-    let flags = live ? FrameFlag.Live : 0;
+    let flags = (live ? FrameFlag.Live : 0) | (bySeq ? FrameFlag.Seq : 0);
     let payload = runs;
     let dataLen = data * PAGE_SIZE;
     if (o.policy.compression === 'deflate' && data > 0 && o.compressSkip-- <= 0) {
@@ -604,7 +609,7 @@ async function beginOutgoing(p: { migrationId: string; endpoint: { host: string;
     if (!ok && migrationId === p.migrationId && outgoing?.id !== p.migrationId) { migrationId = before; persist(); }
   }
   const o: Outgoing = {
-    id: p.migrationId, state: 'precopy', chan, socks, barrierSeq: 0, policy: p.policy, round: 0, bytesSent: 0, pagesSent: 0,
+    id: p.migrationId, state: 'precopy', chan, socks, barrierSeq: 0, sendSeq: 0, policy: p.policy, round: 0, bytesSent: 0, pagesSent: 0,
     startedAt: performance.now(), crcs: new Uint32Array(guest.pages).fill(ZERO_CRC), samples: [], waiters: [], stop: false,
     loop: Promise.resolve(), bucketAt: performance.now(), rawBytes: 0, compressCpuUs: 0, compressSkip: 0, flushed: socks.map(() => Promise.resolve()),
   };
@@ -668,7 +673,7 @@ function setPolicy(p: { migrationId: string; throttle?: number; maxBandwidth?: n
   return { throttle: guest.state.throttle };
 }
 
-async function doCutover(o: Outgoing, verify: 'digest' | 'full'): Promise<CutoverResult> {
+async function doCutover(o: Outgoing, verify: MigrationPolicy['verify']): Promise<CutoverResult> {
   o.stop = true;
   o.state = 'stopping';
   await o.loop;
@@ -719,7 +724,7 @@ async function doCutover(o: Outgoing, verify: 'digest' | 'full'): Promise<Cutove
 }
 let destHost: string | undefined;
 
-async function cutover(p: { migrationId: string; verify?: 'digest' | 'full'; destination: string }): Promise<CutoverResult> {
+async function cutover(p: { migrationId: string; verify?: MigrationPolicy['verify']; destination: string }): Promise<CutoverResult> {
   // Idempotent: a retried activity gets the running or finished cutover, never a second one.
   const saved = path.join(runtimeDir, `cutover-${p.migrationId}.json`);
   if (fs.existsSync(saved)) return JSON.parse(fs.readFileSync(saved, 'utf8')) as CutoverResult;
@@ -915,8 +920,9 @@ function bodyPrefix(parts: Buffer[], n: number): Buffer {
  * page) before any of its data reaches guest memory, applies its zero pages, and returns where
  * its data goes: runs of guest memory ([offset, length]) in wire order.
  */
-function pageRuns(inc: Incoming, index: Buffer, stream: number): Array<[number, number]> {
+function pageRuns(inc: Incoming, index: Buffer, stream: number, flags: number): Array<[number, number]> {
   const n = index.readUInt32LE(0);
+  const bySeq = (flags & FrameFlag.Seq) !== 0;
   const mem = guest.memory;
   const runs: Array<[number, number]> = [];
   let highest = -1;
@@ -930,7 +936,7 @@ function pageRuns(inc: Incoming, index: Buffer, stream: number): Array<[number, 
     if (inc.streams > 1 && streamOf(p, inc.streams) !== stream) throw new Error(`page ${p} arrived on stream ${stream}, not its own (${streamOf(p, inc.streams)})`);
     const dst = p * PAGE_SIZE;
     if ((raw & ZERO_FLAG) !== 0) {
-      if (crc !== ZERO_CRC) throw new Error(`zero page ${p} with a non-zero checksum`);
+      if (!bySeq && crc !== ZERO_CRC) throw new Error(`zero page ${p} with a non-zero checksum`);
       mem.fill(0, dst, dst + PAGE_SIZE);
       inc.crcs[p] = crc;
       continue;
@@ -954,6 +960,17 @@ function pagesPlaced(inc: Incoming, index: Buffer, flags: number, wireBytes: num
   const live = (flags & FrameFlag.Live) !== 0;
   const mem = guest.memory;
   const crcs = inc.crcs;
+  if (flags & FrameFlag.Seq) {
+    // Sequence numbers: recorded as sent (pageRuns recorded the zero pages').
+    for (let k = 0; k < n; k++) {
+      const raw = index.readUInt32LE(4 + k * 8);
+      if ((raw & ZERO_FLAG) !== 0) continue;
+      crcs[raw] = index.readUInt32LE(8 + k * 8);
+      inc.pages++;
+    }
+    inc.bytes += wireBytes + 12;
+    return;
+  }
   for (let k = 0; k < n; k++) {
     const raw = index.readUInt32LE(4 + k * 8);
     if ((raw & ZERO_FLAG) !== 0) continue;
@@ -980,7 +997,7 @@ function applyPages(inc: Incoming, parts: Buffer[], flags = 0, stream = 0): void
   if (total < idxLen) throw new Error('page frame shorter than its index');
   const index = Buffer.from(bodyPrefix(parts, idxLen));
   const wireBytes = total;
-  const runs = pageRuns(inc, index, stream);
+  const runs = pageRuns(inc, index, stream, flags);
   let need = 0;
   for (const [, l] of runs) need += l;
   let data: Buffer[];
@@ -1027,7 +1044,7 @@ async function onIncomingFrame(inc: Incoming, f: Frame): Promise<void> {
       return;
     }
     case FrameType.Device: {
-      const d = parseJson<{ device: DeviceState; digest: number; verify: 'digest' | 'full'; seq?: number }>(f);
+      const d = parseJson<{ device: DeviceState; digest: number; verify: MigrationPolicy['verify']; seq?: number }>(f);
       if (inc.streams > 1) {
         if (!d.seq) throw new Error('device state without a stream barrier on a multi-stream transfer');
         await streamsReached(inc, d.seq);
@@ -1130,7 +1147,7 @@ function acceptIncoming(sock: net.Socket, rest: Buffer, handOver?: { auth?: Gran
   // Plaintext: pages are read straight into guest memory. TLS: frames, then a copy.
   const placing = sock instanceof tls.TLSSocket ? null : PlacingReader.attach(sock, rest, {
     memory: guest.memory,
-    pageRuns: (index) => pageRuns(inc, index, 0),
+    pageRuns: (index, flags) => pageRuns(inc, index, 0, flags),
     pagesPlaced: (index, flags, wireBytes) => pagesPlaced(inc, index, flags, wireBytes),
     frame: (f) => onIncomingFrame(inc, f),
     fail: failed,
@@ -1182,9 +1199,9 @@ function acceptDataStream(inc: Incoming, stream: number, sock: net.Socket, rest:
   };
   const placing = sock instanceof tls.TLSSocket ? null : PlacingReader.attach(sock, rest, {
     memory: guest.memory,
-    pageRuns: (index) => {
+    pageRuns: (index, flags) => {
       if (inc.state !== 'receiving') throw new Error(`incoming ${inc.state}`);
-      return pageRuns(inc, index, stream);
+      return pageRuns(inc, index, stream, flags);
     },
     pagesPlaced: (index, flags, wireBytes) => pagesPlaced(inc, index, flags, wireBytes),
     frame,

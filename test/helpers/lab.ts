@@ -23,13 +23,13 @@ export interface TestLab {
   down(): Promise<void>;
 }
 
-export async function startTestLab(names = ['A', 'B'], labOpts: { maxConcurrentMigrations?: number; plaintext?: boolean | string[] } = {}): Promise<TestLab> {
+export async function startTestLab(names = ['A', 'B'], labOpts: { maxConcurrentMigrations?: number; plaintext?: boolean | string[]; hugepages?: boolean } = {}): Promise<TestLab> {
   process.env.TEMPORAL_ADDRESS = inject('temporalAddress');
   const tag = crypto.randomBytes(3).toString('hex');
   const hosts = names.map((n) => `h${n}-${tag}`);
   // plaintext: hosts without data-plane TLS (a trusted migration network): all, or those named.
   const plain = labOpts.plaintext === true ? names : labOpts.plaintext || [];
-  const opts = { maxConcurrentMigrations: labOpts.maxConcurrentMigrations, plaintextHosts: hosts.filter((_, i) => plain.includes(names[i]!)) };
+  const opts = { maxConcurrentMigrations: labOpts.maxConcurrentMigrations, plaintextHosts: hosts.filter((_, i) => plain.includes(names[i]!)), hugepageHosts: labOpts.hugepages ? hosts : undefined };
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vmferry-lab-'));
   await labUp({ dir, hosts, ...opts });
   const client = await VmferryClient.connect({ labDir: dir });
