@@ -22,35 +22,35 @@ afterAll(async () => {
 
 const vmLog = (host: string, vm: string): string => fs.readFileSync(path.join(lab.runDir(host), vm, 'vm.log'), 'utf8');
 
+/**
+ * Moves `vm` there and back (streams as given), checking each landing: the digests agree, the
+ * VM runs only at its destination, which read pages straight into guest memory, and the
+ * guest's own ledger (a generation per page, a sequence per disk block) finds nothing lost.
+ */
+async function thereAndBack(vm: string, legs: ReadonlyArray<readonly [string, number]>, verify: 'full' | 'sequence'): Promise<void> {
+  for (const [to, streams] of legs) {
+    const { id } = await lab.client.startMigration({ type: 'live', vm, to, policy: { verify, streams } });
+    const r = await lab.client.awaitMigration(id);
+    expect(r.outcome, r.reason).toBe('completed');
+    expect(r.cutover!.destinationDigest).toBe(r.cutover!.sourceDigest);
+    if (verify === 'full') expect(r.cutover!.destinationFullCrc).toBe(r.cutover!.sourceFullCrc);
+    expect(await lab.whereIs(vm)).toEqual([{ host: to, state: 'running' }]);
+    expect(vmLog(to, vm)).toContain(`incoming data plane: plaintext${streams > 1 ? `, ${streams} streams` : ''}, pages read straight into guest memory`);
+    const v = await lab.client.verifyVm(vm);
+    expect(v.checks.filter((c) => !c.ok)).toEqual([]);
+  }
+}
+
 describe('plaintext data plane (zero-copy receive)', () => {
   it('host configs carry no TLS; live moves there and back (2 streams, then 1) keep every page and write', async () => {
     for (const h of [A, B]) expect(JSON.parse(fs.readFileSync(path.join(lab.dir, 'hosts', h, 'host.json'), 'utf8')).tls).toBeUndefined();
     await lab.client.createVm({ name: 'pt1', host: A, memory: '96MiB', disk: '8MiB', dirtyRate: '48MiB', writeRate: '1MiB', fill: 0.8 });
-    for (const [to, streams] of [[B, 2], [A, 1]] as const) {
-      const { id } = await lab.client.startMigration({ type: 'live', vm: 'pt1', to, policy: { verify: 'full', streams } });
-      const r = await lab.client.awaitMigration(id);
-      expect(r.outcome, r.reason).toBe('completed');
-      expect(r.cutover!.destinationFullCrc).toBe(r.cutover!.sourceFullCrc);
-      expect(r.cutover!.destinationDigest).toBe(r.cutover!.sourceDigest);
-      expect(await lab.whereIs('pt1')).toEqual([{ host: to, state: 'running' }]);
-      expect(vmLog(to, 'pt1')).toContain(`incoming data plane: plaintext${streams > 1 ? `, ${streams} streams` : ''}, pages read straight into guest memory`);
-      const v = await lab.client.verifyVm('pt1');
-      expect(v.checks.filter((c) => !c.ok)).toEqual([]);
-    }
+    await thereAndBack('pt1', [[B, 2], [A, 1]], 'full');
   });
 
-  it("verify 'sequence' (no per-page CRCs): a dirtying guest moves over 1 and 3 streams with every page and write intact", async () => {
+  it("verify 'sequence' (no per-page CRCs): a dirtying guest moves over 3 streams and back over 1 with every page and write intact", async () => {
     await lab.client.createVm({ name: 'ps1', host: A, memory: '96MiB', disk: '8MiB', dirtyRate: '64MiB', writeRate: '1MiB', fill: 0.9 });
-    for (const [to, streams] of [[B, 3], [A, 1]] as const) {
-      const { id } = await lab.client.startMigration({ type: 'live', vm: 'ps1', to, policy: { verify: 'sequence', streams } });
-      const r = await lab.client.awaitMigration(id);
-      expect(r.outcome, r.reason).toBe('completed');
-      expect(r.cutover!.destinationDigest).toBe(r.cutover!.sourceDigest);
-      expect(await lab.whereIs('ps1')).toEqual([{ host: to, state: 'running' }]);
-      // The guest's own ledger (a generation per page, a sequence per disk block) is the oracle.
-      const v = await lab.client.verifyVm('ps1');
-      expect(v.checks.filter((c) => !c.ok)).toEqual([]);
-    }
+    await thereAndBack('ps1', [[B, 3], [A, 1]], 'sequence');
   });
 
   it('refuses a plaintext host that is not one of the lab\'s hosts, before starting anything', async () => {
