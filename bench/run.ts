@@ -135,7 +135,7 @@ async function main(): Promise<void> {
     try { process.kill(server.pid, 'SIGKILL'); } catch { /* gone */ }
   });
   process.env.TEMPORAL_ADDRESS = server.address;
-  if (profDir) process.env.NODE_OPTIONS = `${process.env.NODE_OPTIONS ?? ''} --cpu-prof --cpu-prof-dir=${path.resolve(profDir)}`;
+  if (profDir) process.env.VMFERRY_CPU_PROF_DIR = path.resolve(profDir); // the lab's processes and their VMs
   // benchA/benchB: data-plane TLS (the lab's default); benchC/benchD: plaintext (a trusted
   // migration network), where pages are read straight into guest memory.
   // benchE/benchF: plaintext, guests on reserved huge pages (as KVM hosts back guests).
@@ -145,7 +145,7 @@ async function main(): Promise<void> {
   cleanups.push(() => labDown(labDir, { purge: false }));
   // Host limit 4: the evacuation case runs 4 migrations at a time.
   await labUp({ dir: labDir, hosts, maxConcurrentMigrations: 4, plaintextHosts: [C, D, E, F], hugepageHosts: [E, F] });
-  if (profDir) delete process.env.NODE_OPTIONS;
+  if (profDir) delete process.env.VMFERRY_CPU_PROF_DIR;
   const client = await VmferryClient.connect({ labDir });
   cleanups.push(() => client.close());
   const agentPid = (h: string): number | null => labStatus(labDir).hosts.find((x) => x.name === h)?.pid ?? null;

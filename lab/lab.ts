@@ -11,7 +11,7 @@ import { PROJECT_ROOT, ensureSearchAttributes, freePort, portOpen, startDevServe
 import { isAlive } from '../drivers/sim/sim-driver.js';
 import { ensureLabPki } from './pki.js';
 
-import { TSX_LOADER as TSX } from '../common/tsx.js';
+import { TSX_LOADER as TSX, profilingFlags } from '../common/tsx.js';
 export const DEFAULT_HOSTS = ['hostA', 'hostB'];
 export const DEFAULT_HOST_MEMORY = 8 * 2 ** 30;
 
@@ -46,7 +46,7 @@ const alive = (pid: number | null | undefined): boolean => !!pid && isAlive(pid)
 
 function spawnNode(script: string, args: string[], logFile: string, env: Record<string, string>): number {
   const log = fs.openSync(logFile, 'a');
-  const child = spawn(process.execPath, ['--import', TSX, path.join(PROJECT_ROOT, script), ...args], {
+  const child = spawn(process.execPath, [...profilingFlags(), '--import', TSX, path.join(PROJECT_ROOT, script), ...args], {
     detached: true,
     stdio: ['ignore', log, log],
     env: { ...process.env, ...env },

@@ -22,7 +22,7 @@ import type { MirrorTarget } from './disk-mirror.js';
 import { FrameType, jsonFrame } from '../../dataplane/frames.js';
 
 const VM_PROCESS = fileURLToPath(new URL('./vm-process.ts', import.meta.url));
-import { TSX_LOADER as TSX } from '../../common/tsx.js';
+import { TSX_LOADER as TSX, profilingFlags } from '../../common/tsx.js';
 
 /** Only root may raise a process's priority back (adoption), so only root lowers it first. */
 const RENICE = process.getuid?.() === 0;
@@ -175,7 +175,7 @@ export class SimDriver implements HypervisorDriver {
       fs.mkdirSync(dir, { recursive: true });
       const log = path.join(dir, `${Date.now()}-${process.pid}.log`);
       const logFd = fs.openSync(log, 'a');
-      const child = spawn(process.execPath, ['--import', TSX, VM_PROCESS, '--spare'], { detached: true, stdio: ['ignore', logFd, logFd, 'ipc'], env: this.vmEnv() });
+      const child = spawn(process.execPath, [...profilingFlags(), '--import', TSX, VM_PROCESS, '--spare'], { detached: true, stdio: ['ignore', logFd, logFd, 'ipc'], env: this.vmEnv() });
       fs.closeSync(logFd);
       child.unref();
       child.channel?.unref();
@@ -215,7 +215,7 @@ export class SimDriver implements HypervisorDriver {
     } else {
       const logFd = fs.openSync(path.join(dir, 'vm.log'), 'a');
       // Detached, own process group: killing the agent never kills its VMs.
-      child = spawn(process.execPath, ['--import', TSX, VM_PROCESS, dir], {
+      child = spawn(process.execPath, [...profilingFlags(), '--import', TSX, VM_PROCESS, dir], {
         detached: true,
         stdio: ['ignore', logFd, logFd, 'ipc'],
         env: this.vmEnv(),
