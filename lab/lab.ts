@@ -142,14 +142,15 @@ export async function labUp(opts: LabUpOptions = {}): Promise<LabStatus> {
     pending.push(waitFor('orchestrator worker', () => fs.readFileSync(logFile, 'utf8').slice(start).includes('[orchestrator] serving'), pid, logFile));
   }
   // Data-plane TLS: a lab CA and one certificate per host (lab/pki.ts), on unless a host is named plaintext.
-  const pki = ensureLabPki(dir, hostNames.filter((h) => !plain.has(h)));
+  const pki = ensureLabPki(dir, hostNames.filter((h) => !plain.has(h) && !fs.existsSync(path.join(dir, 'hosts', h, 'host.json'))));
   for (const name of hostNames) {
     const home = path.join(dir, 'hosts', name);
     const configFile = path.join(home, 'host.json');
     let cfg: HostConfig;
     if (fs.existsSync(configFile)) {
       cfg = JSON.parse(fs.readFileSync(configFile, 'utf8')) as HostConfig;
-      if (!cfg.tls && !plain.has(name)) { cfg.tls = pki[name]; fs.writeFileSync(configFile, JSON.stringify(cfg, null, 2)); }
+      // An existing host.json is the operator's: a plaintext host stays plaintext on a later
+      // `lab up` without --plaintext-hosts (only naming it again could add TLS, and does not).
     } else {
       cfg = { ...hostConfigFor(dir, name, await freePort(), opts.maxConcurrentMigrations), ...(plain.has(name) ? {} : { tls: pki[name] }), ...(huge.has(name) ? { hugepages: true } : {}) };
       fs.mkdirSync(home, { recursive: true });
