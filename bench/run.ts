@@ -579,7 +579,9 @@ main().then(() => cleanup(), async (e: Error) => { say(`FAILED: ${e.stack ?? e.m
 
 interface HugePool { pages: number; previous: number; error?: string; release(): void }
 
-const hugePagesFree = (): number => Number(/HugePages_Free:\s+(\d+)/.exec(fs.readFileSync('/proc/meminfo', 'utf8'))?.[1] ?? 0);
+/** A /proc/meminfo figure (kB, or pages for the HugePages_ lines). */
+const meminfo = (k: string): number => Number(new RegExp(`${k}:\\s+(\\d+)`).exec(fs.readFileSync('/proc/meminfo', 'utf8'))?.[1] ?? 0);
+const hugePagesFree = (): number => meminfo('HugePages_Free');
 
 /**
  * Makes sure the host's huge-page pool holds `bytes` (root raises vm.nr_hugepages for the run
@@ -587,7 +589,6 @@ const hugePagesFree = (): number => Number(/HugePages_Free:\s+(\d+)/.exec(fs.rea
  */
 function reserveHugePages(bytes: number): HugePool {
   const file = '/proc/sys/vm/nr_hugepages';
-  const meminfo = (k: string): number => Number(new RegExp(`${k}:\\s+(\\d+)`).exec(fs.readFileSync('/proc/meminfo', 'utf8'))?.[1] ?? 0);
   const need = Math.ceil(bytes / (2 * MiB));
   let previous = 0;
   try { previous = Number(fs.readFileSync(file, 'utf8')); } catch { return { pages: 0, previous: 0, error: 'no huge-page support on this host (/proc/sys/vm/nr_hugepages)', release: () => undefined }; }

@@ -16,7 +16,7 @@ import { DiskMirror, type MirrorTarget } from './disk-mirror.js';
 import { Prefaulter } from './prefault.js';
 import { PlacingReader } from '../../dataplane/placing-reader.js';
 import { PAGE_SIZE, type VmSpec, type VmState, type MigrationPolicy, type ProgressSample, type CutoverResult, type DiskMirrorStatus } from '../../common/types.js';
-import { FrameChannel, FrameType, FrameFlag, header, jsonFrame, writeAll, crc32, ZERO_FLAG, parseJson, type Frame } from '../../dataplane/frames.js';
+import { FrameChannel, FrameType, FrameFlag, header, jsonFrame, writeAll, crc32, joinPrefix, ZERO_FLAG, parseJson, type Frame } from '../../dataplane/frames.js';
 import { connectDataPlane, acceptSecure, dataPlaneTlsFromEnv, secureContextFor, type GrantCheck, type Hello } from '../../dataplane/endpoint.js';
 import { faultPoint } from '../../common/faults.js';
 
@@ -910,11 +910,6 @@ function streamRefusal(inc: Incoming | null, stream: number, streams: number): s
   return inc.socks[stream] ? `stream ${stream} already connected` : null;
 }
 
-/** The first n bytes of a frame body given in pieces (a view when the first piece holds them). */
-function bodyPrefix(parts: Buffer[], n: number): Buffer {
-  return parts.length > 0 && parts[0]!.length >= n ? parts[0]!.subarray(0, n) : Buffer.concat(parts, n);
-}
-
 /**
  * Validates a Pages frame's index table (u32 count, then u32 page | ZERO_FLAG and u32 CRC per
  * page) before any of its data reaches guest memory, applies its zero pages, and returns where
@@ -992,10 +987,10 @@ function applyPages(inc: Incoming, parts: Buffer[], flags = 0, stream = 0): void
   let total = 0;
   for (const b of parts) total += b.length;
   if (total < 4) throw new Error('page frame shorter than its index');
-  const n = bodyPrefix(parts, 4).readUInt32LE(0);
+  const n = joinPrefix(parts, 4).readUInt32LE(0);
   const idxLen = 4 + n * 8;
   if (total < idxLen) throw new Error('page frame shorter than its index');
-  const index = Buffer.from(bodyPrefix(parts, idxLen));
+  const index = Buffer.from(joinPrefix(parts, idxLen));
   const wireBytes = total;
   const runs = pageRuns(inc, index, stream, flags);
   let need = 0;
