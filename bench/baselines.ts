@@ -43,6 +43,39 @@ async function sinkFreshMain(size: number): Promise<void> {
   server.listen(0, '127.0.0.1', () => process.stdout.write(`${(server.address() as net.AddressInfo).port}\n`));
 }
 
+/** A /proc/meminfo figure (kB, or pages for the HugePages_ lines). */
+export const meminfo = (k: string): number => Number(new RegExp(`${k}:\\s+(\\d+)`).exec(fs.readFileSync('/proc/meminfo', 'utf8'))?.[1] ?? 0);
+/** Huge pages nobody holds or has reserved (a private MAP_HUGETLB mapping reserves at mmap). */
+export const hugePagesAvailable = (): number => meminfo('HugePages_Free') - meminfo('HugePages_Rsvd');
+
+/**
+ * Child mode: `node baselines.ts touch-hugepages` (run with glibc.malloc.hugetlb=2): takes the
+ * free huge-page pool 32 MiB at a time, touching every page, until a mapping no longer comes
+ * from the pool; prints the MiB touched. One big mapping would not do: larger than what is left
+ * (the process's own allocations take pool pages too) it silently falls back to 4 KiB pages.
+ */
+function touchHugePagesMain(): void {
+  const chunk = 32 << 20;
+  const held: Uint8Array[] = [];
+  while (hugePagesAvailable() >= chunk / (2 << 20)) {
+    const before = hugePagesAvailable();
+    const m = new Uint8Array(new SharedArrayBuffer(chunk));
+    if (hugePagesAvailable() >= before) break; // not from the pool: fell back
+    for (let i = 0; i < m.length; i += 4096) m[i] = 1;
+    held.push(m);
+  }
+  process.stdout.write(`${held.length * (chunk >> 20)}\n`);
+}
+
+/**
+ * Touches every free page of the huge-page pool once. Under a VM whose memory its hypervisor
+ * backs only at first touch (this one), a page's first use costs ~3 s/GiB; on a host with real
+ * RAM it would not. Returns the MiB touched.
+ */
+export async function touchHugePagePool(env: NodeJS.ProcessEnv): Promise<number> {
+  return Number((await runNode(['touch-hugepages'], env).done).trim());
+}
+
 /** Child mode: `node baselines.ts pump <port> <streams> <bytesPerStream>`: prints {ms, bytes}. */
 async function pumpMain(port: number, streams: number, perStream: number): Promise<void> {
   const buf = Buffer.alloc(1 << 20, 0xa5);
@@ -168,6 +201,7 @@ if (process.argv[1] && path.resolve(process.argv[1]) === SELF) {
   const [mode, ...rest] = process.argv.slice(2);
   if (mode === 'sink') await sinkMain();
   else if (mode === 'sink-fresh') await sinkFreshMain(Number(rest[0]));
+  else if (mode === 'touch-hugepages') touchHugePagesMain();
   else if (mode === 'pump') await pumpMain(Number(rest[0]), Number(rest[1]), Number(rest[2]));
   else {
     const bps = await loopbackThroughput(Number(mode ?? 1), 2 ** 30);

@@ -13,7 +13,7 @@ import { VmferryClient, startMigrationSchema } from '../client/index.js';
 import { Prober, type ProbeStats } from '../client/probe.js';
 import type { MigrationPolicy, MigrationResult } from '../common/types.js';
 import { ORCHESTRATOR_TASK_QUEUE } from '../common/names.js';
-import { loopbackThroughput, memoryWork, storageThroughput } from './baselines.js';
+import { loopbackThroughput, meminfo, memoryWork, storageThroughput, touchHugePagePool } from './baselines.js';
 import { withHugetlb } from '../drivers/sim/sim-driver.js';
 import { markdown, svg, type CaseResult, type EvacuationRun, type Target } from './report.js';
 
@@ -218,13 +218,12 @@ async function main(): Promise<void> {
       if (pool.error) { notMeasured.push({ name: 'huge-page cases', why: pool.error }); say(`huge pages: ${pool.error}`); }
       else {
         say(`huge pages: ${pool.pages} × 2 MiB reserved for these cases${pool.previous !== pool.pages ? ` (vm.nr_hugepages was ${pool.previous}; restored after)` : ''}`);
-        // First a pump into every free pool page, unmeasured: each is touched once, as on a host
-        // whose reserved memory is real (under this VM the hypervisor backs a page only at its
-        // first touch, which would land in the first case otherwise). A mapping larger than the
-        // free pool falls back to 4 KiB pages whole, hence the margin (a Node process holds ~12 pages
-        // of its own). Then the measured runs.
+        // First every free pool page touched once, unmeasured, as on a host whose reserved memory
+        // is real (under this VM the hypervisor backs a page only at its first touch, ~3 s/GiB,
+        // which would land in the first case otherwise). Then the measured runs.
         const hugeEnv = { ...process.env, GLIBC_TUNABLES: withHugetlb(process.env.GLIBC_TUNABLES) };
-        await loopbackThroughput(1, Math.max(MiB, (hugePagesFree() - 64) * 2 * MiB), 'untouched-memory', hugeEnv);
+        const touched = await touchHugePagePool(hugeEnv);
+        say(`huge pages: ${touched} MiB of the pool touched once (unmeasured)`);
         const fresh: number[] = [];
         for (let i = 0; i < 2; i++) fresh.push(await loopbackThroughput(1, pumpBytes, 'untouched-memory', hugeEnv));
         baselines['loopback TCP, 1 stream, read into untouched huge-page memory'] = Math.max(...fresh);
@@ -579,9 +578,6 @@ main().then(() => cleanup(), async (e: Error) => { say(`FAILED: ${e.stack ?? e.m
 
 interface HugePool { pages: number; previous: number; error?: string; release(): void }
 
-/** A /proc/meminfo figure (kB, or pages for the HugePages_ lines). */
-const meminfo = (k: string): number => Number(new RegExp(`${k}:\\s+(\\d+)`).exec(fs.readFileSync('/proc/meminfo', 'utf8'))?.[1] ?? 0);
-const hugePagesFree = (): number => meminfo('HugePages_Free');
 
 /**
  * Makes sure the host's huge-page pool holds `bytes` (root raises vm.nr_hugepages for the run

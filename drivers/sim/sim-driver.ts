@@ -35,6 +35,10 @@ function renice(pid: number, nice: number): void {
   let tids: number[] = [pid];
   try { tids = fs.readdirSync(`/proc/${pid}/task`).map(Number); } catch { /* not Linux: the process */ }
   for (const t of tids) { try { os.setPriority(t, nice); } catch { /* thread gone, or not allowed */ } }
+  // With autogroup scheduling (most distributions), a thread's nice only ranks it inside its
+  // session's group, and groups share the CPU as equals. A VM process runs detached, in a session
+  // of its own: the group's nice is what ranks it against the migrations running meanwhile.
+  try { fs.writeFileSync(`/proc/${pid}/autogroup`, String(nice)); } catch { /* no autogroup, or not allowed */ }
 }
 
 /** GLIBC_TUNABLES with glibc.malloc.hugetlb=2 (large allocations from the huge-page pool), other tunables kept. */
@@ -180,7 +184,7 @@ export class SimDriver implements HypervisorDriver {
       child.unref();
       child.channel?.unref();
       // Loading at low CPU priority: a spare must not slow the migrations running meanwhile.
-      if (RENICE && child.pid) renice(child.pid, 10);
+      if (RENICE && child.pid) renice(child.pid, 19);
       const spare = { child, log, ready: false };
       this.spare = spare;
       child.once('message', () => { spare.ready = true; });
