@@ -26,6 +26,9 @@ import { TSX_LOADER as TSX, profilingFlags } from '../../common/tsx.js';
 
 /** Only root may raise a process's priority back (adoption), so only root lowers it first. */
 const RENICE = process.getuid?.() === 0;
+/** A spare is not loaded while a migration runs through the host, for up to this long. */
+const SPARE_MAX_DEFER_MS = 10_000;
+const SPARE_RECHECK_MS = 200;
 
 /**
  * Linux niceness is per thread: every thread of the process (V8's GC and compiler helpers, the
@@ -139,6 +142,18 @@ export class SimDriver implements HypervisorDriver {
     return { disks, diskPaths };
   }
 
+  /** Whether a VM process of this host is sending or receiving a migration (its state file). */
+  private migrating(): boolean {
+    for (const name of fs.readdirSync(this.host.runDir)) {
+      const st = this.readRuntime(name)?.status;
+      if (!st || !isAlive(st.pid)) continue;
+      if (st.state === 'incoming') return true;
+      if (st.outgoing && ['precopy', 'stopping', 'cutover'].includes(st.outgoing.state)) return true;
+      if (st.mirror && ['copying', 'synced'].includes(st.mirror.state)) return true;
+    }
+    return false;
+  }
+
   private memoryInUse(): number {
     let used = 0;
     for (const name of fs.readdirSync(this.host.runDir)) {
@@ -169,10 +184,14 @@ export class SimDriver implements HypervisorDriver {
    * prepareIncoming adopts it instead of paying the process start inside the migration.
    * VMFERRY_SPARE_VM=0 turns this off.
    */
-  warmSpare(delayMs = 0): void {
+  warmSpare(delayMs = 0, deferUntil = 0): void {
     if (this.spare || this.spareTimer || process.env.VMFERRY_SPARE_VM === '0') return;
     this.spareTimer = setTimeout(() => {
       this.spareTimer = null;
+      // Loading a spare takes about a second of CPU: not while this host moves a VM (even at the
+      // lowest priority it takes the moments the transfer leaves idle, and delays its wake-ups),
+      // unless the host stays busy for long (an evacuation: spares still help there).
+      if (performance.now() < deferUntil && this.migrating()) { this.warmSpare(SPARE_RECHECK_MS, deferUntil); return; }
       // Next to the run directory (same file system: the log is renamed into the VM's directory),
       // not in it: the run directory lists VMs only.
       const dir = path.join(path.dirname(this.host.runDir), `.spare-vm-${path.basename(this.host.runDir)}`);
@@ -215,7 +234,8 @@ export class SimDriver implements HypervisorDriver {
       child.send({ type: 'adopt', dir });
       // The next spare: right away at low priority when we can restore a VM's priority after
       // (root, as hypervisor agents run); otherwise once this VM has settled.
-      this.warmSpare(RENICE ? 0 : 5_000);
+      // (A moment first: the adopted VM's state file, which says whether it migrates, follows.)
+      this.warmSpare(RENICE ? SPARE_RECHECK_MS * 5 : 5_000, performance.now() + SPARE_MAX_DEFER_MS);
     } else {
       const logFd = fs.openSync(path.join(dir, 'vm.log'), 'a');
       // Detached, own process group: killing the agent never kills its VMs.
