@@ -210,12 +210,12 @@ export class VmferryClient {
   async startMigration(input: StartMigrationInput): Promise<{ id: string; from: string; to: string }> {
     const m = parseOrThrow(startMigrationSchema, input);
     if (m.type !== 'storage') this.requireHost(m.to);
-    const at = await this.locateVm(m.vm);
+    // Both checks at once (each is a round trip to the cluster); reported in this order.
+    const [at, running] = await Promise.all([this.locateVm(m.vm), this.findRunningMigration(m.vm)]);
     if (!at) throw new UsageError(`no VM named ${m.vm}${this.knownHosts.length ? ` on hosts ${this.knownHosts.join(', ')}` : ''}`);
     const to = m.type === 'storage' ? at.host : m.to;
     if (m.type !== 'storage' && at.host === to) throw new UsageError(`VM ${m.vm} already runs on ${to}: source and destination are the same host`);
     if (at.state !== 'running') throw new UsageError(`VM ${m.vm} is ${at.state} on ${at.host}, not running`);
-    const running = await this.findRunningMigration(m.vm);
     if (running) throw new UsageError(`VM ${m.vm} is already migrating (${running}); only one migration per VM at a time`);
     const id = migrationIdFor(m.type, m.vm, `${Date.now().toString(36)}${crypto.randomBytes(2).toString('hex')}`);
     let arg: unknown;
