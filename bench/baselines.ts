@@ -8,6 +8,7 @@ import path from 'node:path';
 import net from 'node:net';
 import zlib from 'node:zlib';
 import { alignedBuffer } from '../drivers/sim/disk-mirror.js';
+import { readInto } from '../dataplane/placing-reader.js';
 import { spawn } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 
@@ -32,12 +33,8 @@ async function sinkFreshMain(size: number): Promise<void> {
   const server = net.createServer({ pauseOnConnect: true }, (s0) => {
     const mem = new Uint8Array(new SharedArrayBuffer(size));
     let n = 0;
-    const handle = (s0 as unknown as { _handle: unknown })._handle;
-    (s0 as unknown as { _handle: unknown })._handle = null;
-    const s = new net.Socket({
-      handle, readable: true, writable: true,
-      onread: { buffer: () => mem.subarray(n % size, Math.min(size, (n % size) + (1 << 20))), callback: (k: number) => { n += k; return true; } },
-    } as net.SocketConstructorOpts);
+    // The plaintext receiver's own handle move (nothing was read yet: pauseOnConnect).
+    const s = readInto(s0, { buffer: () => mem.subarray(n % size, Math.min(size, (n % size) + (1 << 20))), callback: (k) => { n += k; return true; } })!;
     s.on('end', () => { s.end(JSON.stringify({ bytes: n })); });
   });
   server.listen(0, '127.0.0.1', () => process.stdout.write(`${(server.address() as net.AddressInfo).port}\n`));

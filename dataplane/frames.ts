@@ -99,6 +99,31 @@ function partsFrame(type: FrameType, parts: Buffer[]): Frame {
 }
 
 /** Incremental frame parser; feed() returns every complete, checksum-verified frame. */
+// The checks every reader of the wire applies, in this order, before it reads or places any
+// page of a frame: FrameReader (copy path) and PlacingReader (zero-copy path) share them.
+
+/** A frame header: known type, body within the limit. */
+export function checkHeader(type: number, len: number): void {
+  if (!(type in FrameType)) throw new ProtocolError(`unknown frame type ${type}`);
+  if (len > MAX_BODY) throw new ProtocolError(`frame body of ${len} bytes exceeds the ${MAX_BODY} limit`);
+}
+
+/**
+ * Bytes at the start of a Pages/Blocks body that the header's checksum covers: the fixed part
+ * (count; Blocks add disk index and sequence) and `count` index entries of 8 bytes.
+ */
+export function indexLength(type: FrameType, bodyLen: number, count: number): number {
+  const head = type === FrameType.Blocks ? 12 : 4;
+  if (bodyLen < head) throw new ProtocolError(`${type === FrameType.Blocks ? 'block' : 'page'} frame without an index`);
+  if (head + count * 8 > bodyLen) throw new ProtocolError(`${type === FrameType.Blocks ? 'block' : 'page'} frame index exceeds the frame`);
+  return head + count * 8;
+}
+
+/** The header's checksum over what it covers (the whole body, or a page/block frame's index). */
+export function checkCovered(type: FrameType, covered: Buffer, crc: number): void {
+  if ((crc32(covered) >>> 0) !== crc) throw new ProtocolError(`checksum mismatch on frame type ${FrameType[type]}`);
+}
+
 export class FrameReader {
   private chunks: Buffer[] = [];
   private buffered = 0;
@@ -114,8 +139,7 @@ export class FrameReader {
       const flags = head.readUInt8(1);
       const len = head.readUInt32LE(4);
       const crc = head.readUInt32LE(8);
-      if (!(type in FrameType)) throw new ProtocolError(`unknown frame type ${type}`);
-      if (len > MAX_BODY) throw new ProtocolError(`frame body of ${len} bytes exceeds the ${MAX_BODY} limit`);
+      checkHeader(type, len);
       if (this.buffered < HEADER + len) break;
       let frame: Frame;
       if (type === FrameType.Pages && this.chunks[0]!.length < HEADER + len) {
@@ -130,14 +154,11 @@ export class FrameReader {
       // table, which the receiver checks as it copies the page (one pass over the data).
       let covered: Buffer;
       if (type === FrameType.Pages || type === FrameType.Blocks) {
-        // Blocks frames carry u32 disk index and u32 sequence after the count.
-        const head = type === FrameType.Blocks ? 12 : 4;
-        if (len < head) throw new ProtocolError('page frame without an index');
-        const n = joinPrefix(frame.parts ?? [frame.body], 4).readUInt32LE(0);
-        if (head + n * 8 > len) throw new ProtocolError('page frame index exceeds the frame');
-        covered = joinPrefix(frame.parts ?? [frame.body], head + n * 8);
+        const parts = frame.parts ?? [frame.body];
+        const n = len >= 4 ? joinPrefix(parts, 4).readUInt32LE(0) : 0;
+        covered = joinPrefix(parts, indexLength(type, len, n));
       } else covered = frame.body;
-      if ((crc32(covered) >>> 0) !== crc) throw new ProtocolError(`checksum mismatch on frame type ${FrameType[type]}`);
+      checkCovered(type, covered, crc);
       if (flags) frame.flags = flags;
       out.push(frame);
     }

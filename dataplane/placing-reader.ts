@@ -11,7 +11,7 @@
 // (an incoming VM that fails a check is discarded, never run, so placing first is safe).
 // TLS sockets cannot use `onread` (Node ignores it on a wrapped socket): they keep FrameChannel.
 import net from 'node:net';
-import { FrameType, HEADER, MAX_BODY, FrameFlag, ProtocolError, crc32, type Frame } from './frames.js';
+import { FrameType, HEADER, FrameFlag, ProtocolError, checkCovered, checkHeader, indexLength, type Frame } from './frames.js';
 
 export interface PageSink {
   /** Guest memory the page data is read into. */
@@ -34,6 +34,25 @@ const MIN_DIRECT_RUN = 8 * 4096;
 const SCRATCH = 1 << 20;
 
 type Phase = 'head' | 'index' | 'body' | 'data';
+
+/**
+ * Moves a connected socket's handle into a new net.Socket that reads with Node's `onread`:
+ * each read lands in the buffer `buffer()` offers, then `callback(n, buf)` runs. Bytes the old
+ * socket already buffered go to `early` first, before the new socket exists: Node asks
+ * `buffer()` for the first read's buffer as it constructs the socket. Null when the socket has
+ * no movable handle (a TLS socket, say): the caller keeps the copy path.
+ */
+export function readInto(old: net.Socket, o: { buffer: () => Uint8Array; callback: (n: number, buf: Uint8Array) => boolean | void; early?: (bufs: Buffer[]) => void; pauseOnCreate?: boolean }): net.Socket | null {
+  const handle = (old as unknown as { _handle?: { readStop?: () => number } | null })._handle;
+  if (!handle || typeof handle.readStop !== 'function') return null;
+  handle.readStop();
+  const early: Buffer[] = [];
+  for (let c: Buffer | null; (c = old.read() as Buffer | null) !== null;) early.push(c);
+  (old as unknown as { _handle: unknown })._handle = null;
+  old.removeAllListeners();
+  o.early?.(early);
+  return new net.Socket({ handle, readable: true, writable: true, pauseOnCreate: !!o.pauseOnCreate, onread: { buffer: o.buffer, callback: o.callback } } as net.SocketConstructorOpts);
+}
 
 export class PlacingReader {
   private phase: Phase = 'head';
@@ -67,21 +86,16 @@ export class PlacingReader {
    * the caller then uses FrameChannel.
    */
   static attach(old: net.Socket, rest: Buffer, sink: PageSink): PlacingReader | null {
-    const handle = (old as unknown as { _handle?: { readStop?: () => number } | null })._handle;
-    if (!handle || typeof handle.readStop !== 'function') return null;
-    handle.readStop();
-    // Anything the old socket already buffered comes first.
-    const early: Buffer[] = [];
-    for (let c: Buffer | null; (c = old.read() as Buffer | null) !== null;) early.push(c);
-    (old as unknown as { _handle: unknown })._handle = null;
-    old.removeAllListeners();
     const r = new PlacingReader(sink);
-    if (rest.length) r.backlog.push(rest);
-    r.backlog.push(...early);
-    r.sock = new net.Socket({
-      handle, readable: true, writable: true, pauseOnCreate: true,
-      onread: { buffer: () => r.next(), callback: (n: number, buf: Uint8Array) => r.read(n, buf) },
-    } as net.SocketConstructorOpts);
+    const sock = readInto(old, {
+      buffer: () => r.next(),
+      callback: (n, buf) => r.read(n, buf),
+      // The agent's leftovers, then the old socket's: taken before any read of the new one.
+      early: (bufs) => { if (rest.length) r.backlog.push(rest); r.backlog.push(...bufs); },
+      pauseOnCreate: true,
+    });
+    if (!sock) return null;
+    r.sock = sock;
     queueMicrotask(() => r.drain());
     return r;
   }
@@ -153,11 +167,10 @@ export class PlacingReader {
     this.flags = h.readUInt8(1);
     this.len = h.readUInt32LE(4);
     this.crc = h.readUInt32LE(8);
-    if (!(this.type in FrameType)) throw new ProtocolError(`unknown frame type ${this.type}`);
-    if (this.len > MAX_BODY) throw new ProtocolError(`frame body of ${this.len} bytes exceeds the ${MAX_BODY} limit`);
+    checkHeader(this.type, this.len);
     this.have = 0;
     if (this.type === FrameType.Pages && !(this.flags & FrameFlag.Deflate)) {
-      if (this.len < 4) throw new ProtocolError('page frame without an index');
+      indexLength(FrameType.Pages, this.len, 0);
       this.phase = 'index';
       this.index = Buffer.allocUnsafe(4); // the count first, then the whole table
       return;
@@ -170,15 +183,15 @@ export class PlacingReader {
   private onIndex(): void {
     if (this.index.length === 4) {
       const n = this.index.readUInt32LE(0);
-      if (4 + n * 8 > this.len) throw new ProtocolError('page frame index exceeds the frame');
+      const indexLen = indexLength(FrameType.Pages, this.len, n);
       if (n > 0) {
-        const full = Buffer.allocUnsafe(4 + n * 8);
+        const full = Buffer.allocUnsafe(indexLen);
         this.index.copy(full);
         this.index = full;
         return; // `have` stays 4: the entries follow
       }
     }
-    if ((crc32(this.index) >>> 0) !== this.crc) throw new ProtocolError('checksum mismatch on frame type Pages');
+    checkCovered(FrameType.Pages, this.index, this.crc);
     this.runs = this.sink.pageRuns(this.index, this.flags);
     let data = 0;
     for (const [, l] of this.runs) data += l;
@@ -214,13 +227,10 @@ export class PlacingReader {
   private deliver(f: Frame): void {
     this.phase = 'head';
     this.have = 0;
-    if (f.type !== FrameType.Pages && (crc32(f.body) >>> 0) !== this.crc) throw new ProtocolError(`checksum mismatch on frame type ${FrameType[f.type]}`);
-    if (f.type === FrameType.Pages) {
-      // A compressed page frame: FrameReader's rule, the index table is what the header covers.
-      const n = f.body.length >= 4 ? f.body.readUInt32LE(0) : -1;
-      if (n < 0 || 4 + n * 8 > f.body.length) throw new ProtocolError('page frame index exceeds the frame');
-      if ((crc32(f.body.subarray(0, 4 + n * 8)) >>> 0) !== this.crc) throw new ProtocolError('checksum mismatch on frame type Pages');
-    }
+    // A compressed page (or a block) frame: the header covers its index table, as in FrameReader.
+    const indexed = f.type === FrameType.Pages || f.type === FrameType.Blocks;
+    const n = indexed && f.body.length >= 4 ? f.body.readUInt32LE(0) : 0;
+    checkCovered(f.type, indexed ? f.body.subarray(0, indexLength(f.type, f.body.length, n)) : f.body, this.crc);
     const r = this.sink.frame(f);
     if (r && typeof (r as Promise<void>).then === 'function') {
       this.busy = true;

@@ -5,7 +5,7 @@ import net from 'node:net';
 import zlib from 'node:zlib';
 import { afterEach, describe, expect, it } from 'vitest';
 import { PlacingReader, type PageSink } from '../dataplane/placing-reader.js';
-import { FrameFlag, FrameType, ZERO_FLAG, crc32, header, jsonFrame, type Frame } from '../dataplane/frames.js';
+import { FrameFlag, FrameReader, FrameType, MAX_BODY, ZERO_FLAG, crc32, header, jsonFrame, type Frame } from '../dataplane/frames.js';
 
 const PAGE = 4096;
 const PAGES = 64;
@@ -152,6 +152,28 @@ describe('PlacingReader (plaintext zero-copy receive)', () => {
       expect(s.errors[0]!.message).toMatch(why);
       expect(s.mem.subarray(0, PAGE).equals(page(9))).toBe(true);
       expect(s.mem.subarray(PAGE).equals(Buffer.alloc((PAGES - 1) * PAGE))).toBe(true);
+    }
+  });
+
+  it('refuses the same malformed frames with the same reasons as the copy path (FrameReader)', async () => {
+    const shortIndex = Buffer.alloc(4 + 8);
+    shortIndex.writeUInt32LE(1000, 0); // 1000 entries announced: more than the frame holds
+    const cases: Array<[Buffer, RegExp]> = [
+      [header(99 as FrameType, 0, 0), /unknown frame type 99/],
+      [header(FrameType.Pages, MAX_BODY + 1, 0), /exceeds the \d+ limit/],
+      [Buffer.concat([header(FrameType.Pages, 2, 0), Buffer.alloc(2)]), /page frame without an index/],
+      [Buffer.concat([header(FrameType.Pages, shortIndex.length + PAGE, crc32(shortIndex)), shortIndex, page(3)]), /page frame index exceeds the frame/],
+      [pagesFrame([{ p: 1, data: page(1) }], 0, true), /checksum mismatch on frame type Pages/],
+      [pagesFrame([{ p: 1, data: page(1) }], FrameFlag.Deflate, true), /checksum mismatch on frame type Pages/],
+      [Buffer.concat([header(FrameType.Device, 2, 7), Buffer.from('{}')]), /checksum mismatch on frame type Device/],
+    ];
+    for (const [bad, why] of cases) {
+      expect(() => new FrameReader().feed(bad), `FrameReader: ${why}`).toThrow(why);
+      const s = sink([]);
+      await transfer(bad, s, 0, () => 1 << 16);
+      await until(`PlacingReader refuses (${why})`, () => s.errors.length > 0);
+      expect(s.errors[0]!.message).toMatch(why);
+      expect(s.mem.equals(Buffer.alloc(PAGES * PAGE))).toBe(true);
     }
   });
 });

@@ -27,7 +27,7 @@ import { TSX_LOADER as TSX, profilingFlags } from '../../common/tsx.js';
 /** Only root may raise a process's priority back (adoption), so only root lowers it first. */
 const RENICE = process.getuid?.() === 0;
 /** A spare is not loaded while a migration runs through the host, for up to this long. */
-const SPARE_MAX_DEFER_MS = 10_000;
+const SPARE_MAX_DEFER_MS = 30_000;
 const SPARE_RECHECK_MS = 200;
 
 /**
