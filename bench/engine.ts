@@ -30,6 +30,8 @@ export interface EngineRunOptions {
   policy?: Partial<MigrationPolicy>;
   /** Directory for --cpu-prof output of both VM processes. */
   profDir?: string;
+  /** Cut over after this round whatever the policy decides (tests of the cutover's tail). */
+  cutoverAtRound?: number;
   log?: (m: string) => void;
 }
 
@@ -43,6 +45,8 @@ export interface EngineRunResult {
   downtimeMs: number;
   bytesSent: number;
   finalPages: number;
+  /** See CutoverResult.tailThrottle. */
+  tailThrottle?: number;
   samples: ProgressSample[];
   vmHwmKiB: { source: number; destination: number };
 }
@@ -104,6 +108,7 @@ export async function runEngine(o: EngineRunOptions): Promise<EngineRunResult> {
       if (s.round <= round && s.state !== 'failed') continue;
       round = s.round;
       samples.push(s);
+      if (o.cutoverAtRound !== undefined && round >= o.cutoverAtRound) { reason = `forced cutover after round ${round}`; break; }
       const d = decide(samples.slice(-8), policy, o.memoryBytes);
       if (d.action === 'continue') continue;
       if (d.action === 'throttle') { await callControl(ctlA, 'setPolicy', { migrationId: 'm1', throttle: d.throttle }); continue; }
@@ -119,7 +124,7 @@ export async function runEngine(o: EngineRunOptions): Promise<EngineRunResult> {
     const vmHwmKiB = { source: hwmKiB(children[0]!.pid!), destination: hwmKiB(children[1]!.pid!) };
     return {
       outcome, reason, totalMs: t1 - t0, precopyMs: tPre - t0, cutoverCallMs: t1 - tPre, rounds: round,
-      downtimeMs: cut?.downtimeMs ?? 0, bytesSent: cut?.bytesSent ?? samples.at(-1)?.bytesSent ?? 0, finalPages: cut?.finalPages ?? 0, samples, vmHwmKiB,
+      downtimeMs: cut?.downtimeMs ?? 0, bytesSent: cut?.bytesSent ?? samples.at(-1)?.bytesSent ?? 0, finalPages: cut?.finalPages ?? 0, tailThrottle: cut?.tailThrottle, samples, vmHwmKiB,
     };
   } finally {
     server.close();

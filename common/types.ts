@@ -165,6 +165,11 @@ export interface CutoverResult {
   /** With compression (see ProgressSample). */
   rawBytes?: number;
   compressCpuMs?: number;
+  /**
+   * Set when the dirty set still did not fit the downtime limit after the cutover decision and
+   * the source raised the guest's throttle before pausing (auto-converge in the cutover's tail).
+   */
+  tailThrottle?: number;
   sourceDigest: number;
   destinationDigest: number;
   sourceFullCrc?: number;

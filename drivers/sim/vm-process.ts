@@ -229,6 +229,8 @@ interface Outgoing {
   bucketAt: number;
   /** Set during cutover: the last dirty pages go out even though pre-copy was stopped. */
   finalFlush?: boolean;
+  /** Throttle the cutover's tail raised the guest to (auto-converge after the decision), if it did. */
+  tailThrottle?: number;
   /** Bytes the frames would have had uncompressed, and CPU spent compressing (µs). */
   rawBytes: number;
   compressCpuUs: number;
@@ -502,6 +504,16 @@ async function precopy(o: Outgoing): Promise<void> {
     const fits = rate > 0 ? (bytes / rate) * 1000 + CUTOVER_FIXED_MS <= o.policy.downtimeLimitMs * 0.8 : bytes < PRE_PAUSE_MIN_BYTES;
     if (bytes < PRE_PAUSE_MIN_BYTES && fits) break;
     if (k >= 3 && fits) break;
+    // Still too much after two rounds: the guest dirties faster than the sample behind the
+    // decision said (it was starved of CPU for a while, say). Pausing now would blow the
+    // downtime limit, so auto-converge goes on here, one policy step per round (reported in
+    // the cutover result, which the workflow's history keeps).
+    if (k >= 2 && !fits && o.policy.autoConverge && guest.state.throttle < o.policy.throttleMax) {
+      const from = guest.state.throttle;
+      guest.state.throttle = Math.min(o.policy.throttleMax, Math.max(o.policy.throttleInitial, Math.round((from + o.policy.throttleIncrement) * 100) / 100));
+      o.tailThrottle = guest.state.throttle;
+      log(`cutover tail ${o.id}: ${(bytes / 2 ** 20).toFixed(1)} MiB dirty does not fit ${o.policy.downtimeLimitMs} ms at ${(rate / 2 ** 20).toFixed(0)} MiB/s; throttle ${from} → ${guest.state.throttle}`);
+    }
     o.finalFlush = true; // send through the stop request
     const t0 = performance.now();
     try { await sendPages(o, list); } finally { o.finalFlush = false; }
@@ -714,6 +726,7 @@ async function doCutover(o: Outgoing, verify: MigrationPolicy['verify']): Promis
   mirror?.close(); // break the mirror: the destination's copy is the VM's disk now
   const result: CutoverResult = {
     pausedAt, resumedAt: r.resumedAt, downtimeMs, finalPages: finalList.length, bytesSent: o.bytesSent, ...compressionFigures(o),
+    ...(o.tailThrottle !== undefined ? { tailThrottle: o.tailThrottle } : {}),
     sourceDigest: digest, destinationDigest: v.digest, sourceFullCrc, destinationFullCrc: v.fullCrc, epoch: newEpoch,
     deviceState: { vcpuTicks: guest.state.vcpuTicks, memWrites: guest.state.memWrites, diskWrites: guest.state.diskWrites },
   };
@@ -749,6 +762,8 @@ async function cutover(p: { migrationId: string; verify?: MigrationPolicy['verif
 async function rollbackOutgoing(p: { migrationId: string; allowReclaim?: boolean }): Promise<{ runsOn: 'source' | 'destination' | 'undecided'; state: VmState; epoch: number }> {
   if (connecting?.id === p.migrationId) connecting.cancelled = true;
   if (!rolledBack.includes(p.migrationId)) { rolledBack.push(p.migrationId); if (rolledBack.length > 64) rolledBack.shift(); }
+  // This VM's migration (not a late rollback of another): its auto-converge throttle goes with it.
+  const ours = outgoing?.id === p.migrationId || migrationId === p.migrationId;
   if (outgoing && outgoing.id === p.migrationId) {
     const o = outgoing;
     if (o.state !== 'done' && o.state !== 'failed') { o.error = 'cancelled'; o.state = 'cancelled'; }
@@ -759,6 +774,7 @@ async function rollbackOutgoing(p: { migrationId: string; allowReclaim?: boolean
     for (const w of o.waiters.splice(0)) w();
   }
   if (state === 'running') {
+    if (ours) guest.state.throttle = 0;
     if (migrationId === p.migrationId) { migrationId = undefined; outgoing = null; persist(); }
     return { runsOn: 'source', state, epoch };
   }
@@ -782,6 +798,7 @@ async function rollbackOutgoing(p: { migrationId: string; allowReclaim?: boolean
     return { runsOn, state, epoch };
   }
   epoch = rec.epoch;
+  if (ours) guest.state.throttle = 0;
   await run();
   migrationId = undefined;
   outgoing = null;
@@ -1063,6 +1080,9 @@ async function onIncomingFrame(inc: Incoming, f: Frame): Promise<void> {
       epoch = g.epoch;
       inc.state = 'running';
       guest.markAllClean();
+      // Auto-converge ends with the migration (QEMU lifts its CPU throttle then too): the
+      // throttle came over with the device state, the guest runs here at full speed.
+      guest.state.throttle = 0;
       migrationId = undefined; // the migration is over for this copy: it is now the VM
       // The downtime ends here: RESUMED goes out before the bookkeeping (state.json, log).
       await run({ persist: false });
