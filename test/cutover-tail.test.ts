@@ -12,7 +12,7 @@ describe('cutover tail', () => {
   it('a cutover ordered while the guest outruns the link throttles it first, and pauses within the limit', async () => {
     const r = await runEngine({
       memoryBytes: 16 * MiB, fill: 1, dirtyRate: 128 * MiB, cutoverAtRound: 1,
-      policy: { maxBandwidth: 64 * MiB, downtimeLimitMs: 40, throttleIncrement: 0.3 },
+      policy: { maxBandwidth: 64 * MiB, downtimeLimitMs: 40 },
     });
     expect(r.outcome).toBe('completed');
     expect(r.tailThrottle, 'the tail raised the throttle').toBeGreaterThan(0.2);

@@ -504,13 +504,13 @@ async function precopy(o: Outgoing): Promise<void> {
     const fits = rate > 0 ? (bytes / rate) * 1000 + CUTOVER_FIXED_MS <= o.policy.downtimeLimitMs * 0.8 : bytes < PRE_PAUSE_MIN_BYTES;
     if (bytes < PRE_PAUSE_MIN_BYTES && fits) break;
     if (k >= 3 && fits) break;
-    // Still too much after two rounds: the guest dirties faster than the sample behind the
-    // decision said (it was starved of CPU for a while, say). Pausing now would blow the
-    // downtime limit, so auto-converge goes on here, one policy step per round (reported in
-    // the cutover result, which the workflow's history keeps).
-    if (k >= 2 && !fits && o.policy.autoConverge && guest.state.throttle < o.policy.throttleMax) {
+    // Still too much after a round: the guest dirties faster than the sample behind the
+    // decision said (it was starved of CPU for a while, say). Pausing with it would blow the
+    // downtime limit, so auto-converge goes on here, two policy steps per round, as the rounds
+    // left are few (reported in the cutover result, which the workflow's history keeps).
+    if (k >= 1 && !fits && o.policy.autoConverge && guest.state.throttle < o.policy.throttleMax) {
       const from = guest.state.throttle;
-      guest.state.throttle = Math.min(o.policy.throttleMax, Math.max(o.policy.throttleInitial, Math.round((from + o.policy.throttleIncrement) * 100) / 100));
+      guest.state.throttle = Math.min(o.policy.throttleMax, Math.max(o.policy.throttleInitial, Math.round((from + 2 * o.policy.throttleIncrement) * 100) / 100));
       o.tailThrottle = guest.state.throttle;
       log(`cutover tail ${o.id}: ${(bytes / 2 ** 20).toFixed(1)} MiB dirty does not fit ${o.policy.downtimeLimitMs} ms at ${(rate / 2 ** 20).toFixed(0)} MiB/s; throttle ${from} → ${guest.state.throttle}`);
     }
