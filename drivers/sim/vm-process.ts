@@ -1080,21 +1080,23 @@ async function onIncomingFrame(inc: Incoming, f: Frame): Promise<void> {
       epoch = g.epoch;
       inc.state = 'running';
       guest.markAllClean();
-      // Auto-converge ends with the migration (QEMU lifts its CPU throttle then too): the
-      // throttle came over with the device state, the guest runs here at full speed.
-      guest.state.throttle = 0;
       migrationId = undefined; // the migration is over for this copy: it is now the VM
       // The downtime ends here: RESUMED goes out before the bookkeeping (state.json, log).
       await run({ persist: false });
       const resumedAt = Date.now();
+      // Auto-converge ends with the migration (QEMU lifts its CPU throttle then too): the
+      // throttle came over with the device state; lifted once RESUMED is out (a full-speed
+      // guest slice before it would lengthen the downtime).
+      const unthrottle = (): void => { guest.state.throttle = 0; };
       if ((await faultPoint('destination-after-resume')) === 'drop-ack') {
         // Fault injection: the VM runs here, but the source never hears of it.
+        unthrottle();
         persist();
         inc.sock!.destroy();
         log(`resumed at epoch ${epoch}; acknowledgement dropped (fault injection)`);
         return;
       }
-      await writeAll(inc.sock!, [jsonFrame(FrameType.Resumed, { resumedAt })]);
+      try { await writeAll(inc.sock!, [jsonFrame(FrameType.Resumed, { resumedAt })]); } finally { unthrottle(); }
       persist();
       log(`resumed at epoch ${epoch}`);
       return;
