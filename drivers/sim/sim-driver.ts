@@ -232,9 +232,9 @@ export class SimDriver implements HypervisorDriver {
       fs.renameSync(spare.log, path.join(dir, 'vm.log')); // its output file becomes the VM's log
       if (RENICE && child.pid) renice(child.pid, 0);
       child.send({ type: 'adopt', dir });
-      // The next spare: right away at low priority when we can restore a VM's priority after
-      // (root, as hypervisor agents run); otherwise once this VM has settled.
-      // (A moment first: the adopted VM's state file, which says whether it migrates, follows.)
+      // The next spare: at low priority when we can restore a VM's priority after (root, as
+      // hypervisor agents run), otherwise once this VM has settled; either way not while the
+      // host migrates (a moment first: the adopted VM's state file, which says so, follows).
       this.warmSpare(RENICE ? SPARE_RECHECK_MS * 5 : 5_000, performance.now() + SPARE_MAX_DEFER_MS);
     } else {
       const logFd = fs.openSync(path.join(dir, 'vm.log'), 'a');
