@@ -578,7 +578,6 @@ main().then(() => cleanup(), async (e: Error) => { say(`FAILED: ${e.stack ?? e.m
 
 interface HugePool { pages: number; previous: number; error?: string; release(): void }
 
-
 /**
  * Makes sure the host's huge-page pool holds `bytes` (root raises vm.nr_hugepages for the run
  * and puts it back after); without root or memory for it, says why instead.

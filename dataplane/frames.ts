@@ -98,7 +98,6 @@ function partsFrame(type: FrameType, parts: Buffer[]): Frame {
   };
 }
 
-/** Incremental frame parser; feed() returns every complete, checksum-verified frame. */
 // The checks every reader of the wire applies, in this order, before it reads or places any
 // page of a frame: FrameReader (copy path) and PlacingReader (zero-copy path) share them.
 
@@ -124,6 +123,7 @@ export function checkCovered(type: FrameType, covered: Buffer, crc: number): voi
   if ((crc32(covered) >>> 0) !== crc) throw new ProtocolError(`checksum mismatch on frame type ${FrameType[type]}`);
 }
 
+/** Incremental frame parser; feed() returns every complete, checksum-verified frame. */
 export class FrameReader {
   private chunks: Buffer[] = [];
   private buffered = 0;

@@ -170,7 +170,7 @@ export class PlacingReader {
     checkHeader(this.type, this.len);
     this.have = 0;
     if (this.type === FrameType.Pages && !(this.flags & FrameFlag.Deflate)) {
-      indexLength(FrameType.Pages, this.len, 0);
+      indexLength(FrameType.Pages, this.len, 0); // refuses a body too short for the count
       this.phase = 'index';
       this.index = Buffer.allocUnsafe(4); // the count first, then the whole table
       return;

@@ -17,7 +17,7 @@ describe('cutover tail', () => {
     expect(r.outcome).toBe('completed');
     expect(r.tailThrottle, 'the tail raised the throttle').toBeGreaterThan(0.2);
     // Without the tail's throttling the pause carries what the guest dirtied meanwhile: ~140 ms
-    // here, against 8–11 ms with it.
+    // here, against 5–11 ms with it.
     expect(r.downtimeMs).toBeLessThanOrEqual(60);
   }, 120_000);
 

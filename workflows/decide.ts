@@ -13,6 +13,11 @@ export function convergenceTimeoutMs(policy: MigrationPolicy, memoryBytes: numbe
   return Math.max(10_000, (policy.convergenceTimeoutMsPerGiB * memoryBytes) / 2 ** 30);
 }
 
+/** One auto-converge step from `throttle`: the first step to throttleInitial, then by throttleIncrement, up to throttleMax. */
+export function nextThrottle(policy: MigrationPolicy, throttle: number): number {
+  return Math.round(Math.min(policy.throttleMax, throttle === 0 ? policy.throttleInitial : throttle + policy.throttleIncrement) * 100) / 100;
+}
+
 const mb = (n: number): string => `${(n / 2 ** 20).toFixed(1)} MiB/s`;
 
 export function decide(samples: readonly ProgressSample[], policy: MigrationPolicy, memoryBytes: number): Decision {
@@ -30,8 +35,7 @@ export function decide(samples: readonly ProgressSample[], policy: MigrationPoli
   const stalled = prev !== undefined && s.round >= 2 && s.dirtyPages >= prev.dirtyPages * 0.9;
   const outrun = s.round >= 2 && s.dirtyRate > 0.5 * s.bandwidth;
   if ((stalled || outrun || s.round >= policy.maxRounds) && policy.autoConverge && s.throttle < policy.throttleMax) {
-    const next = Math.min(policy.throttleMax, s.throttle === 0 ? policy.throttleInitial : s.throttle + policy.throttleIncrement);
-    return { action: 'throttle', throttle: Math.round(next * 100) / 100, reason: `round ${s.round}: dirty rate ${mb(s.dirtyRate)} vs link ${mb(s.bandwidth)}, ${s.dirtyPages} pages dirty (${stalled ? 'not shrinking' : outrun ? 'guest outruns the link' : 'round limit'})` };
+    return { action: 'throttle', throttle: nextThrottle(policy, s.throttle), reason: `round ${s.round}: dirty rate ${mb(s.dirtyRate)} vs link ${mb(s.bandwidth)}, ${s.dirtyPages} pages dirty (${stalled ? 'not shrinking' : outrun ? 'guest outruns the link' : 'round limit'})` };
   }
   if (s.round >= policy.maxRounds) return { action: 'abort', reason: `no convergence after ${s.round} rounds (limit ${policy.maxRounds}); expected downtime ${s.expectedDowntimeMs} ms > ${policy.downtimeLimitMs} ms` };
   return { action: 'continue', reason: `round ${s.round}: expected downtime ${s.expectedDowntimeMs} ms` };

@@ -19,6 +19,7 @@ import { PAGE_SIZE, type VmSpec, type VmState, type MigrationPolicy, type Progre
 import { FrameChannel, FrameType, FrameFlag, header, jsonFrame, writeAll, crc32, joinPrefix, ZERO_FLAG, parseJson, type Frame } from '../../dataplane/frames.js';
 import { connectDataPlane, acceptSecure, dataPlaneTlsFromEnv, secureContextFor, type GrantCheck, type Hello } from '../../dataplane/endpoint.js';
 import { faultPoint } from '../../common/faults.js';
+import { nextThrottle } from '../../workflows/decide.js';
 
 export interface VmRuntimeConfig {
   spec: VmSpec;
@@ -510,7 +511,7 @@ async function precopy(o: Outgoing): Promise<void> {
     // left are few (reported in the cutover result, which the workflow's history keeps).
     if (k >= 1 && !fits && o.policy.autoConverge && guest.state.throttle < o.policy.throttleMax) {
       const from = guest.state.throttle;
-      guest.state.throttle = Math.min(o.policy.throttleMax, Math.max(o.policy.throttleInitial, Math.round((from + 2 * o.policy.throttleIncrement) * 100) / 100));
+      guest.state.throttle = nextThrottle(o.policy, nextThrottle(o.policy, from));
       o.tailThrottle = guest.state.throttle;
       log(`cutover tail ${o.id}: ${(bytes / 2 ** 20).toFixed(1)} MiB dirty does not fit ${o.policy.downtimeLimitMs} ms at ${(rate / 2 ** 20).toFixed(0)} MiB/s; throttle ${from} → ${guest.state.throttle}`);
     }
