@@ -112,13 +112,19 @@ export function createHostActivities({ host, driver }: HostActivityDeps) {
      */
     async superviseIncoming(p: { migrationId: string; vm: string }): Promise<{ state: string }> {
       const ctx = Context.current();
+      let last: string | undefined;
       for (;;) {
-        const st = await driver.incomingStatus(p.vm, p.migrationId);
+        // A driver that can waits for the next state change (up to 1 s, then a heartbeat): the
+        // workflow's cleanup waits for this activity to end, so it should end at the resume.
+        const st = await driver.incomingStatus(p.vm, p.migrationId, last ? { waitMs: 1000, unlessState: last } : undefined);
+        last = st.state;
         ctx.heartbeat(st);
         if (st.state === 'failed' || st.state === 'unreachable' || !st.exists) {
           throw ApplicationFailure.create({ message: `destination ${host.name}: incoming VM ${st.state}${st.error ? `: ${st.error}` : ''}`, type: 'DestinationFailed', nonRetryable: true });
         }
         if (st.state === 'running') return { state: st.state };
+        if (ctx.cancellationSignal.aborted) return { state: 'supervision-cancelled' };
+        if (st.waited) continue;
         // Short: the workflow's cleanup waits for this to end after the cutover.
         try { await ctx.sleep(50); } catch { return { state: 'supervision-cancelled' }; }
       }

@@ -45,8 +45,9 @@ export interface EngineRunResult {
   downtimeMs: number;
   bytesSent: number;
   finalPages: number;
-  /** See CutoverResult.tailThrottle. */
+  /** See CutoverResult.tailThrottle, downtimePhasesMs. */
   tailThrottle?: number;
+  downtimePhasesMs?: CutoverResult['downtimePhasesMs'];
   samples: ProgressSample[];
   vmHwmKiB: { source: number; destination: number };
 }
@@ -124,7 +125,7 @@ export async function runEngine(o: EngineRunOptions): Promise<EngineRunResult> {
     const vmHwmKiB = { source: hwmKiB(children[0]!.pid!), destination: hwmKiB(children[1]!.pid!) };
     return {
       outcome, reason, totalMs: t1 - t0, precopyMs: tPre - t0, cutoverCallMs: t1 - tPre, rounds: round,
-      downtimeMs: cut?.downtimeMs ?? 0, bytesSent: cut?.bytesSent ?? samples.at(-1)?.bytesSent ?? 0, finalPages: cut?.finalPages ?? 0, tailThrottle: cut?.tailThrottle, samples, vmHwmKiB,
+      downtimeMs: cut?.downtimeMs ?? 0, bytesSent: cut?.bytesSent ?? samples.at(-1)?.bytesSent ?? 0, finalPages: cut?.finalPages ?? 0, tailThrottle: cut?.tailThrottle, downtimePhasesMs: cut?.downtimePhasesMs, samples, vmHwmKiB,
     };
   } finally {
     server.close();

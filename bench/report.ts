@@ -33,6 +33,9 @@ export interface CaseResult {
   linkBytesPerSec?: number;
   /** With compression: uncompressed frame bytes and the source CPU spent compressing. */
   compression?: { rawBytes: number; cpuMs: number };
+  /** Where the downtime went (source's clock), and the pages the pause carried. */
+  downtimePhasesMs?: { finalPages: number; verify: number; handoff: number; resume: number };
+  finalPages?: number;
 }
 
 export interface EvacuationRun { from: string; to: string; concurrency: number; vms: number; memoryBytes: number; totalMs: number; completed: number; failed: number; maxDowntimeMs: number; meanDowntimeMs: number; vmsPerMinute: number; error?: string }

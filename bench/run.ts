@@ -235,7 +235,7 @@ async function main(): Promise<void> {
     const [from, to] = c.hugepages ? [E, F] : c.plaintext ? [C, D] : [A, B];
     const r = await runCase(client, c, `bench${n++}`, { A: from, B: to, engineBaseline, streamBaseline: base, agentPid, runDir }).catch((e: Error) => failedCase(c, base, e));
     results.push(r);
-    say(`  ${r.outcome}: total ${r.totalMs.toFixed(0)} ms, ${(r.throughputBytesPerSec / MiB).toFixed(0)} MiB/s (${(r.throughputRatio * 100).toFixed(0)}% of baseline), downtime ${r.downtimeMs} ms, probe ${r.probe ? `lost ${r.probe.lost}, max gap ${r.probe.maxGapMs} ms` : '—'}, rounds ${r.rounds}, wire ${r.wireRatio.toFixed(3)}×, orchestration ${r.orchestrationOverheadMs.toFixed(0)} ms${r.error ? `, error: ${r.error}` : ''}`);
+    say(`  ${r.outcome}: total ${r.totalMs.toFixed(0)} ms, ${(r.throughputBytesPerSec / MiB).toFixed(0)} MiB/s (${(r.throughputRatio * 100).toFixed(0)}% of baseline), downtime ${r.downtimeMs} ms${r.downtimePhasesMs ? ` (${Object.entries(r.downtimePhasesMs).map(([k, v]) => `${k} ${v}`).join(', ')}; ${r.finalPages} final pages)` : ''}, probe ${r.probe ? `lost ${r.probe.lost}, max gap ${r.probe.maxGapMs} ms` : '—'}, rounds ${r.rounds}, wire ${r.wireRatio.toFixed(3)}×, orchestration ${r.orchestrationOverheadMs.toFixed(0)} ms${r.error ? `, error: ${r.error}` : ''}`);
   }
 
   pool?.release();
@@ -414,6 +414,7 @@ async function runCase(client: VmferryClient, c: CaseDef, vmName: string, x: Ctx
       throughputBytesPerSec: (c.memoryBytes / totalMs) * 1000, throughputRatio: ((c.memoryBytes / totalMs) * 1000) / x.streamBaseline,
       finalThrottle: throttles.at(-1) ?? 0, decisions: r.decisions.length, agentRssKiB, vmHwmKiB: vmHwm, verified, cleanRollback,
       linkBytesPerSec: (r.bytesTransferred / (h.precopyMs > 0 ? h.precopyMs : dataMs)) * 1000,
+      downtimePhasesMs: r.cutover?.downtimePhasesMs, finalPages: r.cutover?.finalPages,
       compression: r.cutover?.rawBytes !== undefined ? { rawBytes: r.cutover.rawBytes, cpuMs: r.cutover.compressCpuMs ?? 0 } : undefined,
       error: c.expect !== r.outcome ? `expected ${c.expect}` : verified === false ? 'verify failed' : undefined,
     };

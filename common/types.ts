@@ -170,6 +170,12 @@ export interface CutoverResult {
    * the source raised the guest's throttle before pausing (auto-converge in the cutover's tail).
    */
   tailThrottle?: number;
+  /**
+   * Where the downtime went, ms on the source's clock: the last dirty pages out (and, with
+   * several streams, their barrier), device state → destination's verification, the ownership
+   * handoff, GO → destination running. Sums to downtimeMs (rounding aside).
+   */
+  downtimePhasesMs?: { finalPages: number; verify: number; handoff: number; resume: number };
   sourceDigest: number;
   destinationDigest: number;
   sourceFullCrc?: number;

@@ -30,6 +30,14 @@ export interface IncomingStatus {
   state: string;
   bytesReceived: number;
   error?: string;
+  /** The driver held the call until the state differed from `unlessState` (or waitMs passed). */
+  waited?: boolean;
+}
+
+/** incomingStatus may hold the call (up to waitMs) while the state still equals unlessState. */
+export interface IncomingWait {
+  waitMs: number;
+  unlessState: string;
 }
 
 export interface RollbackResult {
@@ -56,7 +64,7 @@ export interface HypervisorDriver {
 
   /** `streams`: parallel memory streams the source will open (policy.streams; default 1). */
   prepareIncoming(spec: VmSpec, migrationId: string, sourceHost: string, opts?: IncomingOptions): Promise<IncomingTarget>;
-  incomingStatus(name: string, migrationId: string): Promise<IncomingStatus>;
+  incomingStatus(name: string, migrationId: string, wait?: IncomingWait): Promise<IncomingStatus>;
   /** Destroys the incoming VM of this migration unless it already runs. Idempotent. */
   abortIncoming(name: string, migrationId: string): Promise<{ aborted: boolean; running: boolean }>;
 

@@ -14,7 +14,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { spawnSync } from 'node:child_process';
-import type { HypervisorDriver, IncomingOptions, IncomingStatus, IncomingTarget, OutgoingOptions, RollbackResult, StorageMoves } from './driver.js';
+import type { HypervisorDriver, IncomingOptions, IncomingStatus, IncomingTarget, IncomingWait, OutgoingOptions, RollbackResult, StorageMoves } from './driver.js';
 import type { CutoverResult, DiskMirrorStatus, DiskTargetGrant, DriverKind, MigrationPolicy, ProgressSample, VerifyReport, VmInfo, VmSpec } from '../common/types.js';
 import type { HostConfig } from '../common/host-config.js';
 import type { SimDriver } from './sim/sim-driver.js';
@@ -131,8 +131,8 @@ export class DriverRouter implements HypervisorDriver, StorageMoves {
     return d.prepareIncoming(spec, migrationId, sourceHost, opts);
   }
 
-  async incomingStatus(name: string, migrationId: string): Promise<IncomingStatus> {
-    return this.byName(name).incomingStatus(name, migrationId);
+  async incomingStatus(name: string, migrationId: string, wait?: IncomingWait): Promise<IncomingStatus> {
+    return this.byName(name).incomingStatus(name, migrationId, wait);
   }
 
   async abortIncoming(name: string, migrationId: string): Promise<{ aborted: boolean; running: boolean }> {

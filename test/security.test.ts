@@ -381,6 +381,27 @@ describe('hostile peer with a valid grant', () => {
   });
 });
 
+describe('incoming status (what superviseIncoming waits on)', () => {
+  it('a status call with unlessState is held until the incoming state changes (connection, failure), or until its wait ends', async () => {
+    const { hello } = await incomingOnC('sec9', 'mig-w1');
+    const held = await C.driver.incomingStatus('sec9', 'mig-w1', { waitMs: 300, unlessState: 'waiting' });
+    expect(held).toMatchObject({ state: 'waiting', waited: true });
+    // Held across the connection: answered by the change, long before its 20 s wait ends.
+    const t0 = performance.now();
+    const changed = C.driver.incomingStatus('sec9', 'mig-w1', { waitMs: 20_000, unlessState: 'waiting' });
+    const chan = await connectDataPlane(C.cfg.dataPlane, hello, certOf(A));
+    expect(await changed).toMatchObject({ state: 'receiving', waited: true });
+    const failed = C.driver.incomingStatus('sec9', 'mig-w1', { waitMs: 20_000, unlessState: 'receiving' });
+    chan.sock.write(pagesFrame([{ index: 3, data: Buffer.alloc(PAGE_SIZE, 1), crc: 0xdeadbeef }]));
+    expect(await failed).toMatchObject({ state: 'failed', waited: true });
+    expect(performance.now() - t0).toBeLessThan(15_000);
+    // A state that already differs is answered at once (no wait).
+    expect(await C.driver.incomingStatus('sec9', 'mig-w1', { waitMs: 20_000, unlessState: 'receiving' })).toMatchObject({ state: 'failed' });
+    chan.sock.destroy();
+    expect(await C.driver.abortIncoming('sec9', 'mig-w1')).toEqual({ aborted: true, running: false });
+  });
+});
+
 describe('storage paths', () => {
   it('(g) resolveStorageDir refuses .. escapes and symlinks out of the roots; nothing is created', () => {
     const base = fs.mkdtempSync(path.join(os.tmpdir(), 'vmferry-roots-'));

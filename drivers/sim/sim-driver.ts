@@ -8,7 +8,7 @@ import net from 'node:net';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 import { setTimeout as sleep } from 'node:timers/promises';
-import type { HypervisorDriver, IncomingOptions, IncomingStatus, IncomingTarget, OutgoingOptions, RollbackResult } from '../driver.js';
+import type { HypervisorDriver, IncomingOptions, IncomingStatus, IncomingTarget, IncomingWait, OutgoingOptions, RollbackResult } from '../driver.js';
 import type { CutoverResult, DiskMirrorStatus, DiskTargetGrant, MigrationPolicy, ProgressSample, VerifyReport, VmInfo, VmSpec, VmState } from '../../common/types.js';
 import { vmStorageDir, resolveStorageDir, type HostConfig } from '../../common/host-config.js';
 import { callControl, ControlError } from './control.js';
@@ -368,13 +368,16 @@ export class SimDriver implements HypervisorDriver {
     child.send({ type: 'dataplane', rest: rest.toString('base64'), auth: check, nonce }, sock);
   }
 
-  async incomingStatus(name: string, migrationId: string): Promise<IncomingStatus> {
+  async incomingStatus(name: string, migrationId: string, wait?: IncomingWait): Promise<IncomingStatus> {
     const rt = this.readRuntime(name);
     if (!rt || rt.cfg.migrationId !== migrationId) return { exists: false, state: 'absent', bytesReceived: 0 };
-    const st = await this.control<VmStatus>(name, 'status', {}, 5000).catch(() => null);
+    // With `wait`, the VM process answers once its incoming state leaves unlessState (a resume
+    // is seen within a ms, not at the next poll), or after waitMs.
+    const st = await this.control<VmStatus>(name, 'status', wait ? { waitMs: wait.waitMs, unlessIncoming: wait.unlessState } : {}, 5000 + (wait?.waitMs ?? 0)).catch(() => null);
     if (!st) return { exists: true, state: 'unreachable', bytesReceived: 0, error: 'incoming VM process does not answer' };
-    if (st.state === 'running') return { exists: true, state: 'running', bytesReceived: st.incoming?.bytesReceived ?? 0 };
-    return { exists: true, state: st.incoming?.state ?? st.state, bytesReceived: st.incoming?.bytesReceived ?? 0, error: st.incoming?.error };
+    const waited = wait ? { waited: true } : {};
+    if (st.state === 'running') return { exists: true, state: 'running', bytesReceived: st.incoming?.bytesReceived ?? 0, ...waited };
+    return { exists: true, state: st.incoming?.state ?? st.state, bytesReceived: st.incoming?.bytesReceived ?? 0, error: st.incoming?.error, ...waited };
   }
 
   async abortIncoming(name: string, migrationId: string): Promise<{ aborted: boolean; running: boolean }> {
