@@ -1,4 +1,5 @@
 // Rendering of bench results: markdown table and a hand-written SVG of the key curves.
+import type { CutoverResult } from '../common/types.js';
 
 export interface CaseResult {
   name: string;
@@ -34,7 +35,7 @@ export interface CaseResult {
   /** With compression: uncompressed frame bytes and the source CPU spent compressing. */
   compression?: { rawBytes: number; cpuMs: number };
   /** Where the downtime went (source's clock), and the pages the pause carried. */
-  downtimePhasesMs?: { finalPages: number; verify: number; handoff: number; resume: number };
+  downtimePhasesMs?: CutoverResult['downtimePhasesMs'];
   finalPages?: number;
 }
 
@@ -72,6 +73,16 @@ export function markdown(r: { startedAt: string; scale: number; machine: Record<
   for (const c of r.cases) {
     const agents = Object.values(c.agentRssKiB).map((a) => (a.growth / 1024).toFixed(0)).join(' / ');
     L.push(`| ${c.name} | ${mib(c.memoryBytes)} MiB${c.fill < 1 ? ` (fill ${c.fill})` : ''} | ${(c.dirtyFraction * 100).toFixed(0)}% (${mib(c.dirtyRateBytesPerSec)} MiB/s) | ${c.outcome}${c.error ? ` (${c.error})` : ''} | ${c.totalMs.toFixed(0)} | ${mib(c.throughputBytesPerSec)} (${(c.throughputRatio * 100).toFixed(0)}%) | ${c.downtimeMs} | ${c.probe ? `${c.probe.lost} / ${c.probe.maxGapMs}` : '—'} | ${c.rounds} | ${c.wireRatio.toFixed(3)} | ${c.orchestrationOverheadMs.toFixed(0)} | ${agents} | ${(c.vmHwmKiB.source / 1024).toFixed(0)} / ${(c.vmHwmKiB.destination / 1024).toFixed(0)} |`);
+  }
+  const phased = r.cases.filter((c) => c.downtimePhasesMs);
+  if (phased.length) {
+    // The pause, phase by phase on the source's clock (CutoverResult.downtimePhasesMs).
+    L.push('', 'Where the downtime went (ms, source clock): last dirty pages out, device state → verified, ownership handoff, GO → destination running (of which on the destination):', '');
+    L.push('| case | downtime | final pages (count) | verify | handoff | resume (destination) |', '|---|---|---|---|---|---|');
+    for (const c of phased) {
+      const p = c.downtimePhasesMs!;
+      L.push(`| ${c.name} | ${c.downtimeMs} | ${p.finalPages} (${c.finalPages ?? '?'}) | ${p.verify} | ${p.handoff} | ${p.resume}${p.resumeOnDestination !== undefined ? ` (${p.resumeOnDestination})` : ''} |`);
+    }
   }
   L.push('', 'Orchestration overhead = workflow time − data movement (startOutgoing started → cutover completed, from the workflow history). Breakdown per case in latest.json.');
   // Where an idle migration's time goes: the target judges memory ÷ total time (as the client

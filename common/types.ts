@@ -173,9 +173,11 @@ export interface CutoverResult {
   /**
    * Where the downtime went, ms on the source's clock: the last dirty pages out (and, with
    * several streams, their barrier), device state → destination's verification, the ownership
-   * handoff, GO → destination running. Sums to downtimeMs (rounding aside).
+   * handoff, GO → destination running. Sums to downtimeMs (rounding aside). Of the resume,
+   * `resumeOnDestination` was the destination's own work (claim, start, answer); the rest is the
+   * two messages' travel.
    */
-  downtimePhasesMs?: { finalPages: number; verify: number; handoff: number; resume: number };
+  downtimePhasesMs?: { finalPages: number; verify: number; handoff: number; resume: number; resumeOnDestination?: number };
   sourceDigest: number;
   destinationDigest: number;
   sourceFullCrc?: number;

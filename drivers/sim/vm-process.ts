@@ -775,7 +775,7 @@ async function doCutover(o: Outgoing, verify: MigrationPolicy['verify']): Promis
   } finally { persist(); }
   const downtimeMs = Math.round(tEnd - t0);
   const ms = (a: number, b: number): number => Math.round((b - a) * 10) / 10;
-  const downtimePhasesMs = { finalPages: ms(t0, tSent), verify: ms(tSent, tVerified), handoff: ms(tVerified, tHandoff), resume: ms(tHandoff, tEnd) };
+  const downtimePhasesMs = { finalPages: ms(t0, tSent), verify: ms(tSent, tVerified), handoff: ms(tVerified, tHandoff), resume: ms(tHandoff, tEnd), resumeOnDestination: r.tookMs };
   o.state = 'done';
   for (const s of o.socks) s.end();
   mirror?.close(); // break the mirror: the destination's copy is the VM's disk now
@@ -788,7 +788,7 @@ async function doCutover(o: Outgoing, verify: MigrationPolicy['verify']): Promis
   };
   o.result = result;
   fs.writeFileSync(path.join(runtimeDir, `cutover-${o.id}.json`), JSON.stringify(result));
-  log(`cutover ${o.id} done: downtime ${downtimeMs} ms (${Object.entries(downtimePhasesMs).map(([k, v]) => `${k} ${v}`).join(', ')}; of the resume, ${r.tookMs} ms on the destination), final ${finalList.length} pages; before the pause (pages/ms): ${o.tailRounds?.join(', ') ?? 'none'}`);
+  log(`cutover ${o.id} done: downtime ${downtimeMs} ms (${Object.entries(downtimePhasesMs).map(([k, v]) => `${k} ${v}`).join(', ')}), final ${finalList.length} pages; before the pause (pages/ms): ${o.tailRounds?.join(', ') ?? 'none'}`);
   return result;
 }
 let destHost: string | undefined;
