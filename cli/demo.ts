@@ -5,7 +5,7 @@ import crypto from 'node:crypto';
 import { labUp, labDown } from '../lab/lab.js';
 import { VmferryClient } from '../client/index.js';
 import { Prober } from '../client/probe.js';
-import { follow } from './main.js';
+import { downtimePhases, follow } from './main.js';
 import { formatBytes } from '../common/sizes.js';
 
 const args = new Set(process.argv.slice(2));
@@ -33,6 +33,7 @@ async function demo(): Promise<number> {
     say(`outcome          ${r.outcome}${r.reason ? ` — ${r.reason}` : ''}`);
     say(`total time       ${r.durationMs} ms`);
     say(`downtime         ${r.downtimeMs} ms (pause on hostA → running on hostB)`);
+    if (r.cutover?.downtimePhasesMs) say(`  of which        ${downtimePhases(r.cutover.downtimePhasesMs)}`);
     say(`rounds           ${r.rounds} pre-copy round(s) + final copy of ${r.cutover?.finalPages ?? 0} dirty pages`);
     say(`bytes sent       ${formatBytes(r.bytesTransferred)} (${((r.bytesTransferred / vm.spec.memoryBytes) * 100).toFixed(0)}% of memory; zero pages are not sent)`);
     say(`lost probes      ${p.lost} of ${p.sent} at ${p.intervalMs} ms (longest gap ${p.maxGapMs} ms)`);

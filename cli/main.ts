@@ -9,7 +9,7 @@ import { VmferryClient, UsageError, type MigrationStatus } from '../client/index
 import { Prober } from '../client/probe.js';
 import { labDown, labStatus, labUp, labDir } from '../lab/lab.js';
 import { formatBytes, parseSize } from '../common/sizes.js';
-import type { MigrationPolicy, MigrationResult } from '../common/types.js';
+import type { CutoverResult, MigrationPolicy, MigrationResult } from '../common/types.js';
 
 export const EXIT = { ok: 0, error: 1, usage: 2, rolledBack: 3, failed: 4 } as const;
 
@@ -37,15 +37,24 @@ function outcomeExit(outcome: string): number {
 export function resultJson(r: MigrationResult | MigrationStatus): Record<string, unknown> {
   return {
     id: r.id, type: r.type, vm: r.vm, from: r.from, to: r.to, outcome: r.outcome, reason: r.reason,
-    durationMs: r.durationMs, downtimeMs: r.downtimeMs, rounds: r.rounds, bytesTransferred: r.bytesTransferred,
+    durationMs: r.durationMs, downtimeMs: r.downtimeMs,
+    ...('cutover' in r && r.cutover?.downtimePhasesMs ? { downtimePhasesMs: r.cutover.downtimePhasesMs } : {}),
+    rounds: r.rounds, bytesTransferred: r.bytesTransferred,
     decisions: r.decisions, ...('phase' in r ? { phase: r.phase } : {}), ...('uiUrl' in r && r.uiUrl ? { uiUrl: r.uiUrl } : {}),
   };
+}
+
+/** Where a cutover's downtime went (CutoverResult.downtimePhasesMs), in words. */
+export function downtimePhases(p: NonNullable<CutoverResult['downtimePhasesMs']>): string {
+  return `last dirty pages ${p.finalPages} ms, verification ${p.verify} ms, ownership handoff ${p.handoff} ms, resume ${p.resume} ms${p.resumeOnDestination !== undefined ? ` (${p.resumeOnDestination} ms of it on the destination)` : ''}`;
 }
 
 function printResult(r: MigrationResult, uiUrl?: string): void {
   console.log(`${r.outcome === 'completed' ? '✔' : '✘'} ${r.type} migration ${r.id}: ${r.outcome} — ${r.reason}`);
   if (r.type === 'storage') console.log(`  ${r.vm} on ${r.from}: total ${r.durationMs} ms, no downtime, ${formatBytes(r.bytesTransferred)} copied and mirrored`);
   else console.log(`  ${r.vm}: ${r.from} → ${r.to}; total ${r.durationMs} ms, downtime ${r.downtimeMs} ms, ${r.rounds} rounds, ${formatBytes(r.bytesTransferred)} sent`);
+  const p = r.cutover?.downtimePhasesMs;
+  if (p) console.log(`  downtime: ${downtimePhases(p)}`);
   for (const d of r.decisions) console.log(`  decision at round ${d.round}: ${d.action} — ${d.reason}`);
   if (uiUrl) console.log(`  Temporal UI: ${uiUrl}`);
 }

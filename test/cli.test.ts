@@ -76,6 +76,10 @@ describe('CLI', () => {
     const j = JSON.parse(r.stdout);
     for (const k of ['id', 'type', 'vm', 'from', 'to', 'outcome', 'reason', 'durationMs', 'downtimeMs', 'rounds', 'bytesTransferred']) expect(j).toHaveProperty(k);
     expect(j).toMatchObject({ type: 'live', vm: 'vm1', from: A, to: B, outcome: 'completed' });
+    // Where the downtime went: four phases that add up to it (rounding aside).
+    const p = j.downtimePhasesMs as Record<string, number>;
+    expect(Object.keys(p)).toEqual(expect.arrayContaining(['finalPages', 'verify', 'handoff', 'resume']));
+    expect(Math.abs(p.finalPages! + p.verify! + p.handoff! + p.resume! - j.downtimeMs)).toBeLessThanOrEqual(2);
     const s = JSON.parse((await cli('migration', 'status', j.id, '--json')).stdout);
     expect(s).toMatchObject({ id: j.id, outcome: 'completed', downtimeMs: j.downtimeMs, rounds: j.rounds });
     const list = JSON.parse((await cli('vm', 'list', '--json')).stdout);
