@@ -63,7 +63,7 @@ async function spawnVm(dir: string, cfg: object, profDir?: string): Promise<Chil
   fs.mkdirSync(dir, { recursive: true });
   fs.writeFileSync(path.join(dir, 'vm.json'), JSON.stringify(cfg, null, 2));
   const logFd = fs.openSync(path.join(dir, 'vm.log'), 'a');
-  const args = ['--import', TSX_LOADER, ...(process.env.BENCH_VM_FLAGS ? process.env.BENCH_VM_FLAGS.split(' ') : [])];
+  const args = ['--expose-gc', '--import', TSX_LOADER, ...(process.env.BENCH_VM_FLAGS ? process.env.BENCH_VM_FLAGS.split(' ') : [])];
   if (profDir) args.push('--cpu-prof', `--cpu-prof-dir=${profDir}`);
   const child = spawn(process.execPath, [...args, VM_PROCESS, dir], { stdio: ['ignore', logFd, logFd, 'ipc'] });
   fs.closeSync(logFd);

@@ -198,7 +198,7 @@ export class SimDriver implements HypervisorDriver {
       fs.mkdirSync(dir, { recursive: true });
       const log = path.join(dir, `${Date.now()}-${process.pid}.log`);
       const logFd = fs.openSync(log, 'a');
-      const child = spawn(process.execPath, [...profilingFlags(), '--import', TSX, VM_PROCESS, '--spare'], { detached: true, stdio: ['ignore', logFd, logFd, 'ipc'], env: this.vmEnv() });
+      const child = spawn(process.execPath, [...profilingFlags(), '--expose-gc', '--import', TSX, VM_PROCESS, '--spare'], { detached: true, stdio: ['ignore', logFd, logFd, 'ipc'], env: this.vmEnv() });
       fs.closeSync(logFd);
       child.unref();
       child.channel?.unref();
@@ -239,7 +239,7 @@ export class SimDriver implements HypervisorDriver {
     } else {
       const logFd = fs.openSync(path.join(dir, 'vm.log'), 'a');
       // Detached, own process group: killing the agent never kills its VMs.
-      child = spawn(process.execPath, [...profilingFlags(), '--import', TSX, VM_PROCESS, dir], {
+      child = spawn(process.execPath, [...profilingFlags(), '--expose-gc', '--import', TSX, VM_PROCESS, dir], {
         detached: true,
         stdio: ['ignore', logFd, logFd, 'ipc'],
         env: this.vmEnv(),
