@@ -112,8 +112,12 @@ async function awaitStatus(p: { waitMs?: unknown; unlessIncoming?: unknown }): P
   const waitMs = Math.min(Number(p.waitMs) || 0, 10_000);
   if (typeof p.unlessIncoming === 'string' && waitMs > 0 && incomingView() === p.unlessIncoming) {
     let timer: NodeJS.Timeout | undefined;
-    await new Promise<void>((resolve) => { statusWaiters.push(resolve); timer = setTimeout(resolve, waitMs); });
+    let wake: (() => void) | undefined;
+    await new Promise<void>((resolve) => { wake = resolve; statusWaiters.push(resolve); timer = setTimeout(resolve, waitMs); });
     clearTimeout(timer);
+    // Timed out: drop the waiter (supervision asks again every second for hours).
+    const i = statusWaiters.indexOf(wake!);
+    if (i >= 0) statusWaiters.splice(i, 1);
   }
   return status();
 }
