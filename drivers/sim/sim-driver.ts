@@ -375,7 +375,7 @@ export class SimDriver implements HypervisorDriver {
     // is seen within a ms, not at the next poll), or after waitMs.
     const st = await this.control<VmStatus>(name, 'status', wait ? { waitMs: wait.waitMs, unlessIncoming: wait.unlessState } : {}, 5000 + (wait?.waitMs ?? 0)).catch(() => null);
     if (!st) return { exists: true, state: 'unreachable', bytesReceived: 0, error: 'incoming VM process does not answer' };
-    const waited = wait ? { waited: true } : {};
+    const waited = st.waitHonoured ? { waited: true } : {};
     if (st.state === 'running') return { exists: true, state: 'running', bytesReceived: st.incoming?.bytesReceived ?? 0, ...waited };
     return { exists: true, state: st.incoming?.state ?? st.state, bytesReceived: st.incoming?.bytesReceived ?? 0, error: st.incoming?.error, ...waited };
   }

@@ -46,6 +46,8 @@ export interface VmStatus {
   mirror?: DiskMirrorStatus & { migrationId: string };
   device: DeviceState;
   startedAt: string;
+  /** Set on a `status` call with unlessIncoming: this process held it until a change (or waitMs). */
+  waitHonoured?: boolean;
 }
 
 /**
@@ -107,10 +109,15 @@ const statusWaiters: Array<() => void> = [];
 /** The incoming state as the agent's incomingStatus reports it. */
 const incomingView = (): string => (state === 'running' ? 'running' : incoming?.state ?? state);
 
-/** With `unlessIncoming`, answers once the incoming state differs from it, or after waitMs. */
+/**
+ * With `unlessIncoming`, answers once the incoming state differs from it, or after waitMs, and
+ * says so (`waitHonoured`: a VM process of an older version answers at once, without it, and the
+ * agent then paces its calls itself).
+ */
 async function awaitStatus(p: { waitMs?: unknown; unlessIncoming?: unknown }): Promise<VmStatus> {
   const waitMs = Math.min(Number(p.waitMs) || 0, 10_000);
-  if (typeof p.unlessIncoming === 'string' && waitMs > 0 && incomingView() === p.unlessIncoming) {
+  if (typeof p.unlessIncoming !== 'string' || waitMs <= 0) return status();
+  if (incomingView() === p.unlessIncoming) {
     let timer: NodeJS.Timeout | undefined;
     let wake: (() => void) | undefined;
     await new Promise<void>((resolve) => { wake = resolve; statusWaiters.push(resolve); timer = setTimeout(resolve, waitMs); });
@@ -119,8 +126,11 @@ async function awaitStatus(p: { waitMs?: unknown; unlessIncoming?: unknown }): P
     const i = statusWaiters.indexOf(wake!);
     if (i >= 0) statusWaiters.splice(i, 1);
   }
-  return status();
+  return { ...status(), waitHonoured: true };
 }
+
+/** Frees now what the transfer left on the heap, so that no collection falls inside the pause (--expose-gc). */
+const collectGarbage = (): void => { (globalThis as { gc?: () => void }).gc?.(); };
 
 function status(): VmStatus {
   return {
@@ -565,7 +575,7 @@ async function precopy(o: Outgoing): Promise<void> {
   let prev = Infinity;
   // The source collects too, before the first barrier (see the destination's RoundEnd): its own
   // share of the pause went from 5-8.5 to 4-6 ms (A/B, 8 moves each, 1 GiB at 5% over TLS).
-  (globalThis as { gc?: () => void }).gc?.();
+  collectGarbage();
   for (let k = 0; k < SETTLE_ROUNDS_MAX && o.state === 'stopping'; k++) {
     const t0 = performance.now();
     let n = 0;
@@ -1125,7 +1135,7 @@ async function onIncomingFrame(inc: Incoming, f: Frame): Promise<void> {
       // with it.)
       if (r.barrier && !inc.collected) {
         inc.collected = true;
-        (globalThis as { gc?: () => void }).gc?.();
+        collectGarbage();
       }
       await writeAll(inc.sock!, [jsonFrame(FrameType.Ack, { bytesReceived: inc.bytes })]);
       return;
