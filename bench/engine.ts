@@ -33,6 +33,8 @@ export interface EngineRunOptions {
   /** Cut over after this round whatever the policy decides (tests of the cutover's tail). */
   cutoverAtRound?: number;
   log?: (m: string) => void;
+  /** Environment of both VM processes (default: this process's), e.g. huge-page tunables. */
+  env?: NodeJS.ProcessEnv;
 }
 
 export interface EngineRunResult {
@@ -50,6 +52,8 @@ export interface EngineRunResult {
   downtimePhasesMs?: CutoverResult['downtimePhasesMs'];
   samples: ProgressSample[];
   vmHwmKiB: { source: number; destination: number };
+  /** The source's cutover result, when it cut over. */
+  cutover?: CutoverResult;
 }
 
 function hwmKiB(pid: number): number {
@@ -59,13 +63,13 @@ function hwmKiB(pid: number): number {
   } catch { return 0; }
 }
 
-async function spawnVm(dir: string, cfg: object, profDir?: string): Promise<ChildProcess> {
+async function spawnVm(dir: string, cfg: object, profDir?: string, env?: NodeJS.ProcessEnv): Promise<ChildProcess> {
   fs.mkdirSync(dir, { recursive: true });
   fs.writeFileSync(path.join(dir, 'vm.json'), JSON.stringify(cfg, null, 2));
   const logFd = fs.openSync(path.join(dir, 'vm.log'), 'a');
   const args = ['--expose-gc', '--import', TSX_LOADER, ...(process.env.BENCH_VM_FLAGS ? process.env.BENCH_VM_FLAGS.split(' ') : [])];
   if (profDir) args.push('--cpu-prof', `--cpu-prof-dir=${profDir}`);
-  const child = spawn(process.execPath, [...args, VM_PROCESS, dir], { stdio: ['ignore', logFd, logFd, 'ipc'] });
+  const child = spawn(process.execPath, [...args, VM_PROCESS, dir], { stdio: ['ignore', logFd, logFd, 'ipc'], env: env ?? process.env });
   fs.closeSync(logFd);
   await new Promise<void>((resolve, reject) => {
     child.once('message', () => resolve());
@@ -92,8 +96,8 @@ export async function runEngine(o: EngineRunOptions): Promise<EngineRunResult> {
   try {
     const ep = await server.listen('127.0.0.1', 0);
     say('booting source…');
-    children.push(await spawnVm(path.join(tmp, 'A'), { spec, host: 'A', mode: 'boot', epoch: 1, diskPaths: {}, ownerPath }, o.profDir));
-    children.push(await spawnVm(path.join(tmp, 'B'), { spec, host: 'B', mode: 'incoming', epoch: 0, diskPaths: {}, ownerPath, migrationId: 'm1' }, o.profDir));
+    children.push(await spawnVm(path.join(tmp, 'A'), { spec, host: 'A', mode: 'boot', epoch: 1, diskPaths: {}, ownerPath }, o.profDir, o.env));
+    children.push(await spawnVm(path.join(tmp, 'B'), { spec, host: 'B', mode: 'incoming', epoch: 0, diskPaths: {}, ownerPath, migrationId: 'm1' }, o.profDir, o.env));
     const ctlA = path.join(tmp, 'A', 'control.sock');
     const token = server.grant({ migrationId: 'm1', vm: 'eng1', kind: 'memory' });
     await sleep(200);
@@ -125,7 +129,7 @@ export async function runEngine(o: EngineRunOptions): Promise<EngineRunResult> {
     const vmHwmKiB = { source: hwmKiB(children[0]!.pid!), destination: hwmKiB(children[1]!.pid!) };
     return {
       outcome, reason, totalMs: t1 - t0, precopyMs: tPre - t0, cutoverCallMs: t1 - tPre, rounds: round,
-      downtimeMs: cut?.downtimeMs ?? 0, bytesSent: cut?.bytesSent ?? samples.at(-1)?.bytesSent ?? 0, finalPages: cut?.finalPages ?? 0, tailThrottle: cut?.tailThrottle, downtimePhasesMs: cut?.downtimePhasesMs, samples, vmHwmKiB,
+      downtimeMs: cut?.downtimeMs ?? 0, bytesSent: cut?.bytesSent ?? samples.at(-1)?.bytesSent ?? 0, finalPages: cut?.finalPages ?? 0, tailThrottle: cut?.tailThrottle, downtimePhasesMs: cut?.downtimePhasesMs, samples, vmHwmKiB, cutover: cut,
     };
   } finally {
     server.close();

@@ -41,11 +41,14 @@ export interface CaseResult {
 
 export interface EvacuationRun { from: string; to: string; concurrency: number; vms: number; memoryBytes: number; totalMs: number; completed: number; failed: number; maxDowntimeMs: number; meanDowntimeMs: number; vmsPerMinute: number; error?: string }
 
+/** bench/engine.ts in the same run: the data movement without the control plane. */
+export interface EngineAlone { streams: number; bytesPerSec: number; ratio: number }
+
 export interface Target { name: string; value: number | string | null; target: string; pass: boolean }
 
 const mib = (b: number): string => (b / 2 ** 20).toFixed(0);
 
-export function markdown(r: { startedAt: string; scale: number; machine: Record<string, unknown>; baselines: Record<string, number>; warmUp?: Array<{ from: string; to: string; orchestrationOverheadMs: number }>; cases: CaseResult[]; storage?: Record<string, unknown> | null; evacuations?: EvacuationRun[]; notMeasured: Array<{ name: string; why: string }>; targets: Target[] }): string {
+export function markdown(r: { startedAt: string; scale: number; machine: Record<string, unknown>; baselines: Record<string, number>; warmUp?: Array<{ from: string; to: string; orchestrationOverheadMs: number }>; engineAlone?: EngineAlone[]; cases: CaseResult[]; storage?: Record<string, unknown> | null; evacuations?: EvacuationRun[]; notMeasured: Array<{ name: string; why: string }>; targets: Target[] }): string {
   const L: string[] = [];
   L.push(`# vmferry bench — ${r.startedAt}`, '');
   L.push(`Scale ${r.scale}; machine: ${Object.entries(r.machine).map(([k, v]) => `${k} ${String(v)}`).join(', ')}`, '');
@@ -96,6 +99,9 @@ export function markdown(r: { startedAt: string; scale: number; machine: Record<
       const dataRatio = (c.throughputRatio * c.totalMs) / c.dataMovementMs;
       L.push(`| ${c.name} | ${c.totalMs.toFixed(0)} | ${Math.max(0, c.totalMs - c.workflowMs).toFixed(0)} | ${c.orchestrationOverheadMs.toFixed(0)} | ${c.dataMovementMs.toFixed(0)} | ${mib((c.memoryBytes / c.dataMovementMs) * 1000)} (${(dataRatio * 100).toFixed(0)}%) |`);
     }
+  }
+  if (r.engineAlone?.length) {
+    L.push('', `The engine alone (\`bench/engine.ts\`: the same VM processes and data plane, no Temporal, agents or client on these cores), 1 GiB idle, plaintext, huge pages, verify 'sequence': ${r.engineAlone.map((e) => `${e.streams} stream${e.streams > 1 ? 's' : ''} ${mib(e.bytesPerSec)} MiB/s (${(e.ratio * 100).toFixed(0)}% of its pump)`).join(', ')}.`);
   }
   if (r.warmUp?.length) L.push('', `Before the cases, one unmeasured 16 MiB warm-up migration per host pair (first run of each code path after the lab started): orchestration overhead ${r.warmUp.map((w) => `${w.from} → ${w.to} ${w.orchestrationOverheadMs} ms`).join(', ')}.`);
   if (r.storage) {

@@ -15,7 +15,8 @@ import type { MigrationPolicy, MigrationResult } from '../common/types.js';
 import { ORCHESTRATOR_TASK_QUEUE } from '../common/names.js';
 import { loopbackThroughput, meminfo, memoryWork, storageThroughput, touchHugePagePool } from './baselines.js';
 import { withHugetlb } from '../drivers/sim/sim-driver.js';
-import { markdown, svg, type CaseResult, type EvacuationRun, type Target } from './report.js';
+import { markdown, svg, type CaseResult, type EngineAlone, type EvacuationRun, type Target } from './report.js';
+import { runEngine } from './engine.js';
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 const RESULTS = path.join(HERE, 'results');
@@ -206,6 +207,7 @@ async function main(): Promise<void> {
   const notMeasured: Array<{ name: string; why: string }> = [];
 
   const results: CaseResult[] = [];
+  const engineAlone: EngineAlone[] = [];
   let n = 0;
   // Huge-page cases last, with the pool reserved just for them: a reserved pool takes the
   // host's free (already backed) memory, which the other cases' fresh guests would miss.
@@ -227,6 +229,19 @@ async function main(): Promise<void> {
         const fresh: number[] = [];
         for (let i = 0; i < 2; i++) fresh.push(await loopbackThroughput(1, pumpBytes, 'untouched-memory', hugeEnv));
         baselines['loopback TCP, 1 stream, read into untouched huge-page memory'] = Math.max(...fresh);
+        // The engine alone (bench/engine.ts: the same two VM processes and data plane, driven
+        // through their control sockets; no Temporal, no agents, no client): what the data
+        // movement of the fastest configuration reaches when the control plane does not share
+        // these cores, against the same pumps. Best of 2, as the pumps.
+        for (const streams of [1, PARALLEL_STREAMS]) {
+          const rates: number[] = [];
+          for (let i = 0; i < 2; i++) {
+            const r = await runEngine({ memoryBytes: memBig, fill: 1, dirtyRate: 0, policy: { ...BENCH_POLICY, verify: 'sequence', streams }, env: hugeEnv });
+            if (r.outcome === 'completed') rates.push((memBig / r.totalMs) * 1000);
+          }
+          if (rates.length) engineAlone.push({ streams, bytesPerSec: Math.max(...rates), ratio: Math.max(...rates) / baselineFor(streams) });
+          say(`engine alone, ${streams} stream(s), huge pages, verify sequence: ${rates.map((b) => (b / MiB).toFixed(0)).join(', ')} MiB/s`);
+        }
       }
     }
     if (c.hugepages && pool?.error) continue;
@@ -330,7 +345,7 @@ async function main(): Promise<void> {
     startedAt, scale,
     machine: { cpus: os.cpus().length, cpu: os.cpus()[0]?.model ?? '?', memGiB: +(os.totalmem() / GiB).toFixed(1), node: process.version, load: os.loadavg().map((x) => +x.toFixed(2)).join(' ') },
     benchPolicy: BENCH_POLICY, engineStreams: ENGINE_STREAMS, temporalStepMs: step, warmUp,
-    baselines, cases: results, storage, evacuations, notMeasured,
+    baselines, engineAlone, cases: results, storage, evacuations, notMeasured,
     agents: Object.fromEntries(hosts.map((h) => [h, { rssAtStartKiB: agentStart[h], hwmAtEndKiB: agentEnd[h], growthKiB: (agentEnd[h] ?? 0) - (agentStart[h] ?? 0) }])),
     targets,
   };
