@@ -178,6 +178,13 @@ export interface CutoverResult {
    * two messages' travel.
    */
   downtimePhasesMs?: { finalPages: number; verify: number; handoff: number; resume: number; resumeOnDestination?: number };
+  /**
+   * The rounds before the pause (simulator): "presettle/ms" when a barrier was taken while the
+   * cutover decision travelled; then, after the decision, tail rounds and settle (barrier)
+   * rounds, "pages/ms" each; "settle pre" when the pre-settle barrier still held (nothing sent
+   * since) and stood in for the first settle round.
+   */
+  beforePause?: string[];
   sourceDigest: number;
   destinationDigest: number;
   sourceFullCrc?: number;

@@ -4,7 +4,8 @@
 // with a dirty set that blows the limit. Two real VM processes and the data plane, driven as the
 // agents drive them (bench/engine.ts), with the cutover forced after the first round.
 // The same goes on in the settle rounds just before the pause (barrier rounds), whose aim is a
-// pause of a few hundred KiB, well under the limit.
+// pause of a few hundred KiB, well under the limit. Pre-settle: a barrier taken while the
+// cutover decision travels stands in for the first settle round only if nothing was sent since.
 import { describe, expect, it } from 'vitest';
 import { runEngine } from '../bench/engine.js';
 
@@ -48,5 +49,27 @@ describe('cutover tail', () => {
     expect(off.outcome).toBe('completed');
     expect(off.tailThrottle).toBeUndefined();
     expect(off.finalPages, 'copying alone cannot settle a guest that outruns the link').toBeGreaterThan(1024);
+  }, 120_000);
+});
+
+describe('pre-settle', () => {
+  it('an idle guest: the barrier taken while the decision travels stands in for the first settle round', async () => {
+    const r = await runEngine({ memoryBytes: 32 * MiB, fill: 1, dirtyRate: 0, policy: { verify: 'full' } });
+    expect(r.outcome).toBe('completed');
+    expect(r.cutover!.sourceFullCrc).toBe(r.cutover!.destinationFullCrc);
+    expect(r.cutover!.beforePause).toEqual([expect.stringMatching(/^presettle\/\d+$/), 'settle pre']);
+  }, 120_000);
+
+  it('pages sent after that barrier (the cutover\'s tail) make the settle rounds take their own barrier', async () => {
+    // Round 1 copies 32 MiB at 256 MiB/s while the guest dirties ~6 MiB: the sample fits the
+    // limit (pre-settle), and the tail then sends those pages, after the pre-settle barrier.
+    const r = await runEngine({ memoryBytes: 32 * MiB, fill: 1, dirtyRate: 48 * MiB, cutoverAtRound: 1, policy: { verify: 'full', maxBandwidth: 256 * MiB, downtimeLimitMs: 300 } });
+    expect(r.outcome).toBe('completed');
+    expect(r.cutover!.sourceFullCrc).toBe(r.cutover!.destinationFullCrc);
+    const before = r.cutover!.beforePause ?? [];
+    expect(before[0]).toMatch(/^presettle\/\d+$/);
+    expect(before[1]).toMatch(/^tail \d+\/\d+$/);
+    expect(before.find((x) => x.startsWith('settle'))).toMatch(/^settle \d+\/\d+$/);
+    expect(before).not.toContain('settle pre');
   }, 120_000);
 });

@@ -129,8 +129,18 @@ async function awaitStatus(p: { waitMs?: unknown; unlessIncoming?: unknown }): P
   return { ...status(), waitHonoured: true };
 }
 
-/** Frees now what the transfer left on the heap, so that no collection falls inside the pause (--expose-gc). */
-const collectGarbage = (): void => { (globalThis as { gc?: () => void }).gc?.(); };
+/** A collection this recent leaves too little garbage to matter in a pause, ms. */
+const GC_FRESH_MS = 300;
+let lastCollectedAt = -Infinity;
+/**
+ * Frees now what the transfer left on the heap, so that no collection falls inside the pause
+ * (--expose-gc); not again if it just did (a full collection costs ~10-20 ms here).
+ */
+const collectGarbage = (): void => {
+  if (performance.now() - lastCollectedAt < GC_FRESH_MS) return;
+  (globalThis as { gc?: () => void }).gc?.();
+  lastCollectedAt = performance.now();
+};
 
 function status(): VmStatus {
   return {
@@ -266,6 +276,8 @@ interface Outgoing {
   tailThrottle?: number;
   /** The cutover's tail and settle rounds, for its log line: "pages/ms" each. */
   tailRounds?: string[];
+  /** bytesSent when the pre-settle barrier (see precopy) was acknowledged; once per job. */
+  preSettledAt?: number;
   /** Bytes the frames would have had uncompressed, and CPU spent compressing (µs). */
   rawBytes: number;
   compressCpuUs: number;
@@ -530,6 +542,22 @@ async function precopy(o: Outgoing): Promise<void> {
     o.samples.push(sample);
     if (o.samples.length > 64) o.samples.shift();
     for (const w of o.waiters.splice(0)) w();
+    if (o.preSettledAt === undefined && !o.stop && sample.expectedDowntimeMs <= o.policy.downtimeLimitMs) {
+      // The decision this sample travels to is likely a cutover. While it travels (the workflow's
+      // task and the cutover's dispatch, ~30-50 ms here), both ends collect their garbage and
+      // the destination catches up with a barrier: work the cutover's settle rounds would
+      // otherwise do on its own path (~30-45 ms per move here). The guest still runs. Once per
+      // job: a decision to go on leaves the settle rounds to do it again.
+      await yieldNow(); // the progress reply goes out first
+      const t1 = performance.now();
+      collectGarbage();
+      const seq = await barrier(o);
+      await writeAll(o.chan.sock, [jsonFrame(FrameType.RoundEnd, { barrier: true, seq })]);
+      await o.chan.expect(FrameType.Ack, 60_000);
+      o.preSettledAt = o.bytesSent;
+      (o.tailRounds ??= []).push(`presettle/${Math.round(performance.now() - t1)}`);
+      if (o.stop) break;
+    }
     // Small dirty sets would spin; give the guest (and the decision) a moment.
     const spent = performance.now() - t0;
     if (spent < 20) await sleep(20 - spent);
@@ -584,6 +612,9 @@ async function precopy(o: Outgoing): Promise<void> {
   for (let k = 0; k < SETTLE_ROUNDS_MAX && o.state === 'stopping'; k++) {
     const t0 = performance.now();
     let n = 0;
+    // Nothing sent since the pre-settle barrier was acknowledged: the destination has applied
+    // everything, as this round's barrier would prove again.
+    if (k === 0 && o.preSettledAt === o.bytesSent) { (o.tailRounds ??= []).push('settle pre'); continue; }
     if (k > 0) {
       const list = dirtyList();
       n = list.length;
@@ -805,6 +836,7 @@ async function doCutover(o: Outgoing, verify: MigrationPolicy['verify']): Promis
     pausedAt, resumedAt: r.resumedAt, downtimeMs, finalPages: finalList.length, bytesSent: o.bytesSent, ...compressionFigures(o),
     ...(o.tailThrottle !== undefined ? { tailThrottle: o.tailThrottle } : {}),
     downtimePhasesMs,
+    ...(o.tailRounds ? { beforePause: o.tailRounds } : {}),
     sourceDigest: digest, destinationDigest: v.digest, sourceFullCrc, destinationFullCrc: v.fullCrc, epoch: newEpoch,
     deviceState: { vcpuTicks: guest.state.vcpuTicks, memWrites: guest.state.memWrites, diskWrites: guest.state.diskWrites },
   };
@@ -971,8 +1003,6 @@ interface Incoming {
   reached: number[];
   /** Checks waiting on barriers; each returns true once settled. */
   barrierWaits: Array<() => boolean>;
-  /** Garbage collected at the first settle barrier (see onIncomingFrame). */
-  collected?: boolean;
 }
 let incoming: Incoming | null = cfg.mode === 'incoming'
   ? { state: 'waiting', bytes: 0, pages: 0, torn: 0, crcs: new Uint32Array(guest.pages).fill(ZERO_CRC), streams: 1, socks: [], reached: [], barrierWaits: [] }
@@ -1132,16 +1162,13 @@ async function onIncomingFrame(inc: Incoming, f: Frame): Promise<void> {
       // the other streams once they reached the barrier it names.
       const r = parseJson<{ seq?: number; barrier?: boolean }>(f);
       if (inc.streams > 1 && r.seq) await streamsReached(inc, r.seq);
-      // The first settle barrier: the pause is near. A transfer over TLS leaves a heap full of
+      // A settle barrier (or the one before the cutover decision): the pause is near. A transfer over TLS leaves a heap full of
       // garbage (a buffer per 16 KiB record), and a collection that falls inside the pause
       // costs its length in downtime (seen: 8-23 ms of a resume that takes 3-4 ms; A/B, 8 moves
       // each, 1 GiB at 5% over TLS: worst pause 33 ms without, 14 ms with). Collected here,
       // the guest still running on the source. (--expose-gc: the driver starts VM processes
       // with it.)
-      if (r.barrier && !inc.collected) {
-        inc.collected = true;
-        collectGarbage();
-      }
+      if (r.barrier) collectGarbage(); // not again if it just did (settle barriers come ms apart)
       await writeAll(inc.sock!, [jsonFrame(FrameType.Ack, { bytesReceived: inc.bytes })]);
       return;
     }
