@@ -129,17 +129,21 @@ async function awaitStatus(p: { waitMs?: unknown; unlessIncoming?: unknown }): P
   return { ...status(), waitHonoured: true };
 }
 
-/** A collection this recent leaves too little garbage to matter in a pause, ms. */
-const GC_FRESH_MS = 300;
-let lastCollectedAt = -Infinity;
+/**
+ * Bytes a transfer moves between two collections before one is worth its cost again: what TLS
+ * leaves on the heap grows with the bytes (a buffer per 16 KiB record), not with time.
+ */
+const GC_AFTER_BYTES = 4 << 20;
+let lastCollection: { job: object; moved: number } | null = null;
 /**
  * Frees now what the transfer left on the heap, so that no collection falls inside the pause
- * (--expose-gc); not again if it just did (a full collection costs ~10-20 ms here).
+ * (--expose-gc); not again in the same job if fewer than GC_AFTER_BYTES moved since (`moved`:
+ * the job's bytes sent or received so far; a full collection costs ~10-20 ms here).
  */
-const collectGarbage = (): void => {
-  if (performance.now() - lastCollectedAt < GC_FRESH_MS) return;
+const collectGarbage = (job: object, moved: number): void => {
+  if (lastCollection?.job === job && moved - lastCollection.moved < GC_AFTER_BYTES) return;
   (globalThis as { gc?: () => void }).gc?.();
-  lastCollectedAt = performance.now();
+  lastCollection = { job, moved };
 };
 
 function status(): VmStatus {
@@ -550,7 +554,7 @@ async function precopy(o: Outgoing): Promise<void> {
       // job: a decision to go on leaves the settle rounds to do it again.
       await yieldNow(); // the progress reply goes out first
       const t1 = performance.now();
-      collectGarbage();
+      collectGarbage(o, o.bytesSent);
       const seq = await barrier(o);
       await writeAll(o.chan.sock, [jsonFrame(FrameType.RoundEnd, { barrier: true, seq })]);
       await o.chan.expect(FrameType.Ack, 60_000);
@@ -608,7 +612,7 @@ async function precopy(o: Outgoing): Promise<void> {
   let prev = Infinity;
   // The source collects too, before the first barrier (see the destination's RoundEnd): its own
   // share of the pause went from 5-8.5 to 4-6 ms (A/B, 8 moves each, 1 GiB at 5% over TLS).
-  collectGarbage();
+  collectGarbage(o, o.bytesSent);
   for (let k = 0; k < SETTLE_ROUNDS_MAX && o.state === 'stopping'; k++) {
     const t0 = performance.now();
     let n = 0;
@@ -1168,7 +1172,7 @@ async function onIncomingFrame(inc: Incoming, f: Frame): Promise<void> {
       // each, 1 GiB at 5% over TLS: worst pause 33 ms without, 14 ms with). Collected here,
       // the guest still running on the source. (--expose-gc: the driver starts VM processes
       // with it.)
-      if (r.barrier) collectGarbage(); // not again if it just did (settle barriers come ms apart)
+      if (r.barrier) collectGarbage(inc, inc.bytes); // not again unless megabytes arrived since
       await writeAll(inc.sock!, [jsonFrame(FrameType.Ack, { bytesReceived: inc.bytes })]);
       return;
     }
