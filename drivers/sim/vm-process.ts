@@ -1166,12 +1166,12 @@ async function onIncomingFrame(inc: Incoming, f: Frame): Promise<void> {
       // the other streams once they reached the barrier it names.
       const r = parseJson<{ seq?: number; barrier?: boolean }>(f);
       if (inc.streams > 1 && r.seq) await streamsReached(inc, r.seq);
-      // A settle barrier (or the one before the cutover decision): the pause is near. A transfer over TLS leaves a heap full of
-      // garbage (a buffer per 16 KiB record), and a collection that falls inside the pause
-      // costs its length in downtime (seen: 8-23 ms of a resume that takes 3-4 ms; A/B, 8 moves
-      // each, 1 GiB at 5% over TLS: worst pause 33 ms without, 14 ms with). Collected here,
-      // the guest still running on the source. (--expose-gc: the driver starts VM processes
-      // with it.)
+      // A settle barrier (or the one before the cutover decision): the pause is near. A
+      // transfer over TLS leaves a heap full of garbage (a buffer per 16 KiB record), and a
+      // collection that falls inside the pause costs its length in downtime (seen: 8-23 ms of
+      // a resume that takes 3-4 ms; A/B, 8 moves each, 1 GiB at 5% over TLS: worst pause 33 ms
+      // without, 14 ms with). Collected here, the guest still running on the source.
+      // (--expose-gc: the driver starts VM processes with it.)
       if (r.barrier) collectGarbage(inc, inc.bytes); // not again unless megabytes arrived since
       await writeAll(inc.sock!, [jsonFrame(FrameType.Ack, { bytesReceived: inc.bytes })]);
       return;
