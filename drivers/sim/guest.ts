@@ -115,6 +115,13 @@ export class Guest {
     this.dirtyCount = 0;
   }
 
+  /** Every page dirty (a first pre-copy round); not the guest's doing, so not in its dirty rate. */
+  markAllDirty(): void {
+    this.dirty.fill(1);
+    this.dirtyCount = this.pages;
+    this.dirtiedSinceMark = 0;
+  }
+
   markDirty(page: number): void {
     // Counts clean → dirty transitions: the rate that decides convergence (as QEMU measures it).
     if (this.dirty[page] === 0) { this.dirty[page] = 1; this.dirtyCount++; this.dirtiedSinceMark++; }

@@ -278,7 +278,7 @@ interface Outgoing {
   finalFlush?: boolean;
   /** Throttle the cutover's tail raised the guest to (auto-converge after the decision), if it did. */
   tailThrottle?: number;
-  /** The cutover's tail and settle rounds, for its log line: "pages/ms" each. */
+  /** The rounds before the pause, for its log line and CutoverResult.beforePause (see there). */
   tailRounds?: string[];
   /** bytesSent when the pre-settle barrier (see precopy) was acknowledged; once per job. */
   preSettledAt?: number;
@@ -364,6 +364,13 @@ async function barrier(o: Outgoing): Promise<number> {
   const seq = ++o.barrierSeq;
   await Promise.all(o.socks.slice(1).map((s) => writeAll(s, [jsonFrame(FrameType.RoundEnd, { seq })])));
   return seq;
+}
+
+/** A barrier the destination acknowledges once every stream applied everything sent before it. */
+async function acknowledgedBarrier(o: Outgoing): Promise<void> {
+  const seq = await barrier(o);
+  await writeAll(o.chan.sock, [jsonFrame(FrameType.RoundEnd, { barrier: true, seq })]);
+  await o.chan.expect(FrameType.Ack, 60_000);
 }
 
 /** Most pages looked at for one frame when zero pages are skipped (a long zero stretch yields). */
@@ -502,11 +509,8 @@ async function precopy(o: Outgoing): Promise<void> {
     if (o.round === 0) {
       // Every page dirty, so an interrupted first round leaves the rest for the next one; zero
       // pages are skipped as the round reaches them (sendOn's skipZero), not in a scan of all
-      // memory beforehand: that scan (~0.15 s/GiB) sent nothing while it ran.
-      guest.dirty.fill(1);
-      guest.dirtyCount = guest.pages;
-      // That marking is not the guest's doing: it must not count as its dirty rate.
-      guest.dirtiedSinceMark = 0;
+      // memory beforehand: that scan read all memory once before the first byte went out.
+      guest.markAllDirty();
       pages = Array.from({ length: guest.pages }, (_, p) => p);
     } else {
       pages = dirtyList();
@@ -555,9 +559,7 @@ async function precopy(o: Outgoing): Promise<void> {
       await yieldNow(); // the progress reply goes out first
       const t1 = performance.now();
       collectGarbage(o, o.bytesSent);
-      const seq = await barrier(o);
-      await writeAll(o.chan.sock, [jsonFrame(FrameType.RoundEnd, { barrier: true, seq })]);
-      await o.chan.expect(FrameType.Ack, 60_000);
+      await acknowledgedBarrier(o);
       o.preSettledAt = o.bytesSent;
       (o.tailRounds ??= []).push(`presettle/${Math.round(performance.now() - t1)}`);
       if (o.stop) break;
@@ -637,9 +639,7 @@ async function precopy(o: Outgoing): Promise<void> {
       try { await sendPages(o, list); } finally { o.finalFlush = false; }
       await allFlushed(o);
     }
-    const seq = await barrier(o);
-    await writeAll(o.chan.sock, [jsonFrame(FrameType.RoundEnd, { barrier: true, seq })]);
-    await o.chan.expect(FrameType.Ack, 60_000);
+    await acknowledgedBarrier(o);
     (o.tailRounds ??= []).push(`settle ${n}/${Math.round(performance.now() - t0)}`);
   }
 }
