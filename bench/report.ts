@@ -93,7 +93,7 @@ export function markdown(r: { startedAt: string; scale: number; machine: Record<
   const idle = r.cases.filter((c) => c.dirtyFraction === 0 && c.fill === 1 && c.name.includes('idle') && c.outcome === 'completed' && c.dataMovementMs > 0);
   if (idle.length) {
     L.push('', 'Idle cases, where the total time goes (ms), and the data movement alone against the same pump:', '');
-    L.push('| case | total | client (checks, start, result) | workflow steps | data movement | data movement alone: MiB/s (ratio) |');
+    L.push('| case | total | client (start with the source named, admission, result) | workflow steps | data movement | data movement alone: MiB/s (ratio) |');
     L.push('|---|---|---|---|---|---|');
     for (const c of idle) {
       const dataRatio = (c.throughputRatio * c.totalMs) / c.dataMovementMs;

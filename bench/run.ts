@@ -160,7 +160,7 @@ async function main(): Promise<void> {
     const vm = `benchwarm-${from}`;
     await client.createVm({ name: vm, host: from, memory: 16 * MiB, disk: MiB, dirtyRate: 0, writeRate: 0, fill: 1 });
     try {
-      const { id } = await client.startMigration({ type: 'live', vm, to });
+      const { id } = await client.startMigration({ type: 'live', vm, from, to });
       const r = await client.awaitMigration(id);
       if (r.outcome !== 'completed') throw new Error(`warm-up migration ${from} → ${to}: ${r.outcome}: ${r.reason}`);
       const h = await historyTimes(client, id);
@@ -395,7 +395,8 @@ async function runCase(client: VmferryClient, c: CaseDef, vmName: string, x: Ctx
     let id: string;
     try {
       await sleep(300);
-      ({ id } = await client.startMigration({ type: 'live', vm: vmName, to: x.B, policy }));
+      // The source named, as a script that created the VM would: no lookup before the start.
+      ({ id } = await client.startMigration({ type: 'live', vm: vmName, from: x.A, to: x.B, policy }));
       r = await client.awaitMigration(id);
       totalMs = performance.now() - t0 - 300;
       await sleep(200);

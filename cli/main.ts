@@ -255,12 +255,13 @@ function withPolicyOptions(c: Command): Command {
 const migrate = program.command('migrate').description('start a migration');
 withPolicyOptions(migrate.command('live <vm>')).description('live migration: memory and state move, storage shared by both hosts')
   .requiredOption('--to <host>', 'destination host')
+  .option('--from <host>', 'source host (default: found among the known hosts by the migration\'s first step)')
   .option('--wait', 'wait for the outcome, showing progress')
   .option('--json', 'JSON output')
   .option('--convergence-timeout <ms>', 'pre-copy time limit per GiB of memory, ms (default 120000)', intArg('--convergence-timeout'))
   .action(async (vmName: string, o: Record<string, unknown>) => withClient(async (c) => {
     const policy = policyFrom(o);
-    const m = await c.startMigration({ type: 'live', vm: vmName, to: o.to as string, policy });
+    const m = await c.startMigration({ type: 'live', vm: vmName, from: o.from as string | undefined, to: o.to as string, policy });
     await report(c, m, vmName, o as { wait?: boolean; json?: boolean });
   }));
 
@@ -283,11 +284,12 @@ migrate.command('storage <vm>').description('live storage migration: the VM stay
   }));
 withPolicyOptions(migrate.command('shared-nothing <vm>')).description('shared-nothing live migration: storage mirrored to the destination, then memory and state')
   .requiredOption('--to <host>', 'destination host')
+  .option('--from <host>', 'source host (default: found among the known hosts by the migration\'s first step)')
   .option('--to-path <dir>', 'directory on the destination (inside one of its storage roots)')
   .option('--wait', 'wait for the outcome, showing progress')
   .option('--json', 'JSON output')
   .action(async (vmName: string, o: Record<string, unknown>) => withClient(async (c) => {
-    const m = await c.startMigration({ type: 'shared-nothing', vm: vmName, to: o.to as string, toPath: o.toPath ? path.resolve(o.toPath as string) : undefined, policy: policyFrom(o) });
+    const m = await c.startMigration({ type: 'shared-nothing', vm: vmName, from: o.from as string | undefined, to: o.to as string, toPath: o.toPath ? path.resolve(o.toPath as string) : undefined, policy: policyFrom(o) });
     await report(c, m, vmName, o as { wait?: boolean; json?: boolean });
   }));
 

@@ -4,7 +4,7 @@
 //   const result = await c.awaitMigration(id);
 import crypto from 'node:crypto';
 import { z } from 'zod';
-import { Client, Connection, WorkflowNotFoundError, type WorkflowHandle } from '@temporalio/client';
+import { Client, Connection, WithStartWorkflowOperation, WorkflowNotFoundError, WorkflowUpdateFailedError, type Workflow, type WorkflowHandle } from '@temporalio/client';
 import { temporalConfig } from '../common/temporal.js';
 import { dataConverter } from '../common/codec.js';
 import { policyInputSchema, describeIssues } from '../common/schemas.js';
@@ -54,7 +54,8 @@ export const policySchema = policyInputSchema;
 
 const absDir = z.string().min(1).refine((p) => p.startsWith('/'), 'storage paths must be absolute').refine((p) => !p.split('/').includes('..'), 'storage paths may not contain ".."');
 export const startMigrationSchema = z.discriminatedUnion('type', [
-  z.object({ type: z.literal('live'), vm: vmNameSchema, to: z.string().min(1, 'a destination host is required'), policy: policySchema.optional() }).strict(),
+  // from: the source host, when the caller knows it (else the workflow finds the VM on the known hosts).
+  z.object({ type: z.literal('live'), vm: vmNameSchema, from: z.string().min(1).optional(), to: z.string().min(1, 'a destination host is required'), policy: policySchema.optional() }).strict(),
   z.object({
     type: z.literal('storage'),
     vm: vmNameSchema,
@@ -64,7 +65,7 @@ export const startMigrationSchema = z.discriminatedUnion('type', [
     disks: z.record(z.string().regex(/^disk\d+$/, 'disk ids look like disk0'), absDir).optional(),
     maxBandwidth: z.number().int().min(0).optional(),
   }).strict(),
-  z.object({ type: z.literal('shared-nothing'), vm: vmNameSchema, to: z.string().min(1, 'a destination host is required'), toPath: absDir.optional(), policy: policySchema.optional() }).strict(),
+  z.object({ type: z.literal('shared-nothing'), vm: vmNameSchema, from: z.string().min(1).optional(), to: z.string().min(1, 'a destination host is required'), toPath: absDir.optional(), policy: policySchema.optional() }).strict(),
 ]);
 export type StartMigrationInput = z.input<typeof startMigrationSchema>;
 
@@ -206,51 +207,96 @@ export class VmferryClient {
     return vms.find((v) => v.name === name) ?? null;
   }
 
-  /** Validates, refuses a second migration of the same VM, and starts the workflow. */
+  /**
+   * Validates and starts a migration; returns once the workflow's checks admitted it, or throws
+   * a UsageError naming why. Live and shared-nothing moves ask for the admission with the start
+   * (update-with-start), so every refusal is synchronous. Without `from`, the client first finds
+   * the VM on the known hosts (an `inventory` workflow, ~100 ms) and refuses a VM that is not
+   * there, not running or already migrating before anything starts; with `from` (a caller that
+   * knows the source, as `virsh migrate` is run against it) that lookup is skipped and the
+   * workflow's checks do it all, a refusal then leaving a failed migration on record.
+   */
   async startMigration(input: StartMigrationInput): Promise<{ id: string; from: string; to: string }> {
     const m = parseOrThrow(startMigrationSchema, input);
-    if (m.type !== 'storage') this.requireHost(m.to);
-    // Both checks at once (each is a round trip to the cluster); reported in this order.
-    const [at, running] = await Promise.all([this.locateVm(m.vm), this.findRunningMigration(m.vm)]);
-    if (!at) throw new UsageError(`no VM named ${m.vm}${this.knownHosts.length ? ` on hosts ${this.knownHosts.join(', ')}` : ''}`);
-    const to = m.type === 'storage' ? at.host : m.to;
-    if (m.type !== 'storage' && at.host === to) throw new UsageError(`VM ${m.vm} already runs on ${to}: source and destination are the same host`);
-    if (at.state !== 'running') throw new UsageError(`VM ${m.vm} is ${at.state} on ${at.host}, not running`);
-    if (running) throw new UsageError(`VM ${m.vm} is already migrating (${running}); only one migration per VM at a time`);
-    const id = migrationIdFor(m.type, m.vm, `${Date.now().toString(36)}${crypto.randomBytes(2).toString('hex')}`);
-    let arg: unknown;
-    if (m.type === 'storage') {
-      const vm = await this.vmSpec(m.vm);
-      const targets: Record<string, string> = {};
-      for (const d of vm!.spec.disks) {
-        const dir = m.disks?.[d.id] ?? m.toPath;
-        if (!dir) throw new UsageError(`no destination for disk ${d.id}: give --to-path or --disk ${d.id}=<dir>`);
-        targets[d.id] = dir;
-      }
-      for (const id2 of Object.keys(m.disks ?? {})) if (!vm!.spec.disks.some((d) => d.id === id2)) throw new UsageError(`VM ${m.vm} has no disk ${id2} (it has: ${vm!.spec.disks.map((d) => d.id).join(', ')})`);
-      await this.requireInsideRoots(at.host, Object.values(targets));
-      arg = { migrationId: id, vm: m.vm, host: at.host, targets, maxBandwidth: m.maxBandwidth };
-    } else if (m.type === 'shared-nothing') {
-      if (m.toPath) await this.requireInsideRoots(to, [m.toPath]);
-      arg = { migrationId: id, vm: m.vm, from: at.host, to, toPath: m.toPath, policy: m.policy };
-    } else {
-      arg = { migrationId: id, vm: m.vm, from: at.host, to, policy: m.policy as Partial<MigrationPolicy> | undefined };
+    if (m.type === 'storage') return this.startStorageMigration(m);
+    this.requireHost(m.to);
+    let from = m.from;
+    if (from) this.requireHost(from);
+    else {
+      // Both checks at once (each is a round trip to the cluster); reported in this order.
+      const [at, running] = await Promise.all([this.locateVm(m.vm), this.findRunningMigration(m.vm)]);
+      if (!at) throw new UsageError(`no VM named ${m.vm}${this.knownHosts.length ? ` on hosts ${this.knownHosts.join(', ')}` : ''}`);
+      if (at.host === m.to) throw new UsageError(`VM ${m.vm} already runs on ${m.to}: source and destination are the same host`);
+      if (at.state !== 'running') throw new UsageError(`VM ${m.vm} is ${at.state} on ${at.host}, not running`);
+      if (running) throw new UsageError(`VM ${m.vm} is already migrating (${running}); only one migration per VM at a time`);
+      from = at.host;
     }
-    await this.client.workflow.start(WORKFLOW_FOR[m.type], {
+    if (from === m.to) throw new UsageError(`source and destination are the same host (${m.to})`);
+    if (m.type === 'shared-nothing' && m.toPath) await this.requireInsideRoots(m.to, [m.toPath]);
+    const id = migrationIdFor(m.type, m.vm, `${Date.now().toString(36)}${crypto.randomBytes(2).toString('hex')}`);
+    const arg = m.type === 'shared-nothing'
+      ? { migrationId: id, vm: m.vm, from, to: m.to, toPath: m.toPath, policy: m.policy }
+      : { migrationId: id, vm: m.vm, from, to: m.to, policy: m.policy as Partial<MigrationPolicy> | undefined };
+    const start = new WithStartWorkflowOperation(WORKFLOW_FOR[m.type], {
       taskQueue: ORCHESTRATOR_TASK_QUEUE,
       workflowId: id,
+      workflowIdConflictPolicy: 'FAIL',
       args: [arg],
       typedSearchAttributes: [
         { key: VmName, value: m.vm },
-        { key: SourceHost, value: at.host },
-        { key: DestinationHost, value: to },
+        { key: SourceHost, value: from },
+        { key: DestinationHost, value: m.to },
         { key: MigrationTypeKey, value: m.type },
         { key: MigrationPhase, value: 'starting' },
         { key: MigrationOutcome, value: 'running' },
       ],
-      staticSummary: m.type === 'storage' ? `storage migration of ${m.vm} on ${at.host}` : `${m.type} migration of ${m.vm}: ${at.host} → ${to}`,
+      staticSummary: `${m.type} migration of ${m.vm}: ${from} → ${m.to}`,
     });
-    return { id, from: at.host, to };
+    try {
+      const admitted = await this.client.workflow.executeUpdateWithStart<Workflow, { from: string; to: string }, []>('admission', { startWorkflowOperation: start });
+      return { id, from: admitted.from, to: admitted.to };
+    } catch (e) {
+      if (e instanceof WorkflowUpdateFailedError) {
+        let c = e as { message?: string; cause?: unknown };
+        while (c.cause) c = c.cause as typeof c;
+        throw new UsageError(c.message ?? e.message);
+      }
+      throw e;
+    }
+  }
+
+  /** Storage moves stay on their host: found, and their targets checked, before the start. */
+  private async startStorageMigration(m: Extract<z.output<typeof startMigrationSchema>, { type: 'storage' }>): Promise<{ id: string; from: string; to: string }> {
+    // Both checks at once (each is a round trip to the cluster); reported in this order.
+    const [at, running] = await Promise.all([this.locateVm(m.vm), this.findRunningMigration(m.vm)]);
+    if (!at) throw new UsageError(`no VM named ${m.vm}${this.knownHosts.length ? ` on hosts ${this.knownHosts.join(', ')}` : ''}`);
+    if (at.state !== 'running') throw new UsageError(`VM ${m.vm} is ${at.state} on ${at.host}, not running`);
+    if (running) throw new UsageError(`VM ${m.vm} is already migrating (${running}); only one migration per VM at a time`);
+    const id = migrationIdFor(m.type, m.vm, `${Date.now().toString(36)}${crypto.randomBytes(2).toString('hex')}`);
+    const vm = await this.vmSpec(m.vm);
+    const targets: Record<string, string> = {};
+    for (const d of vm!.spec.disks) {
+      const dir = m.disks?.[d.id] ?? m.toPath;
+      if (!dir) throw new UsageError(`no destination for disk ${d.id}: give --to-path or --disk ${d.id}=<dir>`);
+      targets[d.id] = dir;
+    }
+    for (const id2 of Object.keys(m.disks ?? {})) if (!vm!.spec.disks.some((d) => d.id === id2)) throw new UsageError(`VM ${m.vm} has no disk ${id2} (it has: ${vm!.spec.disks.map((d) => d.id).join(', ')})`);
+    await this.requireInsideRoots(at.host, Object.values(targets));
+    await this.client.workflow.start(WORKFLOW_FOR.storage, {
+      taskQueue: ORCHESTRATOR_TASK_QUEUE,
+      workflowId: id,
+      args: [{ migrationId: id, vm: m.vm, host: at.host, targets, maxBandwidth: m.maxBandwidth }],
+      typedSearchAttributes: [
+        { key: VmName, value: m.vm },
+        { key: SourceHost, value: at.host },
+        { key: DestinationHost, value: at.host },
+        { key: MigrationTypeKey, value: m.type },
+        { key: MigrationPhase, value: 'starting' },
+        { key: MigrationOutcome, value: 'running' },
+      ],
+      staticSummary: `storage migration of ${m.vm} on ${at.host}`,
+    });
+    return { id, from: at.host, to: at.host };
   }
 
   /** Client-side check (the host re-checks with symlinks resolved): paths inside a storage root. */

@@ -5,6 +5,10 @@
 import { z } from 'zod';
 
 const name = z.string().regex(/^[a-z][a-z0-9-]{0,62}$/i, 'names are letters, digits and dashes, starting with a letter');
+/** Hosts to look for the VM on when the source is not given (SourceOfMove). */
+const candidates = z.array(name).min(1, 'candidates: at least one host').max(1000);
+const sourceGiven = (m: { from?: string; candidates?: string[] }): boolean => m.from !== undefined || m.candidates !== undefined;
+const sourceGivenMessage = 'give the source host (from) or the hosts to look for the VM on (candidates)';
 const absDir = z.string().min(1).refine((p) => p.startsWith('/'), 'storage paths must be absolute').refine((p) => !p.split('/').includes('..'), 'storage paths may not contain ".."');
 
 export const policyInputSchema = z.object({
@@ -26,10 +30,11 @@ export const policyInputSchema = z.object({
 export const liveMigrationInputSchema = z.object({
   migrationId: z.string().min(1).max(200),
   vm: name,
-  from: name,
+  from: name.optional(),
+  candidates: candidates.optional(),
   to: name,
   policy: policyInputSchema.optional(),
-}).strict().refine((m) => m.from !== m.to, 'source and destination are the same host');
+}).strict().refine(sourceGiven, sourceGivenMessage).refine((m) => m.from !== m.to, 'source and destination are the same host');
 
 export const storageMigrationInputSchema = z.object({
   migrationId: z.string().min(1).max(200),
@@ -42,11 +47,12 @@ export const storageMigrationInputSchema = z.object({
 export const sharedNothingInputSchema = z.object({
   migrationId: z.string().min(1).max(200),
   vm: name,
-  from: name,
+  from: name.optional(),
+  candidates: candidates.optional(),
   to: name,
   toPath: absDir.optional(),
   policy: policyInputSchema.optional(),
-}).strict().refine((m) => m.from !== m.to, 'source and destination are the same host');
+}).strict().refine(sourceGiven, sourceGivenMessage).refine((m) => m.from !== m.to, 'source and destination are the same host');
 
 export const evacuateInputSchema = z.object({
   host: name,

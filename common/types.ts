@@ -207,10 +207,18 @@ export interface VerifyReport {
   checks: Array<{ name: string; ok: boolean; detail: string }>;
 }
 
-export interface LiveMigrationInput {
+/**
+ * Where a move finds its VM: `from`, or else the workflow asks every host of `candidates` (but
+ * the destination) at once, in the step that checks the request (no lookup before the start).
+ */
+export interface SourceOfMove {
+  from?: string;
+  candidates?: string[];
+}
+
+export interface LiveMigrationInput extends SourceOfMove {
   migrationId: string;
   vm: string;
-  from: string;
   to: string;
   policy?: Partial<MigrationPolicy>;
 }
@@ -260,10 +268,9 @@ export interface StorageMigrationInput {
   maxBandwidth?: number;
 }
 
-export interface SharedNothingInput {
+export interface SharedNothingInput extends SourceOfMove {
   migrationId: string;
   vm: string;
-  from: string;
   to: string;
   /** Destination directory (inside a destination root); default: <local root>/vms/<vm>. */
   toPath?: string;

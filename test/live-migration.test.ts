@@ -8,6 +8,7 @@ import { isAlive } from '../drivers/sim/sim-driver.js';
 import { Prober } from '../client/probe.js';
 import { ORCHESTRATOR_TASK_QUEUE } from '../common/names.js';
 import type { MigrationResult } from '../common/types.js';
+import { WithStartWorkflowOperation, type Workflow } from '@temporalio/client';
 
 let lab: TestLab;
 let A: string;
@@ -235,10 +236,43 @@ describe('live migration', () => {
 
   it('rejects a live migration whose storage the destination does not share', async () => {
     await lab.client.createVm({ name: 'local1', host: A, memory: '16MiB', disk: '4MiB', storage: 'local' });
-    const { id } = await lab.client.startMigration({ type: 'live', vm: 'local1', to: B });
-    const r = await lab.client.awaitMigration(id);
+    // Refused synchronously (the admission update answers after the workflow's checks); the
+    // attempt stays on record as a failed migration, and nothing moved.
+    await expect(lab.client.startMigration({ type: 'live', vm: 'local1', to: B })).rejects.toThrow(/does not share; use a shared-nothing migration/);
+    const attempt = (await lab.client.listMigrations()).find((m) => m.vm === 'local1')!;
+    const r = await lab.client.awaitMigration(attempt.id);
     expect(r.outcome).toBe('failed');
     expect(r.reason).toMatch(/does not share; use a shared-nothing migration/);
     expect(await whereIs('local1')).toEqual([{ host: A, state: 'running' }]);
+  });
+
+  it('takes the source from the caller (no lookup) and checks it in the workflow; a workflow started with candidates finds the VM itself', async () => {
+    await lab.client.createVm({ name: 'where1', host: A, memory: '16MiB', disk: '4MiB' });
+    // Given by the caller: no lookup before the start; the workflow's checks refuse a wrong one.
+    await expect(lab.client.startMigration({ type: 'live', vm: 'where1', from: A, to: A })).rejects.toThrow(/same host/);
+    await expect(lab.client.startMigration({ type: 'live', vm: 'where1', from: B, to: A })).rejects.toThrow(/VM where1 is not on host/);
+    const given = await lab.client.startMigration({ type: 'live', vm: 'where1', from: A, to: B });
+    expect(given.from).toBe(A);
+    expect((await lab.client.awaitMigration(given.id)).outcome).toBe('completed');
+    // Started directly with candidates (no from): found in the workflow's first step, the
+    // admission update answers with it, and SourceHost is set by the workflow.
+    const direct = async (vm: string, to: string): Promise<{ id: string; admitted: Promise<{ from: string }> }> => {
+      const id = `live-${vm}-direct-${Date.now()}`;
+      const start = new WithStartWorkflowOperation('liveMigration', { taskQueue: ORCHESTRATOR_TASK_QUEUE, workflowId: id, workflowIdConflictPolicy: 'FAIL', args: [{ migrationId: id, vm, candidates: [A, B], to }] });
+      const admitted = lab.client.client.workflow.executeUpdateWithStart<Workflow, { from: string }, []>('admission', { startWorkflowOperation: start });
+      admitted.catch(() => undefined);
+      return { id, admitted };
+    };
+    const back = await direct('where1', A);
+    expect(await back.admitted).toMatchObject({ from: B });
+    expect((await lab.client.awaitMigration(back.id)).outcome).toBe('completed');
+    expect((await lab.client.migrationStatus(back.id)).from).toBe(B);
+    const same = await direct('where1', A);
+    await expect(same.admitted).rejects.toThrow();
+    expect((await lab.client.awaitMigration(same.id)).reason).toBe(`VM where1 already runs on ${A}: source and destination are the same host`);
+    const none = await direct('nowhere1', B);
+    await expect(none.admitted).rejects.toThrow();
+    expect((await lab.client.awaitMigration(none.id)).reason).toMatch(/^no VM named nowhere1 on hosts /);
+    expect(await whereIs('where1')).toEqual([{ host: A, state: 'running' }]);
   });
 });

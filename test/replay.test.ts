@@ -47,6 +47,14 @@ describe('replay of recorded histories', () => {
     expect(patchesOf('live-migration-completed-v5')).toContain('release-in-cutover');
     expect(patchesOf('live-migration-completed-v4')).not.toContain('release-in-cutover');
     expect(patchesOf('live-migration-completed-v2')).toContain('supervision-ends-by-itself');
+    // Not a patch (the input decides it): the workflow finds the source itself when not given.
+    const inputOf = (name: string): { from?: string; candidates?: string[] } => {
+      const p = histories.find((h) => h.name === name)!.history.events![0]!.workflowExecutionStartedEventAttributes!.input!.payloads![0]!;
+      return JSON.parse(Buffer.from(p.data!).toString('utf8'));
+    };
+    for (const name of ['live-migration-completed-v6', 'shared-nothing-completed-v6', 'live-migration-refused']) expect(inputOf(name)).toMatchObject({ candidates: expect.any(Array) });
+    for (const name of ['live-migration-completed-v6', 'shared-nothing-completed-v6', 'live-migration-refused']) expect(inputOf(name).from).toBeUndefined();
+    for (const name of ['live-migration-completed-v5', 'shared-nothing-completed-v4']) expect(inputOf(name).from).toBeDefined();
   });
 
   it('replays every history with the current code', async () => {

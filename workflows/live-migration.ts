@@ -4,10 +4,10 @@
 //      responsibility for the files passes with the ownership epoch.
 import { ApplicationFailure, CancellationScope, patched } from '@temporalio/workflow';
 import { DEFAULT_POLICY, type LiveMigrationInput, type MigrationResult } from '../common/types.js';
-import { hostProxies } from './hosts.js';
+import { hostProxies, type HostProxies } from './hosts.js';
 import { Saga } from './saga.js';
 import { MigrationTracker, rollBack } from './tracker.js';
-import { moveMemory, preflight } from './steps/memory.js';
+import { locateAndCheck, moveMemory } from './steps/memory.js';
 import { liveMigrationInputSchema } from '../common/schemas.js';
 import { validated } from './validate.js';
 
@@ -15,8 +15,8 @@ export async function liveMigration(input: LiveMigrationInput): Promise<Migratio
   validated(liveMigrationInputSchema, input, 'live migration');
   const tracker = new MigrationTracker('live', input);
   const policy = { ...DEFAULT_POLICY, ...input.policy };
-  const src = hostProxies(input.from);
   const dst = hostProxies(input.to);
+  let src: HostProxies | undefined;
   const saga = new Saga();
   let started = false;
   let supervisionEnded: Promise<void> = Promise.resolve();
@@ -25,7 +25,10 @@ export async function liveMigration(input: LiveMigrationInput): Promise<Migratio
   const releaseSourceInCutover = patched('release-in-cutover');
   try {
     tracker.phase('preflight');
-    const { vm, dest } = await preflight({ vm: input.vm, src, dst });
+    // Without `from`, the same step first finds the VM among the candidate hosts.
+    const checked = await locateAndCheck({ vm: input.vm, from: input.from, candidates: input.candidates, dst });
+    src = checked.src;
+    const { vm, dest } = checked;
     for (const d of vm.spec.disks) {
       const root = dest.storageRoots.find((r) => r.name === d.root);
       if (!root?.shared) {
@@ -36,6 +39,7 @@ export async function liveMigration(input: LiveMigrationInput): Promise<Migratio
         });
       }
     }
+    tracker.admit(src.name);
     started = true;
     ({ supervisionEnded, sourceReleased } = await moveMemory({ migrationId: input.migrationId, vm: input.vm, src, dst, policy, tracker, saga, destDataPlane: dest.dataPlane, releaseSourceInCutover }, vm));
   } catch (err) {
@@ -45,7 +49,7 @@ export async function liveMigration(input: LiveMigrationInput): Promise<Migratio
   tracker.phase('cleanup');
   // (Still needed after a cutover whose acknowledgement was lost: the activity did not release.)
   await CancellationScope.nonCancellable(() => Promise.all([
-    sourceReleased ? undefined : src.undo.releaseSource.executeWithOptions({ summary: `Remove the paused, fenced copy of ${input.vm} from ${input.from}` }, [
+    sourceReleased ? undefined : src!.undo.releaseSource.executeWithOptions({ summary: `Remove the paused, fenced copy of ${input.vm} from ${src!.name}` }, [
       { migrationId: input.migrationId, vm: input.vm, deleteStorage: false },
     ]),
     supervisionEnded,

@@ -5,10 +5,10 @@
 //   3. only after that, break the mirror and remove the VM and its files from the source.
 import { CancellationScope } from '@temporalio/workflow';
 import { DEFAULT_POLICY, type MigrationResult, type SharedNothingInput } from '../common/types.js';
-import { hostProxies } from './hosts.js';
+import { hostProxies, type HostProxies } from './hosts.js';
 import { Saga } from './saga.js';
 import { MigrationTracker, rollBack } from './tracker.js';
-import { moveMemory, preflight } from './steps/memory.js';
+import { locateAndCheck, moveMemory } from './steps/memory.js';
 import { awaitMirrorSynced } from './steps/storage.js';
 import { sharedNothingInputSchema } from '../common/schemas.js';
 import { validated } from './validate.js';
@@ -17,37 +17,40 @@ export async function sharedNothingMigration(input: SharedNothingInput): Promise
   validated(sharedNothingInputSchema, input, 'shared-nothing migration');
   const tracker = new MigrationTracker('shared-nothing', input);
   const policy = { ...DEFAULT_POLICY, ...input.policy };
-  const src = hostProxies(input.from);
   const dst = hostProxies(input.to);
+  let src: HostProxies | undefined;
   const ids = { migrationId: input.migrationId, vm: input.vm };
   const saga = new Saga();
   let started = false;
   let supervisionEnded: Promise<void> = Promise.resolve();
   try {
     tracker.phase('preflight');
-    const { vm, dest } = await preflight({ vm: input.vm, src, dst });
+    const checked = await locateAndCheck({ vm: input.vm, from: input.from, candidates: input.candidates, dst });
+    const { vm, dest } = checked;
+    const source = (src = checked.src);
+    tracker.admit(source.name);
     started = true;
 
     tracker.phase('mirror');
     const prepare = () => dst.quick.prepareDiskTargets.executeWithOptions(
       { summary: `Empty disks for ${input.vm} on ${input.to}, and a one-time grant for the mirror` },
-      [{ ...ids, spec: vm.spec, sourceHost: input.from, epoch: vm.epoch + 1, dir: input.toPath }],
+      [{ ...ids, spec: vm.spec, sourceHost: source.name, epoch: vm.epoch + 1, dir: input.toPath }],
     );
     saga.add('delete the destination copies', () => dst.undo.deleteDiskTargets({ ...ids, dir: input.toPath }));
     const grant = await prepare();
-    saga.add('stop the disk mirror', () => src.undo.abortDiskMirror(ids));
-    await src.quick.startRemoteDiskMirror.executeWithOptions({ summary: `Mirror ${input.vm}'s disks to ${input.to} over the data plane` }, [{ ...ids, grant, maxBandwidth: policy.maxBandwidth }]);
-    await awaitMirrorSynced({ ...ids, host: src, tracker }, async () => (await prepare()).token);
+    saga.add('stop the disk mirror', () => source.undo.abortDiskMirror(ids));
+    await source.quick.startRemoteDiskMirror.executeWithOptions({ summary: `Mirror ${input.vm}'s disks to ${input.to} over the data plane` }, [{ ...ids, grant, maxBandwidth: policy.maxBandwidth }]);
+    await awaitMirrorSynced({ ...ids, host: source, tracker }, async () => (await prepare()).token);
 
     // The mirror stays in place (guest writes keep flowing) through the memory move.
-    ({ supervisionEnded } = await moveMemory({ migrationId: input.migrationId, vm: input.vm, src, dst, policy, tracker, saga, destDataPlane: dest.dataPlane }, vm, grant.spec));
+    ({ supervisionEnded } = await moveMemory({ migrationId: input.migrationId, vm: input.vm, src: source, dst, policy, tracker, saga, destDataPlane: dest.dataPlane }, vm, grant.spec));
   } catch (err) {
     return rollBack(tracker, saga, err, started);
   }
   tracker.phase('cleanup');
   await CancellationScope.nonCancellable(async () => {
     await dst.undo.adoptDiskTargets({ ...ids, dir: input.toPath });
-    await src.undo.releaseSource.executeWithOptions({ summary: `Break the mirror; remove ${input.vm} and its files from ${input.from}` }, [{ ...ids, deleteStorage: true }]);
+    await src!.undo.releaseSource.executeWithOptions({ summary: `Break the mirror; remove ${input.vm} and its files from ${src!.name}` }, [{ ...ids, deleteStorage: true }]);
     await supervisionEnded;
   });
   return tracker.finish('completed', `VM ${input.vm} runs on ${input.to} with its own copy of the storage`);

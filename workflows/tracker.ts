@@ -1,12 +1,18 @@
 // What an operator sees of a running migration: the `progress` query, search attributes kept
 // current at each phase change, and the final result. Shared by every move type.
-import { defineQuery, defineUpdate, setHandler, upsertSearchAttributes, workflowInfo, isCancellation, log, metricMeter } from '@temporalio/workflow';
+import { ApplicationFailure, CancellationScope, allHandlersFinished, condition, defineQuery, defineUpdate, setHandler, upsertSearchAttributes, workflowInfo, isCancellation, log, metricMeter } from '@temporalio/workflow';
 import type { DecisionRecord, MigrationPhaseProgress, MigrationResult, MigrationType as MoveType, ProgressSample, CutoverResult } from '../common/types.js';
 import { VmName, SourceHost, DestinationHost, MigrationType, MigrationPhase, MigrationOutcome } from '../common/search-attributes.js';
 
 export const progressQuery = defineQuery<MigrationPhaseProgress>('progress');
 /** Operator approval of the cutover (policy.approveCutover); the validator accepts it only while one waits. */
 export const approveCutoverUpdate = defineUpdate<{ approved: boolean }, [{ by?: string }]>('approveCutover');
+/**
+ * Answered once the request's checks are done (the VM found and running, the destination fit):
+ * where the VM moves from, or the refusal as an ApplicationFailure `MigrationRefused`. The client
+ * sends it with the start (update-with-start), so a bad request is refused synchronously.
+ */
+export const admissionUpdate = defineUpdate<{ from: string; to: string }>('admission');
 
 export class MigrationTracker {
   phaseName = 'starting';
@@ -20,9 +26,13 @@ export class MigrationTracker {
   bytesCopied = 0;
   bytesMirrored = 0;
   approved = false;
+  /** The source host: given, or found by the checks (admit). */
+  from: string;
+  private admission?: { from: string } | { refused: string };
   private readonly startedAt = Date.now();
 
-  constructor(readonly type: MoveType, readonly input: { migrationId: string; vm: string; from: string; to: string }) {
+  constructor(readonly type: MoveType, readonly input: { migrationId: string; vm: string; from?: string; to: string }) {
+    this.from = input.from ?? '';
     setHandler(progressQuery, () => ({
       phase: this.phaseName,
       bytesCopied: this.bytesCopied,
@@ -43,14 +53,32 @@ export class MigrationTracker {
         if (this.phaseName !== 'awaiting-approval') throw new Error(`nothing to approve: the migration is in phase ${this.phaseName}`);
       },
     });
+    setHandler(admissionUpdate, async () => {
+      await condition(() => this.admission !== undefined);
+      const a = this.admission!;
+      if ('refused' in a) throw ApplicationFailure.create({ message: a.refused, type: 'MigrationRefused', nonRetryable: true });
+      return { from: a.from, to: this.input.to };
+    });
     upsertSearchAttributes([
       { key: VmName, value: input.vm },
-      { key: SourceHost, value: input.from },
+      ...(input.from ? [{ key: SourceHost, value: input.from }] : []),
       { key: DestinationHost, value: input.to },
       { key: MigrationType, value: type },
       { key: MigrationPhase, value: 'starting' },
       { key: MigrationOutcome, value: 'running' },
     ]);
+  }
+
+  /** Refused (or failed) before the checks passed; no effect once admitted. */
+  refuse(reason: string): void {
+    this.admission ??= { refused: reason };
+  }
+
+  /** The request passed its checks: the move starts from `from`. */
+  admit(from: string): void {
+    if (!this.input.from) upsertSearchAttributes([{ key: SourceHost, value: from }]);
+    this.from = from;
+    this.admission = { from };
   }
 
   phase(name: string): void {
@@ -93,7 +121,7 @@ export class MigrationTracker {
       id: workflowInfo().workflowId,
       type: this.type,
       vm: this.input.vm,
-      from: this.input.from,
+      from: this.from,
       to: this.input.to,
       outcome,
       reason,
@@ -124,6 +152,10 @@ export async function rollBack(tracker: MigrationTracker, saga: { compensate(): 
   tracker.phase('rollback');
   const errors = await saga.compensate();
   const reason = reasonOf(err);
+  // Refused before its checks passed: the admission update (if one waits) carries the reason,
+  // and is answered before the workflow ends.
+  tracker.refuse(reason);
+  if (!allHandlersFinished()) await CancellationScope.nonCancellable(() => condition(allHandlersFinished));
   if (errors.length) return tracker.finish('failed', `${reason}; rollback incomplete: ${errors.join('; ')}`);
   return tracker.finish(started ? 'rolled-back' : 'failed', reason);
 }

@@ -117,5 +117,15 @@ await recordMove('shared-nothing-completed-v4', `rec-sn4-${tag}`, 'shared-nothin
 // 11. The cutover activity releases the source itself (patch 'release-in-cutover').
 await recordMove('live-migration-completed-v5', `rec-v5-${tag}`, 'live', LIVE_VM);
 
-for (const n of [`rec-v5-${tag}`, `rec-v4-${tag}`, `rec-sn4-${tag}`, `rec-v3-${tag}`, `rec-sn3-${tag}`, `rec-ok-${tag}`, `rec-cancel-${tag}`, `rec-throttle-${tag}`, `rec-st-${tag}`, `rec-stc-${tag}`, `rec-sn-${tag}`, `rec-v2-${tag}`]) await c.destroyVm(n).catch(() => undefined);
+// 12. The workflow finds the source itself (input `candidates`, no `from`) and answers the
+// client's admission update; and a request it refuses (no such VM) before anything moves.
+await recordMove('live-migration-completed-v6', `rec-v6-${tag}`, 'live', LIVE_VM);
+await recordMove('shared-nothing-completed-v6', `rec-sn6-${tag}`, 'shared-nothing', LOCAL_VM);
+if (!fs.existsSync(path.join(out, 'live-migration-refused.json'))) {
+  await c.startMigration({ type: 'live', vm: `rec-none-${tag}`, to: B }).catch((e: Error) => console.log(`refused: ${e.message}`));
+  const refused = (await c.listMigrations()).find((m) => m.vm === `rec-none-${tag}`)!;
+  await save('live-migration-refused', refused.id);
+}
+
+for (const n of [`rec-v6-${tag}`, `rec-sn6-${tag}`, `rec-v5-${tag}`, `rec-v4-${tag}`, `rec-sn4-${tag}`, `rec-v3-${tag}`, `rec-sn3-${tag}`, `rec-ok-${tag}`, `rec-cancel-${tag}`, `rec-throttle-${tag}`, `rec-st-${tag}`, `rec-stc-${tag}`, `rec-sn-${tag}`, `rec-v2-${tag}`]) await c.destroyVm(n).catch(() => undefined);
 await c.close();

@@ -4,7 +4,7 @@
 import { ApplicationFailure, CancellationScope, condition, log, patched, proxyLocalActivities } from '@temporalio/workflow';
 import type { MigrationPolicy, ProgressSample, VmInfo, HostInfo } from '../../common/types.js';
 import type { OrchestratorActivities } from '../../activities/orchestrator-activities.js';
-import type { HostProxies } from '../hosts.js';
+import { hostProxies, type HostProxies } from '../hosts.js';
 import type { Saga } from '../saga.js';
 import { reasonOf, type MigrationTracker } from '../tracker.js';
 import { decide } from '../decide.js';
@@ -30,19 +30,71 @@ const GRANT_WAIT_MS = 20_000;
 
 /** Checks that change nothing: the VM runs on the source, is not migrating, fits the destination. */
 export async function preflight(c: Pick<MemoryMoveContext, 'vm' | 'src' | 'dst'>): Promise<{ vm: VmInfo; dest: HostInfo }> {
-  if (c.src.name === c.dst.name) throw ApplicationFailure.create({ message: `source and destination are the same host (${c.src.name})`, type: 'BadRequest', nonRetryable: true });
+  if (c.src.name === c.dst.name) throw refused(`source and destination are the same host (${c.src.name})`);
   // v3: both hosts are asked at once (two read-only calls; one round trip less).
   const both = patched('fast-path-v3') ? Promise.all([c.src.probe.inspectVm({ vm: c.vm }), c.dst.probe.hostInfo()]) : null;
   both?.catch(() => undefined);
   const vm = both ? (await both)[0] : await c.src.probe.inspectVm({ vm: c.vm });
-  if (!vm) throw ApplicationFailure.create({ message: `VM ${c.vm} is not on host ${c.src.name}`, type: 'BadRequest', nonRetryable: true });
-  if (vm.state !== 'running') throw ApplicationFailure.create({ message: `VM ${c.vm} is ${vm.state} on ${c.src.name}, not running`, type: 'BadRequest', nonRetryable: true });
-  if (vm.migrationId) throw ApplicationFailure.create({ message: `VM ${c.vm} is already migrating (${vm.migrationId})`, type: 'AlreadyMigrating', nonRetryable: true });
+  if (!vm) throw refused(`VM ${c.vm} is not on host ${c.src.name}`);
+  if (vm.state !== 'running') throw refused(`VM ${c.vm} is ${vm.state} on ${c.src.name}, not running`);
+  if (vm.migrationId) throw refused(`VM ${c.vm} is already migrating (${vm.migrationId})`, 'AlreadyMigrating');
   const dest = both ? (await both)[1] : await c.dst.probe.hostInfo();
-  if (dest.vms.some((v) => v.name === c.vm)) throw ApplicationFailure.create({ message: `a VM named ${c.vm} already exists on ${c.dst.name}`, type: 'BadRequest', nonRetryable: true });
-  const free = dest.memoryCapacityBytes - dest.memoryUsedBytes;
-  if (free < vm.spec.memoryBytes) throw ApplicationFailure.create({ message: `destination ${c.dst.name} lacks capacity: needs ${vm.spec.memoryBytes} bytes, ${free} free`, type: 'NoCapacity', nonRetryable: true });
+  destinationFits(c.vm, vm, dest, c.dst.name);
   return { vm, dest };
+}
+
+function refused(message: string, type = 'BadRequest'): ApplicationFailure {
+  return ApplicationFailure.create({ message, type, nonRetryable: true });
+}
+
+function destinationFits(name: string, vm: VmInfo, dest: HostInfo, destName: string): void {
+  if (dest.vms.some((v) => v.name === name)) throw refused(`a VM named ${name} already exists on ${destName}`);
+  const free = dest.memoryCapacityBytes - dest.memoryUsedBytes;
+  if (free < vm.spec.memoryBytes) throw refused(`destination ${destName} lacks capacity: needs ${vm.spec.memoryBytes} bytes, ${free} free`, 'NoCapacity');
+}
+
+/**
+ * The request's checks, finding the source first when it is not given: every candidate host
+ * but the destination is asked for the VM at once, alongside the destination's inventory (the
+ * same one round trip as preflight). The first host where it runs is the source; the questions
+ * still pending then are cancelled (a host that does not answer delays only a VM found nowhere).
+ */
+export async function locateAndCheck(c: { vm: string; from?: string; candidates?: string[]; dst: HostProxies }): Promise<{ src: HostProxies; vm: VmInfo; dest: HostInfo }> {
+  if (c.from) {
+    const src = hostProxies(c.from);
+    return { src, ...(await preflight({ vm: c.vm, src, dst: c.dst })) };
+  }
+  const others = [...new Set(c.candidates ?? [])].filter((h) => h !== c.dst.name);
+  const destInfo = c.dst.probe.hostInfo();
+  destInfo.catch(() => undefined);
+  type Answer = { host: string; vm: VmInfo | null; error?: string };
+  const search = new CancellationScope();
+  const answers: Answer[] = [];
+  const found = await search.run(() => new Promise<Answer | null>((resolve) => {
+    if (!others.length) resolve(null);
+    for (const host of others) {
+      hostProxies(host).probe.inspectVm({ vm: c.vm }).then((vm) => ({ host, vm }), (e: unknown) => ({ host, vm: null, error: reasonOf(e) })).then((a: Answer) => {
+        answers.push(a);
+        if (a.vm?.state === 'running') resolve(a);
+        else if (answers.length === others.length) resolve(null);
+      });
+    }
+  }));
+  search.cancel();
+  const dest = await destInfo;
+  const onDest = dest.vms.find((v) => v.name === c.vm);
+  if (onDest?.state === 'running') throw refused(`VM ${c.vm} already runs on ${c.dst.name}: source and destination are the same host`);
+  if (!found) {
+    if (onDest) throw refused(`VM ${c.vm} is ${onDest.state} on ${c.dst.name}, not running`);
+    const elsewhere = answers.find((a) => a.vm);
+    if (elsewhere) throw refused(`VM ${c.vm} is ${elsewhere.vm!.state} on ${elsewhere.host}, not running`);
+    const silent = answers.filter((a) => a.error).map((a) => `${a.host}: ${a.error}`);
+    throw refused(`no VM named ${c.vm} on hosts ${[...others, c.dst.name].join(', ')}${silent.length ? ` (not answering: ${silent.join('; ')})` : ''}`, 'NoSuchVm');
+  }
+  const vm = found.vm!;
+  if (vm.migrationId) throw refused(`VM ${c.vm} is already migrating (${vm.migrationId})`, 'AlreadyMigrating');
+  destinationFits(c.vm, vm, dest, c.dst.name);
+  return { src: hostProxies(found.host), vm, dest };
 }
 
 /**
