@@ -22,6 +22,13 @@ export class UsageError extends Error {
   }
 }
 
+/** A migration its workflow's checks refused; that workflow (`id`) ended failed, having moved nothing. */
+export class MigrationRefusedError extends UsageError {
+  constructor(message: string, readonly id: string) {
+    super(message);
+  }
+}
+
 const NAME = /^[a-z][a-z0-9-]{0,62}$/i;
 export const vmNameSchema = z.string().regex(NAME, 'VM names are letters, digits and dashes, starting with a letter (at most 63)');
 const sizeSchema = (what: string, min: number, max: number) =>
@@ -259,7 +266,7 @@ export class VmferryClient {
       if (e instanceof WorkflowUpdateFailedError) {
         let c = e as { message?: string; cause?: unknown };
         while (c.cause) c = c.cause as typeof c;
-        throw new UsageError(c.message ?? e.message);
+        throw new MigrationRefusedError(c.message ?? e.message, id);
       }
       throw e;
     }

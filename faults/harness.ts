@@ -10,7 +10,7 @@ import { execFileSync } from 'node:child_process';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { labDown, labStatus, labUp } from '../lab/lab.js';
 import { startDevServer, type DevServer } from '../lab/temporal-server.js';
-import { VmferryClient, type StartMigrationInput } from '../client/index.js';
+import { MigrationRefusedError, VmferryClient, type StartMigrationInput } from '../client/index.js';
 import { isAlive } from '../drivers/sim/sim-driver.js';
 import type { HostConfig } from '../common/host-config.js';
 import type { MigrationResult } from '../common/types.js';
@@ -181,7 +181,11 @@ export async function runCase(lab: FaultLab, c: Case): Promise<CaseResult> {
       if (c.point === 'cleanup') lab.arm({ 'before-release-source': 'delay:1500' });
       if (c.fault === 'lost-ack') lab.arm({ 'destination-after-resume': 'drop-ack' });
       if (c.point === 'rollback') lab.arm({ 'rollback-step': 'delay:1500' });
-      const { id } = await lab.client.startMigration(spec);
+      // A refusal is synchronous (the admission update): its workflow ended failed, and is read below.
+      const { id } = await lab.client.startMigration(spec).catch((e: unknown) => {
+        if (c.fault === 'destination-refuses' && e instanceof MigrationRefusedError) return { id: e.id };
+        throw e;
+      });
       // Wait for the injection point (or the end: a fault armed at the start may end it first).
       let ended = false;
       void lab.client.awaitMigration(id).then(() => { ended = true; }, () => undefined);
