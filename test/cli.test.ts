@@ -102,4 +102,14 @@ describe('CLI', () => {
     expect(done.code).toBe(3);
     expect(JSON.parse(done.stdout)).toMatchObject({ outcome: 'rolled-back', reason: 'cancelled by operator' });
   });
+
+  it('--from names the source (no lookup): a wrong one is refused by the workflow, exit 2; the right one moves', async () => {
+    // vm1 is on B (the move above rolled back).
+    const wrong = await cli('migrate', 'live', 'vm1', '--from', A, '--to', B);
+    expect(wrong.code).toBe(2);
+    expect(wrong.stderr).toMatch(`VM vm1 is not on host ${A}`);
+    const r = await cli('migrate', 'live', 'vm1', '--from', B, '--to', A, '--wait', '--json');
+    expect(r.code, r.stderr).toBe(0);
+    expect(JSON.parse(r.stdout)).toMatchObject({ from: B, to: A, outcome: 'completed' });
+  });
 });
