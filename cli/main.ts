@@ -255,7 +255,7 @@ function withPolicyOptions(c: Command): Command {
 const migrate = program.command('migrate').description('start a migration');
 withPolicyOptions(migrate.command('live <vm>')).description('live migration: memory and state move, storage shared by both hosts')
   .requiredOption('--to <host>', 'destination host')
-  .option('--from <host>', 'source host (default: found among the known hosts by the migration\'s first step)')
+  .option('--from <host>', 'source host: skips looking the VM up on the known hosts (the migration\'s first step checks it; a wrong one is refused)')
   .option('--wait', 'wait for the outcome, showing progress')
   .option('--json', 'JSON output')
   .option('--convergence-timeout <ms>', 'pre-copy time limit per GiB of memory, ms (default 120000)', intArg('--convergence-timeout'))
@@ -284,7 +284,7 @@ migrate.command('storage <vm>').description('live storage migration: the VM stay
   }));
 withPolicyOptions(migrate.command('shared-nothing <vm>')).description('shared-nothing live migration: storage mirrored to the destination, then memory and state')
   .requiredOption('--to <host>', 'destination host')
-  .option('--from <host>', 'source host (default: found among the known hosts by the migration\'s first step)')
+  .option('--from <host>', 'source host: skips looking the VM up on the known hosts (the migration\'s first step checks it; a wrong one is refused)')
   .option('--to-path <dir>', 'directory on the destination (inside one of its storage roots)')
   .option('--wait', 'wait for the outcome, showing progress')
   .option('--json', 'JSON output')

@@ -61,7 +61,7 @@ export const policySchema = policyInputSchema;
 
 const absDir = z.string().min(1).refine((p) => p.startsWith('/'), 'storage paths must be absolute').refine((p) => !p.split('/').includes('..'), 'storage paths may not contain ".."');
 export const startMigrationSchema = z.discriminatedUnion('type', [
-  // from: the source host, when the caller knows it (else the workflow finds the VM on the known hosts).
+  // from: the source host, when the caller knows it: no lookup on the known hosts first (the workflow checks it).
   z.object({ type: z.literal('live'), vm: vmNameSchema, from: z.string().min(1).optional(), to: z.string().min(1, 'a destination host is required'), policy: policySchema.optional() }).strict(),
   z.object({
     type: z.literal('storage'),
