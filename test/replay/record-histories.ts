@@ -9,6 +9,8 @@ import { findTemporalCli } from '../../lab/temporal-server.js';
 import { temporalConfig } from '../../common/temporal.js';
 import { readLab, labDir } from '../../lab/lab.js';
 import { VmferryClient, type CreateVmInput } from '../../client/index.js';
+import { WithStartWorkflowOperation } from '@temporalio/client';
+import { ORCHESTRATOR_TASK_QUEUE, migrationIdFor } from '../../common/names.js';
 
 const out = path.join(path.dirname(fileURLToPath(import.meta.url)), 'histories');
 const c = await VmferryClient.connect();
@@ -117,15 +119,23 @@ await recordMove('shared-nothing-completed-v4', `rec-sn4-${tag}`, 'shared-nothin
 // 11. The cutover activity releases the source itself (patch 'release-in-cutover').
 await recordMove('live-migration-completed-v5', `rec-v5-${tag}`, 'live', LIVE_VM);
 
-// 12. The workflow finds the source itself (input `candidates`, no `from`) and answers the
-// client's admission update; and a request it refuses (no such VM) before anything moves.
-await recordMove('live-migration-completed-v6', `rec-v6-${tag}`, 'live', LIVE_VM);
-await recordMove('shared-nothing-completed-v6', `rec-sn6-${tag}`, 'shared-nothing', LOCAL_VM);
-if (!fs.existsSync(path.join(out, 'live-migration-refused.json'))) {
-  await c.startMigration({ type: 'live', vm: `rec-none-${tag}`, to: B }).catch((e: Error) => console.log(`refused: ${e.message}`));
-  const refused = (await c.listMigrations()).find((m) => m.vm === `rec-none-${tag}`)!;
-  await save('live-migration-refused', refused.id);
+// 12. The workflow finds the source itself (input `candidates`, no `from`: a direct start, as
+// the client always names the source) and answers the admission update; and a request it
+// refuses (no such VM) before anything moves.
+async function recordFound(name: string, vm: string, type: 'live' | 'shared-nothing', spec?: Omit<CreateVmInput, 'name' | 'host'>): Promise<void> {
+  if (fs.existsSync(path.join(out, `${name}.json`))) { console.log(`kept existing ${name}`); return; }
+  if (spec) await c.createVm({ ...spec, name: vm, host: A });
+  const id = migrationIdFor(type, vm, Date.now().toString(36));
+  const start = new WithStartWorkflowOperation(type === 'live' ? 'liveMigration' : 'sharedNothingMigration', {
+    taskQueue: ORCHESTRATOR_TASK_QUEUE, workflowId: id, workflowIdConflictPolicy: 'FAIL', args: [{ migrationId: id, vm, candidates: [A, B], to: B }],
+  });
+  await c.client.workflow.executeUpdateWithStart('admission', { startWorkflowOperation: start }).catch((e: Error) => console.log(`refused: ${e.message}`));
+  console.log((await c.awaitMigration(id)).outcome);
+  await save(name, id);
 }
+await recordFound('live-migration-completed-v6', `rec-v6-${tag}`, 'live', LIVE_VM);
+await recordFound('shared-nothing-completed-v6', `rec-sn6-${tag}`, 'shared-nothing', LOCAL_VM);
+await recordFound('live-migration-refused', `rec-none-${tag}`, 'live');
 
 for (const n of [`rec-v6-${tag}`, `rec-sn6-${tag}`, `rec-v5-${tag}`, `rec-v4-${tag}`, `rec-sn4-${tag}`, `rec-v3-${tag}`, `rec-sn3-${tag}`, `rec-ok-${tag}`, `rec-cancel-${tag}`, `rec-throttle-${tag}`, `rec-st-${tag}`, `rec-stc-${tag}`, `rec-sn-${tag}`, `rec-v2-${tag}`]) await c.destroyVm(n).catch(() => undefined);
 await c.close();

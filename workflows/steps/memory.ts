@@ -29,7 +29,7 @@ const local = proxyLocalActivities<OrchestratorActivities>({ startToCloseTimeout
 const GRANT_WAIT_MS = 20_000;
 
 /** Checks that change nothing: the VM runs on the source, is not migrating, fits the destination. */
-export async function preflight(c: Pick<MemoryMoveContext, 'vm' | 'src' | 'dst'>): Promise<{ vm: VmInfo; dest: HostInfo }> {
+async function preflight(c: Pick<MemoryMoveContext, 'vm' | 'src' | 'dst'>): Promise<{ vm: VmInfo; dest: HostInfo }> {
   if (c.src.name === c.dst.name) throw refused(`source and destination are the same host (${c.src.name})`);
   // v3: both hosts are asked at once (two read-only calls; one round trip less).
   const both = patched('fast-path-v3') ? Promise.all([c.src.probe.inspectVm({ vm: c.vm }), c.dst.probe.hostInfo()]) : null;
