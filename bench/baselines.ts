@@ -1,11 +1,13 @@
 // Baselines the engine is judged against, measured on this machine in the same run:
 //  - loopback TCP: a plain socket pump between two Node processes (a sink that discards, a
-//    writer of 1 MiB buffers), with 1 or N parallel streams;
+//    writer of 1 MiB buffers), with 1 or N parallel streams; and the same pump over the data
+//    plane's mutual TLS (what encryption alone leaves of the pump on this CPU);
 //  - storage: sequential write (with fsync) then read of a file of the disk's size, through the
 //    page cache as a plain program does it, and the same with O_DIRECT (the device itself).
 import fs from 'node:fs';
 import path from 'node:path';
 import net from 'node:net';
+import tls from 'node:tls';
 import zlib from 'node:zlib';
 import { alignedBuffer } from '../drivers/sim/disk-mirror.js';
 import { readInto } from '../dataplane/placing-reader.js';
@@ -14,13 +16,21 @@ import { fileURLToPath } from 'node:url';
 
 const SELF = fileURLToPath(import.meta.url);
 
+/** Both ends' TLS material for the TLS pump: mutual TLS against one CA, as the data plane runs it. */
+export interface PumpTls { server: { ca: string; cert: string; key: string }; client: { ca: string; cert: string; key: string } }
+const PUMP_TLS_ENV = 'VMFERRY_BENCH_PUMP_TLS';
+const pumpTls = (): PumpTls | undefined => (process.env[PUMP_TLS_ENV] ? (JSON.parse(process.env[PUMP_TLS_ENV]) as PumpTls) : undefined);
+const tlsFiles = (t: { ca: string; cert: string; key: string }): tls.SecureContextOptions => ({ ca: fs.readFileSync(t.ca), cert: fs.readFileSync(t.cert), key: fs.readFileSync(t.key), minVersion: 'TLSv1.2' });
+
 /** Child mode: `node baselines.ts sink` listens, prints its port, counts bytes per connection. */
 async function sinkMain(): Promise<void> {
-  const server = net.createServer((s) => {
+  const serve = (s: net.Socket): void => {
     let n = 0;
     s.on('data', (c: Buffer) => { n += c.length; });
     s.on('end', () => { s.end(JSON.stringify({ bytes: n })); });
-  });
+  };
+  const t = pumpTls();
+  const server = t ? tls.createServer({ ...tlsFiles(t.server), requestCert: true, rejectUnauthorized: true }, serve) : net.createServer(serve);
   server.listen(0, '127.0.0.1', () => process.stdout.write(`${(server.address() as net.AddressInfo).port}\n`));
 }
 
@@ -78,7 +88,9 @@ async function pumpMain(port: number, streams: number, perStream: number): Promi
   const buf = Buffer.alloc(1 << 20, 0xa5);
   const t0 = performance.now();
   await Promise.all(Array.from({ length: streams }, () => new Promise<void>((resolve, reject) => {
-    const s = net.connect(port, '127.0.0.1');
+    const t = pumpTls();
+    // The peer's certificate is checked against the CA; the data plane checks its CN against the grant, not a host name.
+    const s = t ? tls.connect({ port, host: '127.0.0.1', ...tlsFiles(t.client), checkServerIdentity: () => undefined }) : net.connect(port, '127.0.0.1');
     s.on('error', reject);
     let sent = 0;
     const pump = (): void => {
@@ -88,7 +100,7 @@ async function pumpMain(port: number, streams: number, perStream: number): Promi
       }
       s.end();
     };
-    s.on('connect', pump);
+    s.on(t ? 'secureConnect' : 'connect', pump);
     s.on('data', () => undefined);
     s.on('close', () => resolve());
   })));
@@ -107,15 +119,17 @@ function runNode(args: string[], env?: NodeJS.ProcessEnv): { child: ReturnType<t
   return { child, firstLine, done };
 }
 
-/** Loopback TCP throughput (bytes/s) of a plain pump with `streams` parallel connections. */
-export async function loopbackThroughput(streams: number, totalBytes: number, into: 'discard' | 'untouched-memory' = 'discard', sinkEnv?: NodeJS.ProcessEnv): Promise<number> {
-  const sink = runNode(into === 'discard' ? ['sink'] : ['sink-fresh', String(Math.max(1 << 20, totalBytes))], sinkEnv);
+/** Loopback TCP throughput (bytes/s) of a plain pump with `streams` parallel connections (over mutual TLS with `overTls`). */
+export async function loopbackThroughput(streams: number, totalBytes: number, into: 'discard' | 'untouched-memory' = 'discard', sinkEnv?: NodeJS.ProcessEnv, overTls?: PumpTls): Promise<number> {
+  if (overTls && into !== 'discard') throw new Error('the TLS pump only discards');
+  const tlsEnv = overTls ? { ...process.env, [PUMP_TLS_ENV]: JSON.stringify(overTls) } : undefined;
+  const sink = runNode(into === 'discard' ? ['sink'] : ['sink-fresh', String(Math.max(1 << 20, totalBytes))], sinkEnv ?? tlsEnv);
   try {
     const port = Number(await sink.firstLine);
     const perStream = Math.max(1 << 20, Math.floor(totalBytes / streams / (1 << 20)) * (1 << 20));
-    // Warm-up, then the measured run.
-    await runNode(['pump', String(port), String(streams), String(64 << 20)]).done;
-    const r = JSON.parse(await runNode(['pump', String(port), String(streams), String(perStream)]).done) as { ms: number; bytes: number };
+    // Warm-up, then the measured run (a TLS run includes its handshakes, as a migration's does).
+    await runNode(['pump', String(port), String(streams), String(64 << 20)], tlsEnv).done;
+    const r = JSON.parse(await runNode(['pump', String(port), String(streams), String(perStream)], tlsEnv).done) as { ms: number; bytes: number };
     return (r.bytes / r.ms) * 1000;
   } finally {
     sink.child.kill('SIGTERM');

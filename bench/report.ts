@@ -37,6 +37,10 @@ export interface CaseResult {
   /** Where the downtime went (source's clock), and the pages the pause carried. */
   downtimePhasesMs?: CutoverResult['downtimePhasesMs'];
   finalPages?: number;
+  /** A case run several times: every run's total ms (the case reports the fastest completed one). */
+  runsTotalMs?: number[];
+  /** Those of the runs that did not complete (outcome, error). */
+  runsNotCompleted?: string[];
 }
 
 export interface EvacuationRun { from: string; to: string; concurrency: number; vms: number; memoryBytes: number; totalMs: number; completed: number; failed: number; maxDowntimeMs: number; meanDowntimeMs: number; vmsPerMinute: number; error?: string }
@@ -46,9 +50,12 @@ export interface EngineAlone { streams: number; bytesPerSec: number; ratio: numb
 
 export interface Target { name: string; value: number | string | null; target: string; pass: boolean }
 
+/** An idle case in a configuration the throughput target is not judged on, beside what bounds its data plane here. */
+export interface OtherConfiguration { name: string; streams: number; ratio: number; bound: string; boundRatio: number }
+
 const mib = (b: number): string => (b / 2 ** 20).toFixed(0);
 
-export function markdown(r: { startedAt: string; scale: number; machine: Record<string, unknown>; baselines: Record<string, number>; warmUp?: Array<{ from: string; to: string; orchestrationOverheadMs: number }>; engineAlone?: EngineAlone[]; cases: CaseResult[]; storage?: Record<string, unknown> | null; evacuations?: EvacuationRun[]; notMeasured: Array<{ name: string; why: string }>; targets: Target[] }): string {
+export function markdown(r: { startedAt: string; scale: number; machine: Record<string, unknown>; baselines: Record<string, number>; warmUp?: Array<{ from: string; to: string; orchestrationOverheadMs: number }>; engineAlone?: EngineAlone[]; cases: CaseResult[]; storage?: Record<string, unknown> | null; evacuations?: EvacuationRun[]; notMeasured: Array<{ name: string; why: string }>; targets: Target[]; otherConfigurations?: OtherConfiguration[] }): string {
   const L: string[] = [];
   L.push(`# vmferry bench — ${r.startedAt}`, '');
   L.push(`Scale ${r.scale}; machine: ${Object.entries(r.machine).map(([k, v]) => `${k} ${String(v)}`).join(', ')}`, '');
@@ -59,6 +66,8 @@ export function markdown(r: { startedAt: string; scale: number; machine: Record<
     // The destination receives, checksums and places every byte, one after the other, on one core.
     const ceiling = 1 / (1 / pump + 1 / crc + 1 / touch);
     L.push('', `Ceiling of the engine on this machine, TLS data plane (before TLS itself): the destination's serial per-byte work (receive at the pump's rate + page CRC + copy into untouched memory) allows at most ${mib(ceiling)} MiB/s = ${((ceiling / pump) * 100).toFixed(0)}% of the 1-stream pump, before any orchestration.`);
+    const overTls = r.baselines["loopback TCP over the data plane's mutual TLS, 1 stream"];
+    if (overTls) L.push('', `TLS itself: the same pump over the data plane's mutual TLS (AES-GCM) reaches ${((overTls / pump) * 100).toFixed(0)}% of the plain pump with nothing else to do.`);
     const fresh = r.baselines['loopback TCP, 1 stream, read into untouched memory'];
     if (fresh) {
       const direct = 1 / (1 / fresh + 1 / crc);
@@ -75,7 +84,7 @@ export function markdown(r: { startedAt: string; scale: number; machine: Record<
   L.push('|---|---|---|---|---|---|---|---|---|---|---|---|---|');
   for (const c of r.cases) {
     const agents = Object.values(c.agentRssKiB).map((a) => (a.growth / 1024).toFixed(0)).join(' / ');
-    L.push(`| ${c.name} | ${mib(c.memoryBytes)} MiB${c.fill < 1 ? ` (fill ${c.fill})` : ''} | ${(c.dirtyFraction * 100).toFixed(0)}% (${mib(c.dirtyRateBytesPerSec)} MiB/s) | ${c.outcome}${c.error ? ` (${c.error})` : ''} | ${c.totalMs.toFixed(0)} | ${mib(c.throughputBytesPerSec)} (${(c.throughputRatio * 100).toFixed(0)}%) | ${c.downtimeMs} | ${c.probe ? `${c.probe.lost} / ${c.probe.maxGapMs}` : '—'} | ${c.rounds} | ${c.wireRatio.toFixed(3)} | ${c.orchestrationOverheadMs.toFixed(0)} | ${agents} | ${(c.vmHwmKiB.source / 1024).toFixed(0)} / ${(c.vmHwmKiB.destination / 1024).toFixed(0)} |`);
+    L.push(`| ${c.name} | ${mib(c.memoryBytes)} MiB${c.fill < 1 ? ` (fill ${c.fill})` : ''} | ${(c.dirtyFraction * 100).toFixed(0)}% (${mib(c.dirtyRateBytesPerSec)} MiB/s) | ${c.outcome}${c.error ? ` (${c.error})` : ''} | ${c.totalMs.toFixed(0)}${c.runsTotalMs ? ` (best of ${c.runsTotalMs.join(', ')}${c.runsNotCompleted ? `; not completed: ${c.runsNotCompleted.join('; ')}` : ''})` : ''} | ${mib(c.throughputBytesPerSec)} (${(c.throughputRatio * 100).toFixed(0)}%) | ${c.downtimeMs} | ${c.probe ? `${c.probe.lost} / ${c.probe.maxGapMs}` : '—'} | ${c.rounds} | ${c.wireRatio.toFixed(3)} | ${c.orchestrationOverheadMs.toFixed(0)} | ${agents} | ${(c.vmHwmKiB.source / 1024).toFixed(0)} / ${(c.vmHwmKiB.destination / 1024).toFixed(0)} |`);
   }
   const phased = r.cases.filter((c) => c.downtimePhasesMs);
   if (phased.length) {
@@ -123,6 +132,11 @@ export function markdown(r: { startedAt: string; scale: number; machine: Record<
   }
   L.push('', '## Targets', '', '| target | value | required | pass |', '|---|---|---|---|');
   for (const t of r.targets) L.push(`| ${t.name} | ${t.value ?? '—'} | ${t.target} | ${t.pass ? 'PASS' : 'FAIL'} |`);
+  if (r.otherConfigurations?.length) {
+    L.push('', 'Idle throughput in the other configurations: reported, not judged. Each is bounded on this machine by what its data plane needs before the engine does anything (measured in this run):', '');
+    L.push('| case | memory ÷ total time vs the plain pump | bound: what it needs, alone | bound vs the plain pump | case ÷ bound |', '|---|---|---|---|---|');
+    for (const o of r.otherConfigurations) L.push(`| ${o.name} | ${(o.ratio * 100).toFixed(1)}% | ${o.bound} | ${(o.boundRatio * 100).toFixed(0)}% | ${((o.ratio / o.boundRatio) * 100).toFixed(0)}% |`);
+  }
   L.push('', '![time and downtime vs dirty rate](latest.svg)', '');
   return L.join('\n');
 }

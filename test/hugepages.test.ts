@@ -3,12 +3,16 @@
 // Needs root to reserve a small pool for the run (restored after), as CI runs.
 import fs from 'node:fs';
 import path from 'node:path';
+import { execFileSync } from 'node:child_process';
+import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startTestLab, waitUntil, type TestLab } from './helpers/lab.js';
 import { withHugetlb } from '../drivers/sim/sim-driver.js';
+import { AHEAD_PAGES } from '../drivers/sim/prefault.js';
+import { TSX_LOADER } from '../common/tsx.js';
 
 const POOL_FILE = '/proc/sys/vm/nr_hugepages';
-const EXTRA_PAGES = 160; // 320 MiB: two 64 MiB guests, spares and the rest of their large allocations
+const EXTRA_PAGES = 224; // 448 MiB: two 64 MiB guests, the prefault probe's 64 MiB, spares and the rest of their large allocations
 let previous = -1;
 let lab: TestLab;
 let A: string;
@@ -34,6 +38,20 @@ describe('guest memory on huge pages', () => {
   it('GLIBC_TUNABLES gets glibc.malloc.hugetlb=2, other tunables kept', () => {
     expect(withHugetlb(undefined)).toBe('glibc.malloc.hugetlb=2');
     expect(withHugetlb('glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1')).toBe('glibc.malloc.arena_max=2:glibc.malloc.hugetlb=2');
+  });
+
+  it('an incoming guest on huge pages is left to the receiver; on 4 KiB pages a window ahead is faulted in', () => {
+    // drivers/sim/prefault.ts: the worker reads the mapping's page size from /proc/self/smaps.
+    const probe = (env: NodeJS.ProcessEnv): { onHugePages: boolean; rssGrowthKiB: number; hugetlbGrowthKiB: number } => JSON.parse(execFileSync(process.execPath, ['--import', TSX_LOADER, fileURLToPath(new URL('./helpers/prefault-probe.ts', import.meta.url)), String(64 * 2 ** 20)], { env, encoding: 'utf8' })) as { onHugePages: boolean; rssGrowthKiB: number; hugetlbGrowthKiB: number };
+    const { GLIBC_TUNABLES: _none, ...plainEnv } = process.env;
+    const huge = probe({ ...plainEnv, GLIBC_TUNABLES: withHugetlb(undefined) });
+    expect(huge.onHugePages).toBe(true);
+    expect(huge.hugetlbGrowthKiB).toBeLessThan(8 * 1024); // the guest's 64 MiB untouched
+    const small = probe(plainEnv);
+    expect(small.onHugePages).toBe(false);
+    expect(small.hugetlbGrowthKiB).toBe(0);
+    expect(small.rssGrowthKiB).toBeGreaterThanOrEqual((AHEAD_PAGES * 4 - 2048)); // the window (32 MiB), from page 0
+    expect(small.rssGrowthKiB).toBeLessThan(56 * 1024); // not the whole guest
   });
 
   it('source and destination guests take their memory from the pool; a live move keeps every page', async () => {
