@@ -7,7 +7,7 @@
 // Guest memory on reserved huge pages (host.json `hugepages`) is left to the receiver: 512
 // faults per GiB instead of 262144, and on 2 cores a second thread zeroing them competes with
 // the sender (A/B, alternating, 1 GiB idle: engine harness ~2050 → ~2280 MiB/s on average; lab
-// moves median ~618 → ~585 ms, best 540 → 468 ms).
+// moves, two batches of 16: median ~618 → ~585 ms, then mean ~603 → ~503 ms).
 import { Worker } from 'node:worker_threads';
 
 /** Pages faulted in ahead of the highest page received (32 MiB). */
