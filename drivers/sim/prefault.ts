@@ -1,9 +1,10 @@
 // Faults in an incoming guest's memory on a worker thread, just ahead of the pages arriving.
-// Every 4 KiB page's first write costs a page fault (~2–9 µs here, THP being madvise-only and
-// Node unable to madvise); on the receiving thread those faults cost about a third of the
-// transfer rate. The worker keeps a window ahead of the highest page received so far, so the
-// receiver mostly writes into memory that is already there, and memory that never arrives (zero
-// pages are not sent) is faulted in at most one window beyond the last page that did.
+// Every 4 KiB page's first write costs a page fault (~2 µs here, ~9 µs in memory the hypervisor
+// no longer backs; THP is madvise-only and Node cannot madvise); on the receiving thread those
+// faults cost about a third of the transfer rate. The worker keeps a window ahead of the
+// highest page received so far, so the receiver mostly writes into memory that is already
+// there, and memory that never arrives (zero pages are not sent) is faulted in at most one
+// window beyond the last page that did.
 // Guest memory on reserved huge pages (host.json `hugepages`) is left to the receiver: 512
 // faults per GiB instead of 262144, and on 2 cores a second thread zeroing them competes with
 // the sender (A/B, alternating, 1 GiB idle: engine harness ~2050 → ~2280 MiB/s on average; lab

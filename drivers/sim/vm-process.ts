@@ -270,6 +270,8 @@ interface Outgoing {
   waiters: Array<() => void>;
   loop: Promise<void>;
   stop: boolean;
+  /** Ends the pre-copy loop's pause between small rounds at once (see stopJob). */
+  wakeLoop?: () => void;
   error?: string;
   cutover?: Promise<CutoverResult>;
   result?: CutoverResult;
@@ -564,9 +566,14 @@ async function precopy(o: Outgoing): Promise<void> {
       (o.tailRounds ??= []).push(`presettle/${Math.round(performance.now() - t1)}`);
       if (o.stop) break;
     }
-    // Small dirty sets would spin; give the guest (and the decision) a moment.
+    // Small dirty sets would spin; give the guest (and the decision) a moment. A stop ends the
+    // moment at once: a cutover waited up to 20 ms here before its first tail round.
     const spent = performance.now() - t0;
-    if (spent < 20) await sleep(20 - spent);
+    if (spent < 20 && !o.stop) await new Promise<void>((resolve) => {
+      const done = (): void => { clearTimeout(timer); o.wakeLoop = undefined; resolve(); };
+      const timer = setTimeout(done, 20 - spent);
+      o.wakeLoop = done;
+    });
   }
   // Cutover is next (doCutover set 'stopping'; a rollback sets 'cancelled'): last rounds while
   // the guest still runs, so the pause carries only what it dirtied during the last one; and
@@ -745,11 +752,17 @@ async function beginOutgoing(p: { migrationId: string; endpoint: { host: string;
   return { started: true };
 }
 
+/** Asks the pre-copy loop to stop (cutover, rollback, failure), without waiting out its pause. */
+function stopJob(o: Outgoing): void {
+  o.stop = true;
+  o.wakeLoop?.();
+}
+
 function fail(o: Outgoing, error: string): void {
   if (o.state === 'done' || o.state === 'failed' || o.state === 'cancelled') return;
   o.error = error;
   o.state = 'failed';
-  o.stop = true;
+  stopJob(o);
   for (const s of o.socks) s.destroy();
   for (const w of o.waiters.splice(0)) w();
   log(`outgoing migration ${o.id} failed: ${error}`);
@@ -788,7 +801,7 @@ function setPolicy(p: { migrationId: string; throttle?: number; maxBandwidth?: n
 }
 
 async function doCutover(o: Outgoing, verify: MigrationPolicy['verify']): Promise<CutoverResult> {
-  o.stop = true;
+  stopJob(o);
   o.state = 'stopping';
   await o.loop;
   if (o.error) throw new Error(o.error);
@@ -881,7 +894,7 @@ async function rollbackOutgoing(p: { migrationId: string; allowReclaim?: boolean
   if (outgoing && outgoing.id === p.migrationId) {
     const o = outgoing;
     if (o.state !== 'done' && o.state !== 'failed') { o.error = 'cancelled'; o.state = 'cancelled'; }
-    o.stop = true;
+    stopJob(o);
     for (const s of o.socks) s.destroy();
     await o.loop.catch(() => undefined);
     if (o.cutover) await o.cutover.catch(() => undefined);
