@@ -801,8 +801,8 @@ function setPolicy(p: { migrationId: string; throttle?: number; maxBandwidth?: n
 }
 
 async function doCutover(o: Outgoing, verify: MigrationPolicy['verify']): Promise<CutoverResult> {
+  o.state = 'stopping'; // before the loop wakes: it runs the tail rounds only in this state
   stopJob(o);
-  o.state = 'stopping';
   await o.loop;
   if (o.error) throw new Error(o.error);
   o.state = 'cutover';
