@@ -270,8 +270,8 @@ interface Outgoing {
   waiters: Array<() => void>;
   loop: Promise<void>;
   stop: boolean;
-  /** Ends the pre-copy loop's pause between small rounds at once (see stopJob). */
-  wakeLoop?: () => void;
+  /** Aborted by stopJob: ends the pre-copy loop's pause between small rounds at once. */
+  stopped: AbortController;
   error?: string;
   cutover?: Promise<CutoverResult>;
   result?: CutoverResult;
@@ -569,11 +569,7 @@ async function precopy(o: Outgoing): Promise<void> {
     // Small dirty sets would spin; give the guest (and the decision) a moment. A stop ends the
     // moment at once: a cutover waited up to 20 ms here before its first tail round.
     const spent = performance.now() - t0;
-    if (spent < 20 && !o.stop) await new Promise<void>((resolve) => {
-      const done = (): void => { clearTimeout(timer); o.wakeLoop = undefined; resolve(); };
-      const timer = setTimeout(done, 20 - spent);
-      o.wakeLoop = done;
-    });
+    if (spent < 20 && !o.stop) await sleep(20 - spent, undefined, { signal: o.stopped.signal }).catch(() => undefined);
   }
   // Cutover is next (doCutover set 'stopping'; a rollback sets 'cancelled'): last rounds while
   // the guest still runs, so the pause carries only what it dirtied during the last one; and
@@ -732,7 +728,7 @@ async function beginOutgoing(p: { migrationId: string; endpoint: { host: string;
   const o: Outgoing = {
     id: p.migrationId, state: 'precopy', chan, socks, barrierSeq: 0, sendSeq: 0, policy: p.policy, round: 0, bytesSent: 0, pagesSent: 0,
     startedAt: performance.now(), crcs: new Uint32Array(guest.pages).fill(ZERO_CRC), samples: [], waiters: [], stop: false,
-    loop: Promise.resolve(), bucketAt: performance.now(), rawBytes: 0, compressCpuUs: 0, compressSkip: 0, flushed: socks.map(() => Promise.resolve()),
+    loop: Promise.resolve(), stopped: new AbortController(), bucketAt: performance.now(), rawBytes: 0, compressCpuUs: 0, compressSkip: 0, flushed: socks.map(() => Promise.resolve()),
   };
   chan.onFrame = (f) => {
     if (f.type !== FrameType.Error || o.state !== 'precopy') return false;
@@ -755,7 +751,7 @@ async function beginOutgoing(p: { migrationId: string; endpoint: { host: string;
 /** Asks the pre-copy loop to stop (cutover, rollback, failure), without waiting out its pause. */
 function stopJob(o: Outgoing): void {
   o.stop = true;
-  o.wakeLoop?.();
+  o.stopped.abort();
 }
 
 function fail(o: Outgoing, error: string): void {
