@@ -3,6 +3,7 @@
 // streams pages straight to the destination VM process (no relay hop), as QEMU does.
 // Usage: vm-process <runtime-dir>   (reads <runtime-dir>/vm.json)
 import fs from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import net from 'node:net';
 import tls from 'node:tls';
@@ -74,7 +75,24 @@ function adoption(): Promise<string> {
 function warmTls(): void {
   try { const t = dataPlaneTlsFromEnv(); if (t) secureContextFor(t); } catch { /* the migration will report it */ }
 }
-if (process.argv[2] === '--spare') warmTls();
+/**
+ * A spare's idle moments, spent on what adoption would otherwise pay on the migration's path
+ * (the destination prepares while the source waits to connect): the first UDP socket (the
+ * guest probe's, bound at the resume) and the first listening socket (the control socket).
+ * Measured at adoption without it: 3-8 ms for the switch-over warm-up, 2-7 ms for the control socket.
+ */
+async function warmSpare(): Promise<void> {
+  warmTls();
+  const udp = dgram.createSocket('udp4');
+  await new Promise<void>((resolve) => { udp.once('error', () => resolve()); udp.bind(0, '127.0.0.1', () => resolve()); });
+  udp.close();
+  const sock = path.join(os.tmpdir(), `.vmferry-spare-${process.pid}.sock`);
+  const server = net.createServer();
+  await new Promise<void>((resolve) => { server.once('error', () => resolve()); server.listen(sock, () => resolve()); });
+  await new Promise<void>((resolve) => server.close(() => resolve()));
+  fs.rmSync(sock, { force: true });
+}
+if (process.argv[2] === '--spare') await warmSpare().catch(() => undefined);
 const runtimeDir = process.argv[2] === '--spare' ? await adoption() : path.resolve(process.argv[2] ?? '.');
 if (process.argv[2] !== '--spare') setImmediate(warmTls);
 const cfg = JSON.parse(fs.readFileSync(path.join(runtimeDir, 'vm.json'), 'utf8')) as VmRuntimeConfig;
@@ -138,13 +156,20 @@ let lastCollection: { job: object; moved: number } | null = null;
 /**
  * Frees now what the transfer left on the heap, so that no collection falls inside the pause
  * (--expose-gc); not again in the same job if fewer than GC_AFTER_BYTES moved since (`moved`:
- * the job's bytes sent or received so far; a full collection costs ~10-20 ms here).
+ * the job's bytes sent or received so far).
+ * `major`: a full collection, for a transfer that leaves garbage with every byte (TLS records,
+ * deflate); ~10-20 ms here. Otherwise (plaintext, pages read into and sent from guest memory)
+ * the heap holds little (1 GiB moved: 1.2 MiB freed on the source, 4 MiB on the destination),
+ * yet a full collection took 20-37 ms at the pre-settle, where the control plane takes the
+ * cutover decision on the same cores: a minor one (young generation, well under 1 ms) then.
  */
-const collectGarbage = (job: object, moved: number): void => {
+const collectGarbage = (job: object, moved: number, major: boolean): void => {
   if (lastCollection?.job === job && moved - lastCollection.moved < GC_AFTER_BYTES) return;
-  (globalThis as { gc?: () => void }).gc?.();
+  (globalThis as { gc?: (o?: { type: 'minor' | 'major' }) => void }).gc?.({ type: major ? 'major' : 'minor' });
   lastCollection = { job, moved };
 };
+/** The source's transfer leaves garbage per byte: TLS records, or deflate's buffers. */
+const heapHeavy = (o: Outgoing): boolean => o.chan.sock instanceof tls.TLSSocket || o.policy.compression === 'deflate';
 
 function status(): VmStatus {
   return {
@@ -560,7 +585,7 @@ async function precopy(o: Outgoing): Promise<void> {
       // job: a decision to go on leaves the settle rounds to do it again.
       await yieldNow(); // the progress reply goes out first
       const t1 = performance.now();
-      collectGarbage(o, o.bytesSent);
+      collectGarbage(o, o.bytesSent, heapHeavy(o));
       await acknowledgedBarrier(o);
       o.preSettledAt = o.bytesSent;
       (o.tailRounds ??= []).push(`presettle/${Math.round(performance.now() - t1)}`);
@@ -617,7 +642,7 @@ async function precopy(o: Outgoing): Promise<void> {
   let prev = Infinity;
   // The source collects too, before the first barrier (see the destination's RoundEnd): its own
   // share of the pause went from 5-8.5 to 4-6 ms (A/B, 8 moves each, 1 GiB at 5% over TLS).
-  collectGarbage(o, o.bytesSent);
+  collectGarbage(o, o.bytesSent, heapHeavy(o));
   for (let k = 0; k < SETTLE_ROUNDS_MAX && o.state === 'stopping'; k++) {
     const t0 = performance.now();
     let n = 0;
@@ -705,6 +730,8 @@ async function beginOutgoing(p: { migrationId: string; endpoint: { host: string;
   const before = migrationId; // a shared-nothing move set it already (the disk mirror)
   migrationId = p.migrationId;
   persist();
+  // While the connection is being made (the destination may still be preparing), not after it.
+  const warmed = warmSwitchOverPath();
   let socks: net.Socket[];
   let chan: FrameChannel;
   let ok = false;
@@ -742,7 +769,8 @@ async function beginOutgoing(p: { migrationId: string; endpoint: { host: string;
       if (o.state === 'precopy' || o.state === 'stopping') fail(o, 'data-plane connection to the destination closed');
     });
   }
-  o.loop = warmSwitchOverPath().then(() => precopy(o)).catch((e: Error) => fail(o, e.message));
+  // The control reply (startOutgoing's answer) goes out first: the first round takes the core.
+  o.loop = warmed.then(yieldNow).then(() => precopy(o)).catch((e: Error) => fail(o, e.message));
   persist();
   log(`outgoing migration ${p.migrationId} to ${p.endpoint.host}:${p.endpoint.port}: ${socks.length} stream(s) connected in ${Math.round(performance.now() - job.t0)} ms (${job.attempts} attempt(s) for stream 0)`);
   return { started: true };
@@ -1016,6 +1044,8 @@ interface Incoming {
   reached: number[];
   /** Checks waiting on barriers; each returns true once settled. */
   barrierWaits: Array<() => boolean>;
+  /** Compressed frames arrived (inflating leaves garbage, as TLS records do). */
+  inflated?: boolean;
 }
 let incoming: Incoming | null = cfg.mode === 'incoming'
   ? { state: 'waiting', bytes: 0, pages: 0, torn: 0, crcs: new Uint32Array(guest.pages).fill(ZERO_CRC), streams: 1, socks: [], reached: [], barrierWaits: [] }
@@ -1137,6 +1167,7 @@ function applyPages(inc: Incoming, parts: Buffer[], flags = 0, stream = 0): void
   for (const [, l] of runs) need += l;
   let data: Buffer[];
   if (flags & FrameFlag.Deflate) {
+    inc.inflated = true;
     // Inflate the data region; the limit refuses a frame that would expand beyond its pages.
     const z = Buffer.concat(parts).subarray(idxLen);
     try { data = [zlib.inflateRawSync(z, { maxOutputLength: n * PAGE_SIZE })]; } catch (e) { throw new Error(`page frame does not inflate: ${(e as Error).message}`); }
@@ -1181,7 +1212,8 @@ async function onIncomingFrame(inc: Incoming, f: Frame): Promise<void> {
       // a resume that takes 3-4 ms; A/B, 8 moves each, 1 GiB at 5% over TLS: worst pause 33 ms
       // without, 14 ms with). Collected here, the guest still running on the source.
       // (--expose-gc: the driver starts VM processes with it.)
-      if (r.barrier) collectGarbage(inc, inc.bytes); // not again unless megabytes arrived since
+      // (Plaintext and not compressed: pages went straight into guest memory, a minor one.)
+      if (r.barrier) collectGarbage(inc, inc.bytes, inc.sock instanceof tls.TLSSocket || inc.inflated === true); // not again unless megabytes arrived since
       await writeAll(inc.sock!, [jsonFrame(FrameType.Ack, { bytesReceived: inc.bytes })]);
       return;
     }
