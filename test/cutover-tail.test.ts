@@ -60,7 +60,7 @@ describe('pre-settle', () => {
     expect(r.cutover!.beforePause).toEqual([expect.stringMatching(/^presettle\/\d+$/), 'settle pre']);
   }, 120_000);
 
-  it('pages sent after that barrier (the cutover\'s tail) make the settle rounds take their own barrier', async () => {
+  it('pages sent after that barrier (the cutover\'s tail, or one more round) make the settle rounds take their own barrier', async () => {
     // Round 1 copies 32 MiB at 256 MiB/s while the guest dirties ~6 MiB: the sample fits the
     // limit (pre-settle), and the tail then sends those pages, after the pre-settle barrier.
     const r = await runEngine({ memoryBytes: 32 * MiB, fill: 1, dirtyRate: 48 * MiB, cutoverAtRound: 1, policy: { verify: 'full', maxBandwidth: 256 * MiB, downtimeLimitMs: 300 } });

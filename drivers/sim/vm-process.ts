@@ -731,7 +731,8 @@ async function beginOutgoing(p: { migrationId: string; endpoint: { host: string;
   migrationId = p.migrationId;
   persist();
   // While the connection is being made (the destination may still be preparing), not after it.
-  const warmed = warmSwitchOverPath();
+  // Only a warm-up: its failure must not fail the move (nor go unhandled if the connect fails).
+  const warmed = warmSwitchOverPath().catch(() => undefined);
   let socks: net.Socket[];
   let chan: FrameChannel;
   let ok = false;
