@@ -75,6 +75,12 @@ function adoption(): Promise<string> {
 function warmTls(): void {
   try { const t = dataPlaneTlsFromEnv(); if (t) secureContextFor(t); } catch { /* the migration will report it */ }
 }
+/** Binds and closes a UDP socket: Node loads its resolver on the first bind in a process (~3-8 ms). */
+async function bindUdpOnce(): Promise<void> {
+  const s = dgram.createSocket('udp4');
+  await new Promise<void>((resolve) => { s.once('error', () => resolve()); s.bind(0, '127.0.0.1', () => resolve()); });
+  s.close();
+}
 /**
  * A spare's idle moments, spent on what adoption would otherwise pay on the migration's path
  * (the destination prepares while the source waits to connect): the first UDP socket (the
@@ -83,9 +89,7 @@ function warmTls(): void {
  */
 async function warmSpare(): Promise<void> {
   warmTls();
-  const udp = dgram.createSocket('udp4');
-  await new Promise<void>((resolve) => { udp.once('error', () => resolve()); udp.bind(0, '127.0.0.1', () => resolve()); });
-  udp.close();
+  await bindUdpOnce();
   const sock = path.join(os.tmpdir(), `.vmferry-spare-${process.pid}.sock`);
   const server = net.createServer();
   await new Promise<void>((resolve) => { server.once('error', () => resolve()); server.listen(sock, () => resolve()); });
@@ -265,9 +269,7 @@ function pause(opts: { persist?: boolean } = {}): void {
  * lock (exclusive create, read, remove). Cold, they added several ms to the pause.
  */
 async function warmSwitchOverPath(): Promise<void> {
-  const s = dgram.createSocket('udp4');
-  await new Promise<void>((resolve) => { s.once('error', () => resolve()); s.bind(0, '127.0.0.1', () => resolve()); });
-  s.close();
+  await bindUdpOnce();
   const probe = path.join(path.dirname(cfg.ownerPath), `.warm.${process.pid}.lock`);
   try { fs.closeSync(fs.openSync(probe, 'wx')); readOwner(cfg.ownerPath); } catch { /* only warming */ } finally { fs.rmSync(probe, { force: true }); }
 }
