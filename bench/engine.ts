@@ -12,7 +12,7 @@ import { fileURLToPath } from 'node:url';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { callControl } from '../drivers/sim/control.js';
 import { writeOwner } from '../drivers/sim/ownership.js';
-import { DataPlaneServer, type Hello } from '../dataplane/endpoint.js';
+import { DataPlaneServer, sendSocket, type Hello } from '../dataplane/endpoint.js';
 import { DEFAULT_POLICY, type CutoverResult, type MigrationPolicy, type ProgressSample, type VmSpec } from '../common/types.js';
 import { parseSize } from '../common/sizes.js';
 import { TSX_LOADER } from '../common/tsx.js';
@@ -91,7 +91,7 @@ export async function runEngine(o: EngineRunOptions): Promise<EngineRunResult> {
   writeOwner(ownerPath, { host: 'A', epoch: 1, state: 'active' });
   const children: ChildProcess[] = [];
   const server = new DataPlaneServer({
-    memory: (hello: Hello, sock: net.Socket, rest: Buffer) => { children[1]!.send({ type: 'dataplane', rest: rest.toString('base64'), stream: hello.stream, streams: hello.streams }, sock); },
+    memory: (hello: Hello, sock: net.Socket, rest: Buffer) => { sendSocket(children[1]!, { type: 'dataplane', rest: rest.toString('base64'), stream: hello.stream, streams: hello.streams }, sock); },
   });
   try {
     const ep = await server.listen('127.0.0.1', 0);

@@ -14,6 +14,7 @@ import net from 'node:net';
 import tls from 'node:tls';
 import fs from 'node:fs';
 import crypto from 'node:crypto';
+import type { ChildProcess, Serializable } from 'node:child_process';
 import { FrameChannel, FrameReader, FrameType, jsonFrame, parseJson, type Frame } from './frames.js';
 
 export const HELLO_TIMEOUT_MS = 10_000;
@@ -172,6 +173,25 @@ export function secureContextFor(p: ClientTls): { context: tls.SecureContext; ca
     secureContexts.set(key, c);
   }
   return c;
+}
+
+/**
+ * Passes an admitted connection to another process (the incoming VM process), no longer read
+ * here. `pause()` stops only the stream: a plain socket's handle goes on reading into its
+ * buffer, and Node keeps a handle it sent open, still reading (into nothing), until the child
+ * acknowledges it. A read of ours in that window took bytes the VM never saw (~1 move in 100
+ * here, at the start of round 0: the first Pages frame's index failed its checksum, or an
+ * "unknown frame type" a few frames in, and the move rolled back). The read stops in the same
+ * tick as the send: Node would restart it at the next tick (its read-ahead sees `reading` off).
+ */
+export function sendSocket(child: ChildProcess, message: Serializable, sock: net.Socket): void {
+  sock.pause();
+  const h = (sock as unknown as { _handle?: { reading?: boolean; readStop?: () => number } | null })._handle;
+  if (h && typeof h.readStop === 'function') {
+    h.reading = false;
+    h.readStop();
+  }
+  child.send(message, sock);
 }
 
 /** Reads exactly one frame off a socket, then pauses it; bytes after the frame come back as `rest`. */
@@ -396,6 +416,18 @@ export class DataPlaneServer {
     for (const [t, g] of this.grants) if (g.migrationId === migrationId) this.grants.delete(t);
   }
 
+  /** Gives an admitted connection to its transfer's handler (which may pass it on: sendSocket). */
+  private deliver(h: TransferHandler, hello: Hello, sock: net.Socket, rest: Buffer, auth?: HandOverAuth): void {
+    // The sender waits for WELCOME (or STARTTLS) before it sends more: bytes read here since
+    // HELLO (a connection held for its grant reads on) are a protocol error, and passing the
+    // socket on would drop them.
+    if (sock.readableLength > 0) {
+      this.refuse(sock, 'data sent before the receiver answered');
+      return;
+    }
+    h(hello, sock, rest, auth);
+  }
+
   private refuse(sock: net.Socket, why: string): void {
     this.noteRefusal(`${sock.remoteAddress}:${sock.remotePort}`, why);
     sock.end(jsonFrame(FrameType.Error, { message: why }));
@@ -440,7 +472,7 @@ export class DataPlaneServer {
         return true;
       },
     };
-    h({ ...hello, ...claim }, sock, Buffer.alloc(0), auth);
+    this.deliver(h, { ...hello, ...claim }, sock, Buffer.alloc(0), auth);
   }
 
   private onConnection(sock: net.Socket): void {
@@ -483,7 +515,7 @@ export class DataPlaneServer {
     const h = this.handlers[hello.kind];
     if (!h) { this.refuse(sock, `no ${hello.kind} transfers on this host`); return; }
     takeStream(this.grants, tok.id, g, claim); // a replayed HELLO finds nothing
-    h({ ...hello, ...claim }, sock, rest);
+    this.deliver(h, { ...hello, ...claim }, sock, rest);
   }
 }
 

@@ -15,7 +15,7 @@ import { callControl, ControlError } from './control.js';
 import { writeOwner } from './ownership.js';
 import { createVmFiles } from '../disk-files.js';
 import type { VmRuntimeConfig, VmStatus } from './vm-process.js';
-import { DATAPLANE_TLS_ENV, type DataPlaneServer, type Hello, type HandOverAuth, type GrantCheck } from '../../dataplane/endpoint.js';
+import { DATAPLANE_TLS_ENV, sendSocket, type DataPlaneServer, type Hello, type HandOverAuth, type GrantCheck } from '../../dataplane/endpoint.js';
 import crypto from 'node:crypto';
 import type { DiskReceiver } from '../../dataplane/disk-receiver.js';
 import type { MirrorTarget } from './disk-mirror.js';
@@ -347,7 +347,7 @@ export class SimDriver implements HypervisorDriver {
       return;
     }
     if (!auth) {
-      c.child.send({ type: 'dataplane', rest: rest.toString('base64'), stream: hello.stream ?? 0, streams: hello.streams ?? 1 }, sock);
+      sendSocket(c.child, { type: 'dataplane', rest: rest.toString('base64'), stream: hello.stream ?? 0, streams: hello.streams ?? 1 }, sock);
       return;
     }
     // TLS mode: the VM process authenticates the sender (TLS, certificate, token) and reports
@@ -365,7 +365,7 @@ export class SimDriver implements HypervisorDriver {
     child.on('message', onMessage);
     child.once('exit', onExit);
     const check: GrantCheck = { grantId: auth.grantId, secretHash: auth.secretHash, migrationId: auth.migrationId, vm: auth.vm, kind: auth.kind, source: auth.source, destination: auth.destination, expiresAt: auth.expiresAt, tls: auth.tls, stream: auth.stream, streams: auth.streams };
-    child.send({ type: 'dataplane', rest: rest.toString('base64'), auth: check, nonce }, sock);
+    sendSocket(child, { type: 'dataplane', rest: rest.toString('base64'), auth: check, nonce }, sock);
   }
 
   async incomingStatus(name: string, migrationId: string, wait?: IncomingWait): Promise<IncomingStatus> {
