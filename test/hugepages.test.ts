@@ -19,6 +19,8 @@ let A: string;
 let B: string;
 
 const hugetlbKiB = (pid: number): number => Number(/HugetlbPages:\s+(\d+) kB/.exec(fs.readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1] ?? 0);
+const vmLog = (host: string, vm: string): string => fs.readFileSync(path.join(lab.runDir(host), vm, 'vm.log'), 'utf8');
+const vmState = (host: string, vm: string): { pid: number; hugePages?: boolean } => JSON.parse(fs.readFileSync(path.join(lab.runDir(host), vm, 'state.json'), 'utf8')) as { pid: number; hugePages?: boolean };
 const vmPid = (host: string, vm: string): number => (JSON.parse(fs.readFileSync(path.join(lab.runDir(host), vm, 'state.json'), 'utf8')) as { pid: number }).pid;
 
 beforeAll(async () => {
@@ -57,14 +59,28 @@ describe('guest memory on huge pages', () => {
   it('source and destination guests take their memory from the pool; a live move keeps every page', async () => {
     await lab.client.createVm({ name: 'hp1', host: A, memory: '64MiB', disk: '4MiB', dirtyRate: '16MiB', fill: 0.9 });
     expect(hugetlbKiB(vmPid(A, 'hp1'))).toBeGreaterThanOrEqual(64 * 1024);
+    expect(vmLog(A, 'hp1')).toContain('guest memory on reserved huge pages');
+    expect(vmState(A, 'hp1').hugePages).toBe(true);
     const { id } = await lab.client.startMigration({ type: 'live', vm: 'hp1', to: B, policy: { verify: 'full' } });
     const r = await lab.client.awaitMigration(id);
     expect(r.outcome, r.reason).toBe('completed');
     expect(r.cutover!.destinationFullCrc).toBe(r.cutover!.sourceFullCrc);
     expect(await lab.whereIs('hp1')).toEqual([{ host: B, state: 'running' }]);
     expect(hugetlbKiB(vmPid(B, 'hp1'))).toBeGreaterThanOrEqual(64 * 1024);
+    await waitUntil('the destination reports its guest on huge pages', async () => vmState(B, 'hp1').hugePages === true);
+    expect(vmLog(B, 'hp1')).toContain('guest memory on reserved huge pages');
     expect((await lab.client.verifyVm('hp1')).ok).toBe(true);
     // The source's copy is gone.
     await waitUntil('source copy removed', async () => !fs.readdirSync(lab.runDir(A)).includes('hp1'));
+  });
+
+  it('a guest the pool cannot hold runs on 4 KiB pages, and says so (log, status)', async () => {
+    // Larger than what the pool has free now: glibc falls back without a word; the VM reports it.
+    const free = Number(/HugePages_Free:\s+(\d+)/.exec(fs.readFileSync('/proc/meminfo', 'utf8'))?.[1] ?? 0);
+    await lab.client.createVm({ name: 'hp2', host: A, memory: (free + 32) * 2 * 2 ** 20, disk: '1MiB', dirtyRate: 0, writeRate: 0, fill: 0 });
+    expect(vmState(A, 'hp2').hugePages).toBe(false);
+    expect(vmLog(A, 'hp2')).toMatch(/guest memory on 4 KiB pages: this host asks for huge pages \(host\.json hugepages\), but its pool could not hold \d+ bytes/);
+    expect(hugetlbKiB(vmPid(A, 'hp2'))).toBeLessThan((free + 32) * 2 * 1024);
+    await lab.client.destroyVm('hp2');
   });
 });

@@ -9,6 +9,7 @@
 // faults per GiB instead of 262144, and on 2 cores a second thread zeroing them competes with
 // the sender (A/B, alternating, 1 GiB idle: engine harness ~2050 → ~2280 MiB/s on average; lab
 // moves, two batches of 16: median ~618 → ~585 ms, then mean ~603 → ~503 ms).
+import fs from 'node:fs';
 import { Worker } from 'node:worker_threads';
 
 /** Pages faulted in ahead of the highest page received (32 MiB). */
@@ -81,4 +82,18 @@ export class Prefaulter {
     Atomics.store(this.control, 1, 1);
     Atomics.notify(this.control, 0);
   }
+}
+
+/**
+ * Whether memory of `bytes` sits on reserved huge pages in this process: /proc/self/smaps has a
+ * mapping at least that large with 2 MiB (or larger) kernel pages. (The worker above reads the
+ * same, off the receiving thread; this is for moments off the migration's path.)
+ */
+export function onHugePagesNow(bytes: number): boolean {
+  let text: string;
+  try { text = fs.readFileSync('/proc/self/smaps', 'utf8'); } catch { return false; }
+  for (const m of text.matchAll(/^Size:\s+(\d+) kB[^]*?^KernelPageSize:\s+(\d+) kB/gm)) {
+    if (Number(m[2]) >= 2048 && Number(m[1]) * 1024 >= bytes) return true;
+  }
+  return false;
 }

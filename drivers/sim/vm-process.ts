@@ -14,7 +14,7 @@ import { Guest, ZERO_PAGE, type DeviceState } from './guest.js';
 import { serveControl } from './control.js';
 import { assertOwner, readOwner, updateOwner, writeOwner, FencedError } from './ownership.js';
 import { DiskMirror, type MirrorTarget } from './disk-mirror.js';
-import { Prefaulter } from './prefault.js';
+import { Prefaulter, onHugePagesNow } from './prefault.js';
 import { PlacingReader } from '../../dataplane/placing-reader.js';
 import { PAGE_SIZE, type VmSpec, type VmState, type MigrationPolicy, type ProgressSample, type CutoverResult, type DiskMirrorStatus } from '../../common/types.js';
 import { FrameChannel, FrameType, FrameFlag, header, jsonFrame, writeAll, crc32, joinPrefix, ZERO_FLAG, parseJson, type Frame } from '../../dataplane/frames.js';
@@ -49,6 +49,11 @@ export interface VmStatus {
   startedAt: string;
   /** Set on a `status` call with unlessIncoming: this process held it until a change (or waitMs). */
   waitHonoured?: boolean;
+  /**
+   * On a host with `hugepages`: whether the guest's memory did come from the huge-page pool
+   * (glibc falls back to 4 KiB pages, silently, when the pool is short). Known once it runs.
+   */
+  hugePages?: boolean;
 }
 
 /**
@@ -189,7 +194,23 @@ function status(): VmStatus {
     mirror: mirror ? { migrationId: mirror.migrationId, ...mirror.status() } : undefined,
     device: { ...guest.state },
     startedAt,
+    ...(hugePages !== undefined ? { hugePages } : {}),
   };
+}
+
+let hugePages: boolean | undefined;
+/**
+ * On a host that asks for huge pages (the agent sets glibc.malloc.hugetlb=2), says whether the
+ * guest got them: a short pool halves a move's speed here, and nothing else would tell. Read
+ * once the guest runs (booted, or resumed here), never inside a migration's path.
+ */
+function reportMemoryBacking(): void {
+  if (!/(^|:)glibc\.malloc\.hugetlb=2(:|$)/.test(process.env.GLIBC_TUNABLES ?? '')) return;
+  hugePages = onHugePagesNow(cfg.spec.memoryBytes);
+  log(hugePages
+    ? 'guest memory on reserved huge pages'
+    : `guest memory on 4 KiB pages: this host asks for huge pages (host.json hugepages), but its pool could not hold ${cfg.spec.memoryBytes} bytes (see HugePages_Free in /proc/meminfo)`);
+  persist();
 }
 
 // ---------- running / paused ----------
@@ -1268,6 +1289,7 @@ async function onIncomingFrame(inc: Incoming, f: Frame): Promise<void> {
       try { await writeAll(inc.sock!, [jsonFrame(FrameType.Resumed, { resumedAt, tookMs: Math.round((performance.now() - tGo) * 10) / 10 })]); } finally { unthrottle(); }
       persist();
       log(`resumed at epoch ${epoch}`);
+      reportMemoryBacking();
       return;
     }
     default:
@@ -1472,6 +1494,7 @@ async function main(): Promise<void> {
     guest.format();
     await run();
     log(`booted: ${cfg.spec.memoryBytes} bytes memory, ${cfg.spec.disks.length} disk(s), epoch ${epoch}`);
+    reportMemoryBacking();
   } else {
     await warmSwitchOverPath();
     persist();
