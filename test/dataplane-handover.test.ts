@@ -5,14 +5,16 @@
 // read loses bytes the VM never sees (the stream then fails a checksum or desyncs). Real sockets
 // on loopback, a real child process.
 import net from 'node:net';
-import { spawn } from 'node:child_process';
+import { spawn, type ChildProcess } from 'node:child_process';
 import { afterEach, describe, expect, it } from 'vitest';
 import { DataPlaneServer, mintGrantToken, sendSocket, type Hello } from '../dataplane/endpoint.js';
 import { FrameReader, FrameType, jsonFrame } from '../dataplane/frames.js';
 
 const servers: DataPlaneServer[] = [];
 const socks: net.Socket[] = [];
+const children: ChildProcess[] = [];
 afterEach(() => {
+  for (const c of children.splice(0)) c.kill();
   for (const s of socks.splice(0)) s.destroy();
   for (const s of servers.splice(0)) s.close();
 });
@@ -66,6 +68,7 @@ process.on('message', (m, sock) => {
 describe('data-plane hand-over', () => {
   it('a connection passed to another process is no longer read here: everything the sender sends reaches that process, in order', async () => {
     const child = spawn(process.execPath, ['-e', CHILD], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
+    children.push(child);
     const report = new Promise<{ bytes: number; firstBad: number }>((resolve, reject) => {
       child.once('message', (m) => resolve(m as { bytes: number; firstBad: number }));
       child.once('exit', (code) => reject(new Error(`child exited ${code}`)));

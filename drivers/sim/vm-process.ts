@@ -116,6 +116,8 @@ let epoch = cfg.epoch;
 let migrationId = cfg.migrationId;
 const sharedOwner = cfg.sharedOwner ?? false;
 const startedAt = new Date().toISOString();
+/** See reportMemoryBacking. */
+let hugePages: boolean | undefined;
 let workloadTimer: NodeJS.Timeout | null = null;
 let probeSock: dgram.Socket | null = null;
 
@@ -198,11 +200,11 @@ function status(): VmStatus {
   };
 }
 
-let hugePages: boolean | undefined;
 /**
  * On a host that asks for huge pages (the agent sets glibc.malloc.hugetlb=2), says whether the
- * guest got them: a short pool halves a move's speed here, and nothing else would tell. Read
- * once the guest runs (booted, or resumed here), never inside a migration's path.
+ * guest got them: nothing else would tell, and receiving 1 GiB into untouched memory takes
+ * ~0.6 s on 4 KiB pages against ~0.1 s from the pool here. Read once the guest runs (booted, or
+ * resumed here), never inside a migration's path.
  */
 function reportMemoryBacking(): void {
   if (!/(^|:)glibc\.malloc\.hugetlb=2(:|$)/.test(process.env.GLIBC_TUNABLES ?? '')) return;
