@@ -74,7 +74,7 @@ export function createHostActivities({ host, driver }: HostActivityDeps) {
         memoryUsedBytes: used,
         storageRoots: host.storageRoots,
         dataPlane: host.dataPlane,
-        vms: vms.map((v) => ({ name: v.name, state: v.state, epoch: v.epoch, migrationId: v.migrationId, memoryBytes: v.spec.memoryBytes })),
+        vms: vms.map((v) => ({ name: v.name, state: v.state, epoch: v.epoch, migrationId: v.migrationId, memoryBytes: v.spec.memoryBytes, ...(v.hugePages !== undefined ? { hugePages: v.hugePages } : {}) })),
       };
     },
 

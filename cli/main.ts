@@ -177,9 +177,9 @@ vm.command('create <name>').description('create and boot a VM (simulator, or QEM
 vm.command('list').description('VMs on all known hosts').option('--json', 'JSON output')
   .action(async (o: { json?: boolean }) => withClient(async (c) => {
     const vms = await c.listVms();
-    if (o.json) return out(vms.map((v) => ({ name: v.name, host: v.host, state: v.state, epoch: v.epoch, memoryBytes: v.memoryBytes, migrationId: v.migrationId })));
+    if (o.json) return out(vms.map((v) => ({ name: v.name, host: v.host, state: v.state, epoch: v.epoch, memoryBytes: v.memoryBytes, migrationId: v.migrationId, hugePages: v.hugePages })));
     if (!vms.length) console.log('no VMs');
-    for (const v of vms) console.log(`${v.name.padEnd(16)} ${v.host.padEnd(10)} ${v.state.padEnd(9)} ${formatBytes(v.memoryBytes)}${v.migrationId ? `  migrating (${v.migrationId})` : ''}`);
+    for (const v of vms) console.log(`${v.name.padEnd(16)} ${v.host.padEnd(10)} ${v.state.padEnd(9)} ${formatBytes(v.memoryBytes)}${v.hugePages === undefined ? '' : v.hugePages ? '  huge pages' : '  4 KiB pages (huge-page pool short)'}${v.migrationId ? `  migrating (${v.migrationId})` : ''}`);
   }));
 vm.command('verify <name>').description("check the guest's memory and disks against its own ledger").option('--json', 'JSON output')
   .action(async (name: string, o: { json?: boolean }) => withClient(async (c) => {

@@ -160,7 +160,7 @@ export class VmferryClient {
     })) as Array<{ host: string; ok: boolean; info?: HostInfo; error?: string }>;
   }
 
-  async listVms(): Promise<Array<{ name: string; host: string; state: string; epoch: number; memoryBytes: number; migrationId?: string }>> {
+  async listVms(): Promise<Array<{ name: string; host: string; state: string; epoch: number; memoryBytes: number; migrationId?: string; hugePages?: boolean }>> {
     const inv = await this.inventory();
     const out = [];
     for (const h of inv) for (const v of h.info?.vms ?? []) out.push({ ...v, host: h.host });

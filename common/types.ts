@@ -63,6 +63,8 @@ export interface VmInfo {
   migrationId?: string;
   /** Guest counters (simulator): what `plan` samples to measure the dirty rate. */
   device?: DeviceStateSummary;
+  /** On a host with `hugepages` (simulator): whether the guest got huge pages (false: the pool was short). */
+  hugePages?: boolean;
 }
 
 export interface StorageRoot {
@@ -78,7 +80,7 @@ export interface HostInfo {
   memoryUsedBytes: number;
   storageRoots: StorageRoot[];
   dataPlane: { host: string; port: number };
-  vms: Array<Pick<VmInfo, 'name' | 'state' | 'epoch' | 'migrationId'> & { memoryBytes: number }>;
+  vms: Array<Pick<VmInfo, 'name' | 'state' | 'epoch' | 'migrationId' | 'hugePages'> & { memoryBytes: number }>;
 }
 
 export interface MigrationPolicy {

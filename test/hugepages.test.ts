@@ -69,6 +69,7 @@ describe('guest memory on huge pages', () => {
     expect(hugetlbKiB(vmPid(B, 'hp1'))).toBeGreaterThanOrEqual(64 * 1024);
     await waitUntil('the destination reports its guest on huge pages', async () => vmState(B, 'hp1').hugePages === true);
     expect(vmLog(B, 'hp1')).toContain('guest memory on reserved huge pages');
+    expect((await lab.client.listVms()).find((v) => v.name === 'hp1')).toMatchObject({ host: B, hugePages: true });
     expect((await lab.client.verifyVm('hp1')).ok).toBe(true);
     // The source's copy is gone.
     await waitUntil('source copy removed', async () => !fs.readdirSync(lab.runDir(A)).includes('hp1'));
@@ -81,6 +82,7 @@ describe('guest memory on huge pages', () => {
     expect(vmState(A, 'hp2').hugePages).toBe(false);
     expect(vmLog(A, 'hp2')).toMatch(/guest memory on 4 KiB pages: this host asks for huge pages \(host\.json hugepages\), but its pool could not hold \d+ bytes/);
     expect(hugetlbKiB(vmPid(A, 'hp2'))).toBeLessThan((free + 32) * 2 * 1024);
+    expect((await lab.client.listVms()).find((v) => v.name === 'hp2')).toMatchObject({ host: A, hugePages: false });
     await lab.client.destroyVm('hp2');
   });
 });

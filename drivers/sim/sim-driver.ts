@@ -87,7 +87,7 @@ export class SimDriver implements HypervisorDriver {
     const alive = st ? isAlive(st.pid) : false;
     const state: VmState = !st ? 'stopped' : alive ? st.state : st.state === 'stopped' ? 'stopped' : 'failed';
     const device = st ? { vcpuTicks: st.device.vcpuTicks, memWrites: st.device.memWrites, diskWrites: st.device.diskWrites } : undefined;
-    return { name: cfg.spec.name, host: this.host.name, state, pid: st?.pid ?? 0, epoch: st?.epoch ?? cfg.epoch, spec: cfg.spec, migrationId: st?.migrationId, device };
+    return { name: cfg.spec.name, host: this.host.name, state, pid: st?.pid ?? 0, epoch: st?.epoch ?? cfg.epoch, spec: cfg.spec, migrationId: st?.migrationId, device, ...(st?.hugePages !== undefined ? { hugePages: st.hugePages } : {}) };
   }
 
   async list(): Promise<VmInfo[]> {
