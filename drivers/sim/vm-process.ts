@@ -204,7 +204,7 @@ function status(): VmStatus {
  * On a host that asks for huge pages (the agent sets glibc.malloc.hugetlb=2), says whether the
  * guest got them: nothing else would tell, and receiving 1 GiB into untouched memory takes
  * ~0.6 s on 4 KiB pages against ~0.1 s from the pool here. Read once the guest runs (booted, or
- * resumed here), never inside a migration's path.
+ * resumed here, half a second after the resume), never inside a migration's path.
  */
 function reportMemoryBacking(): void {
   if (!/(^|:)glibc\.malloc\.hugetlb=2(:|$)/.test(process.env.GLIBC_TUNABLES ?? '')) return;
@@ -1291,7 +1291,9 @@ async function onIncomingFrame(inc: Incoming, f: Frame): Promise<void> {
       try { await writeAll(inc.sock!, [jsonFrame(FrameType.Resumed, { resumedAt, tookMs: Math.round((performance.now() - tGo) * 10) / 10 })]); } finally { unthrottle(); }
       persist();
       log(`resumed at epoch ${epoch}`);
-      reportMemoryBacking();
+      // Later, not now: the move's last steps (the source's release, the workflow's last tasks)
+      // share these cores.
+      setTimeout(() => { try { if (state === 'running') reportMemoryBacking(); } catch { /* only a report */ } }, 500).unref();
       return;
     }
     default:
