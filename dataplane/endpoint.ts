@@ -416,16 +416,16 @@ export class DataPlaneServer {
     for (const [t, g] of this.grants) if (g.migrationId === migrationId) this.grants.delete(t);
   }
 
-  /** Gives an admitted connection to its transfer's handler (which may pass it on: sendSocket). */
-  private deliver(h: TransferHandler, hello: Hello, sock: net.Socket, rest: Buffer, auth?: HandOverAuth): void {
-    // The sender waits for WELCOME (or STARTTLS) before it sends more: bytes read here since
-    // HELLO (a connection held for its grant reads on) are a protocol error, and passing the
-    // socket on would drop them.
-    if (sock.readableLength > 0) {
-      this.refuse(sock, 'data sent before the receiver answered');
-      return;
-    }
-    h(hello, sock, rest, auth);
+  /**
+   * Refuses a connection whose sender did not wait for the receiver's answer (WELCOME, or
+   * STARTTLS) before sending more: bytes read here since HELLO (a connection held for its grant
+   * reads on) would be dropped when the socket is passed on. Checked before the grant's stream
+   * is taken, so a well-behaved retry still finds it.
+   */
+  private premature(sock: net.Socket): boolean {
+    if (sock.readableLength === 0) return false;
+    this.refuse(sock, 'data sent before the receiver answered');
+    return true;
   }
 
   private refuse(sock: net.Socket, why: string): void {
@@ -472,7 +472,8 @@ export class DataPlaneServer {
         return true;
       },
     };
-    this.deliver(h, { ...hello, ...claim }, sock, Buffer.alloc(0), auth);
+    if (this.premature(sock)) return;
+    h({ ...hello, ...claim }, sock, Buffer.alloc(0), auth);
   }
 
   private onConnection(sock: net.Socket): void {
@@ -514,8 +515,9 @@ export class DataPlaneServer {
     if (typeof claim === 'string') { this.refuse(sock, claim); return; }
     const h = this.handlers[hello.kind];
     if (!h) { this.refuse(sock, `no ${hello.kind} transfers on this host`); return; }
+    if (this.premature(sock)) return;
     takeStream(this.grants, tok.id, g, claim); // a replayed HELLO finds nothing
-    this.deliver(h, { ...hello, ...claim }, sock, rest);
+    h({ ...hello, ...claim }, sock, rest);
   }
 }
 

@@ -88,7 +88,7 @@ describe('data-plane hand-over', () => {
     expect(await report).toEqual({ bytes: total, firstBad: -1 });
   });
 
-  it('refuses a connection that sent data after HELLO before the receiver answered (it would be lost in a hand-over), with the reason', async () => {
+  it('refuses a connection that sent data after HELLO before the receiver answered (it would be lost in a hand-over), with the reason, and keeps the grant for a retry', async () => {
     const { server, port, admitted, refusals } = await endpoint();
     // Minted ahead (parallel start): the connection waits for the grant, as the source's first one does.
     const token = mintGrantToken('dst');
@@ -106,5 +106,9 @@ describe('data-plane hand-over', () => {
     expect(refusals.join('\n')).toContain('data sent before the receiver answered');
     const handed = await Promise.race([admitted.then(() => true), new Promise((r) => setTimeout(() => r(false), 100))]);
     expect(handed).toBe(false);
+    // The grant was not used up: a sender that waits is admitted with it.
+    const again = await connect(port);
+    again.write(hello(token));
+    expect((await admitted).hello.vm).toBe('v1');
   });
 });
