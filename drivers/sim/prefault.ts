@@ -15,6 +15,22 @@ import { Worker } from 'node:worker_threads';
 /** Pages faulted in ahead of the highest page received (32 MiB). */
 export const AHEAD_PAGES = 8192;
 
+/**
+ * Whether this process has a mapping of at least `bytes` on 2 MiB (or larger) pages, from
+ * /proc/self/smaps: guest memory on the reserved huge-page pool. Source text, because the
+ * worker below runs it too (off the receiving thread); onHugePagesNow runs it here.
+ */
+const ON_HUGE_PAGES = `function onHugePages(fs, bytes) {
+  let text;
+  try { text = fs.readFileSync('/proc/self/smaps', 'utf8'); } catch { return false; }
+  let size = 0;
+  for (const line of text.split('\\n')) {
+    if (line.startsWith('Size:')) size = Number(line.slice(5).trim().split(' ')[0]) * 1024;
+    else if (line.startsWith('KernelPageSize:') && Number(line.slice(15).trim().split(' ')[0]) >= 2048 && size >= bytes) return true;
+  }
+  return false;
+}`;
+
 // A compare-and-exchange of 0 with 0 writes the page (so it is faulted in) without ever
 // changing a byte: a page the receiver already filled keeps its data, atomically.
 // Whether the memory is on huge pages is read from /proc/self/smaps here, off the receiving
@@ -26,17 +42,8 @@ const fs = require('node:fs');
 const mem = new Int32Array(workerData.memory);
 const ctl = new Int32Array(workerData.control);
 const pages = mem.length / 1024;
-function onHugePages(bytes) {
-  let text;
-  try { text = fs.readFileSync('/proc/self/smaps', 'utf8'); } catch { return false; }
-  let size = 0;
-  for (const line of text.split('\\n')) {
-    if (line.startsWith('Size:')) size = Number(line.slice(5).trim().split(' ')[0]) * 1024;
-    else if (line.startsWith('KernelPageSize:') && Number(line.slice(15).trim().split(' ')[0]) >= 2048 && size >= bytes) return true;
-  }
-  return false;
-}
-const huge = onHugePages(mem.byteLength);
+${ON_HUGE_PAGES}
+const huge = onHugePages(fs, mem.byteLength);
 if (huge) Atomics.store(ctl, 2, 1);
 let next = 0;
 for (;;) {
@@ -84,16 +91,6 @@ export class Prefaulter {
   }
 }
 
-/**
- * Whether memory of `bytes` sits on reserved huge pages in this process: /proc/self/smaps has a
- * mapping at least that large with 2 MiB (or larger) kernel pages. (The worker above reads the
- * same, off the receiving thread; this is for moments off the migration's path.)
- */
-export function onHugePagesNow(bytes: number): boolean {
-  let text: string;
-  try { text = fs.readFileSync('/proc/self/smaps', 'utf8'); } catch { return false; }
-  for (const m of text.matchAll(/^Size:\s+(\d+) kB[^]*?^KernelPageSize:\s+(\d+) kB/gm)) {
-    if (Number(m[2]) >= 2048 && Number(m[1]) * 1024 >= bytes) return true;
-  }
-  return false;
-}
+const onHugePages = new Function(`return ${ON_HUGE_PAGES}`)() as (f: typeof fs, bytes: number) => boolean;
+/** See ON_HUGE_PAGES: for moments off the migration's path (a booted or resumed guest). */
+export const onHugePagesNow = (bytes: number): boolean => onHugePages(fs, bytes);
