@@ -27,6 +27,8 @@ export interface CaseResult {
   decisions: number;
   agentRssKiB: Record<string, { before: number; hwmAfter: number; growth: number }>;
   vmHwmKiB: { source: number; destination: number };
+  /** Huge-page cases: whether each end's guest memory was on reserved huge pages (its smaps). */
+  hugePages?: { source: boolean; destination: boolean };
   verified: boolean | null;
   cleanRollback?: boolean;
   error?: string;

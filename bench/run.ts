@@ -15,6 +15,7 @@ import type { MigrationPolicy, MigrationResult } from '../common/types.js';
 import { ORCHESTRATOR_TASK_QUEUE } from '../common/names.js';
 import { loopbackThroughput, meminfo, memoryWork, storageThroughput, touchHugePagePool } from './baselines.js';
 import { withHugetlb } from '../drivers/sim/sim-driver.js';
+import { onHugePagesOf } from '../drivers/sim/prefault.js';
 import { markdown, svg, type CaseResult, type EngineAlone, type EvacuationRun, type OtherConfiguration, type Target } from './report.js';
 import { runEngine } from './engine.js';
 import { ensureLabPki } from '../lab/pki.js';
@@ -275,7 +276,7 @@ async function main(): Promise<void> {
     const others = runs.filter((x) => x !== r && x.outcome !== 'completed').map((x) => `${x.outcome}${x.error ? ` (${x.error})` : ''}`);
     if (others.length) r.runsNotCompleted = others; // never hidden behind the best run
     results.push(r);
-    say(`  ${r.outcome}: total ${r.totalMs.toFixed(0)} ms, ${(r.throughputBytesPerSec / MiB).toFixed(0)} MiB/s (${(r.throughputRatio * 100).toFixed(0)}% of baseline), downtime ${r.downtimeMs} ms${r.downtimePhasesMs ? ` (${Object.entries(r.downtimePhasesMs).map(([k, v]) => `${k} ${v}`).join(', ')}; ${r.finalPages} final pages)` : ''}, probe ${r.probe ? `lost ${r.probe.lost}, max gap ${r.probe.maxGapMs} ms` : '—'}, rounds ${r.rounds}, wire ${r.wireRatio.toFixed(3)}×, orchestration ${r.orchestrationOverheadMs.toFixed(0)} ms${r.error ? `, error: ${r.error}` : ''}${r.runsTotalMs ? ` [runs: ${r.runsTotalMs.join(', ')} ms]` : ''}`);
+    say(`  ${r.outcome}: total ${r.totalMs.toFixed(0)} ms, ${(r.throughputBytesPerSec / MiB).toFixed(0)} MiB/s (${(r.throughputRatio * 100).toFixed(0)}% of baseline), downtime ${r.downtimeMs} ms${r.downtimePhasesMs ? ` (${Object.entries(r.downtimePhasesMs).map(([k, v]) => `${k} ${v}`).join(', ')}; ${r.finalPages} final pages)` : ''}, probe ${r.probe ? `lost ${r.probe.lost}, max gap ${r.probe.maxGapMs} ms` : '—'}, rounds ${r.rounds}, wire ${r.wireRatio.toFixed(3)}×, orchestration ${r.orchestrationOverheadMs.toFixed(0)} ms${r.hugePages ? `, huge pages ${r.hugePages.source ? 'yes' : 'NO'} / ${r.hugePages.destination ? 'yes' : 'NO'}` : ''}${r.error ? `, error: ${r.error}` : ''}${r.runsTotalMs ? ` [runs: ${r.runsTotalMs.join(', ')} ms]` : ''}`);
   }
 
   pool?.release();
@@ -444,6 +445,7 @@ async function runCase(client: VmferryClient, c: CaseDef, vmName: string, x: Ctx
       if (!destPid) { try { destPid = (JSON.parse(fs.readFileSync(destState, 'utf8')) as { pid: number }).pid; } catch { /* not yet */ } }
       vmHwm.destination = Math.max(vmHwm.destination, procKiB(destPid, 'VmHWM'));
     }, 100);
+    const sourceHuge = c.hugepages ? onHugePagesOf(vm.pid, c.memoryBytes) : undefined;
     const probe = new Prober(vm.spec.probe, 10).start();
     let stats: ProbeStats | null = null;
     let r: MigrationResult;
@@ -468,6 +470,9 @@ async function runCase(client: VmferryClient, c: CaseDef, vmName: string, x: Ctx
       const hwm = procKiB(x.agentPid(h), 'VmHWM');
       agentRssKiB[h] = { before: agentsBefore[h]!, hwmAfter: hwm, growth: Math.max(0, hwm - agentsBefore[h]!) };
     }
+    // A pool too small for both guests makes glibc fall back to 4 KiB pages, silently: the
+    // case would then measure something else than it says.
+    const hugePages = sourceHuge !== undefined && r.outcome === 'completed' ? { source: sourceHuge, destination: onHugePagesOf(destPid, c.memoryBytes) } : undefined;
     const h = await historyTimes(client, id);
     let verified: boolean | null = null;
     let cleanRollback: boolean | undefined;
@@ -485,11 +490,11 @@ async function runCase(client: VmferryClient, c: CaseDef, vmName: string, x: Ctx
       orchestrationOverheadMs: Math.max(0, h.workflowMs - dataMs), overheadBreakdownMs: h.breakdown,
       downtimeMs: r.downtimeMs, probe: stats, rounds: r.rounds, bytesTransferred: r.bytesTransferred, wireRatio: r.bytesTransferred / c.memoryBytes,
       throughputBytesPerSec: (c.memoryBytes / totalMs) * 1000, throughputRatio: ((c.memoryBytes / totalMs) * 1000) / x.streamBaseline,
-      finalThrottle: throttles.at(-1) ?? 0, decisions: r.decisions.length, agentRssKiB, vmHwmKiB: vmHwm, verified, cleanRollback,
+      finalThrottle: throttles.at(-1) ?? 0, decisions: r.decisions.length, agentRssKiB, vmHwmKiB: vmHwm, ...(hugePages ? { hugePages } : {}), verified, cleanRollback,
       linkBytesPerSec: (r.bytesTransferred / (h.precopyMs > 0 ? h.precopyMs : dataMs)) * 1000,
       downtimePhasesMs: r.cutover?.downtimePhasesMs, finalPages: r.cutover?.finalPages,
       compression: r.cutover?.rawBytes !== undefined ? { rawBytes: r.cutover.rawBytes, cpuMs: r.cutover.compressCpuMs ?? 0 } : undefined,
-      error: c.expect !== r.outcome ? `expected ${c.expect}` : verified === false ? 'verify failed' : undefined,
+      error: c.expect !== r.outcome ? `expected ${c.expect}` : verified === false ? 'verify failed' : hugePages && !(hugePages.source && hugePages.destination) ? `guest memory not on huge pages (source ${hugePages.source}, destination ${hugePages.destination})` : undefined,
     };
   } finally {
     await client.destroyVm(vmName).catch(() => undefined);

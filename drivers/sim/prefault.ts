@@ -94,3 +94,6 @@ export class Prefaulter {
 const onHugePages = new Function(`return ${ON_HUGE_PAGES}`)() as (f: typeof fs, bytes: number) => boolean;
 /** See ON_HUGE_PAGES: for moments off the migration's path (a booted or resumed guest). */
 export const onHugePagesNow = (bytes: number): boolean => onHugePages(fs, bytes);
+/** The same for another process of this host (the benchmark checks its guests with it). */
+export const onHugePagesOf = (pid: number, bytes: number): boolean =>
+  onHugePages({ readFileSync: (f: string, enc: BufferEncoding) => fs.readFileSync(f.replace('/self/', `/${pid}/`), enc) } as unknown as typeof fs, bytes);
