@@ -55,6 +55,13 @@ export async function startDevServer(opts: { dbFile?: string; logFile: string; p
   // default four a task can land on a partition without a waiting poller and wait to be
   // forwarded (measured here: ~46 → ~33 ms per sequential activity).
   for (const k of ['matching.numTaskqueueReadPartitions', 'matching.numTaskqueueWritePartitions']) args.push('--dynamic-config-value', `${k}=1`);
+  // The history service reads its queues of new tasks (activity and workflow-task dispatch,
+  // timers, visibility) at most 20 times a second by default. Back-to-back workflows (an
+  // evacuation, a script, the lab's own start) use that up within a few workflows, and every
+  // dispatch then waits ~30 ms for its read: a trivial one-activity workflow took ~145 ms
+  // instead of ~40 from its eighth in a row on (with a second's pause between them, never).
+  // The cap guards a shared database; the dev server's is in memory or a local file.
+  for (const q of ['transfer', 'timer', 'visibility']) args.push('--dynamic-config-value', `history.${q}ProcessorMaxPollRPS=1000`);
   const log = fs.openSync(opts.logFile, 'a');
   const child = spawn(findTemporalCli(), args, { detached: true, stdio: ['ignore', log, log] });
   fs.closeSync(log);
