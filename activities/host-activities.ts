@@ -8,6 +8,7 @@ import { hostTaskQueue } from '../common/names.js';
 import { faultPoint } from '../common/faults.js';
 import { saveCutover, savedCutover } from './cutover-journal.js';
 import type { CutoverResult, DiskMirrorStatus, DiskTargetGrant, HostInfo, MigrationPolicy, ProgressSample, VerifyReport, VmInfo, VmSpec } from '../common/types.js';
+import { mintGrantToken } from '../dataplane/endpoint.js';
 
 export interface HostActivityDeps {
   host: HostConfig;
@@ -64,7 +65,7 @@ export function createHostActivities({ host, driver }: HostActivityDeps) {
   };
 
   return {
-    async hostInfo(): Promise<HostInfo> {
+    async hostInfo(p?: { grantToken?: boolean }): Promise<HostInfo> {
       const vms = await driver.list();
       const used = vms.filter((v) => v.state !== 'stopped' && v.state !== 'failed' && v.state !== 'migrated').reduce((a, v) => a + v.spec.memoryBytes, 0);
       return {
@@ -75,6 +76,7 @@ export function createHostActivities({ host, driver }: HostActivityDeps) {
         storageRoots: host.storageRoots,
         dataPlane: host.dataPlane,
         vms: vms.map((v) => ({ name: v.name, state: v.state, epoch: v.epoch, migrationId: v.migrationId, memoryBytes: v.spec.memoryBytes, ...(v.hugePages !== undefined ? { hugePages: v.hugePages } : {}) })),
+        ...(p?.grantToken ? { grantToken: mintGrantToken(host.name) } : {}),
       };
     },
 

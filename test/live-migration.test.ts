@@ -64,8 +64,21 @@ describe('live migration', () => {
     expect(v.checks.filter((c) => !c.ok)).toEqual([]);
     expect(v.ok).toBe(true);
     // The workload continues where it stopped: its counters moved on from the cutover values.
-    const after = (await lab.client.hostInfo(B)).vms.find((x) => x.name === 'web1')!;
+    const info = await lab.client.hostInfo(B);
+    expect(info).not.toHaveProperty('grantToken'); // an inventory mints no grant
+    const after = info.vms.find((x) => x.name === 'web1')!;
     expect(after.epoch).toBe(cut.epoch);
+    // The data-plane grant came from the destination's checks, not a local activity: the token
+    // its hostInfo returned is the one the destination was prepared with.
+    const events = (await lab.client.client.workflow.getHandle(id).fetchHistory()).events ?? [];
+    expect(events.filter((e) => e.markerRecordedEventAttributes?.markerName === 'core_local_activity')).toEqual([]);
+    const json = (p?: { data?: Uint8Array | null } | null): Record<string, unknown> => JSON.parse(Buffer.from(p?.data ?? []).toString('utf8')) as Record<string, unknown>;
+    const scheduled = new Map(events.filter((e) => e.activityTaskScheduledEventAttributes).map((e) => [String(e.eventId), e.activityTaskScheduledEventAttributes!]));
+    const hostInfoDone = events.find((e) => scheduled.get(String(e.activityTaskCompletedEventAttributes?.scheduledEventId))?.activityType?.name === 'hostInfo')!;
+    const minted = json(hostInfoDone.activityTaskCompletedEventAttributes!.result!.payloads![0]).grantToken;
+    expect(minted).toMatch(new RegExp(`^v1\\.${B}\\.`));
+    const prepared = [...scheduled.values()].find((a) => a.activityType?.name === 'prepareIncoming')!;
+    expect(json(prepared.input!.payloads![0]).token).toBe(minted);
     const device = async (): Promise<{ memWrites: number; diskWrites: number }> => {
       const vms = (await lab.client.client.workflow.execute('hostRequest', { taskQueue: ORCHESTRATOR_TASK_QUEUE, workflowId: `dev-${Date.now()}-${Math.random()}`, args: [{ op: 'listVms', host: B }] })) as Array<{ name: string; device: { memWrites: number; diskWrites: number } }>;
       return vms.find((x) => x.name === 'web1')!.device;

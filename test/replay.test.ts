@@ -47,6 +47,16 @@ describe('replay of recorded histories', () => {
     expect(patchesOf('live-migration-completed-v5')).toContain('release-in-cutover');
     expect(patchesOf('live-migration-completed-v4')).not.toContain('release-in-cutover');
     expect(patchesOf('live-migration-completed-v2')).toContain('supervision-ends-by-itself');
+    // The grant: minted by the destination in the checks, before that by a local activity.
+    const localActivities = (name: string): number => (histories.find((h) => h.name === name)?.history.events ?? []).filter((e) => e.markerRecordedEventAttributes?.markerName === 'core_local_activity').length;
+    for (const name of ['live-migration-completed-v7', 'shared-nothing-completed-v7']) {
+      expect(patchesOf(name)).toContain('grant-from-destination');
+      expect(localActivities(name)).toBe(0);
+    }
+    for (const name of ['live-migration-completed-v5', 'shared-nothing-completed-v4']) {
+      expect(patchesOf(name)).not.toContain('grant-from-destination');
+      expect(localActivities(name)).toBe(1);
+    }
     // Not a patch (the input decides it): the workflow finds the source itself when not given.
     const inputOf = (name: string): { from?: string; candidates?: string[] } => {
       const p = histories.find((h) => h.name === name)!.history.events![0]!.workflowExecutionStartedEventAttributes!.input!.payloads![0]!;

@@ -41,7 +41,7 @@ export async function liveMigration(input: LiveMigrationInput): Promise<Migratio
     }
     tracker.admit(src.name);
     started = true;
-    ({ supervisionEnded, sourceReleased } = await moveMemory({ migrationId: input.migrationId, vm: input.vm, src, dst, policy, tracker, saga, destDataPlane: dest.dataPlane, releaseSourceInCutover }, vm));
+    ({ supervisionEnded, sourceReleased } = await moveMemory({ migrationId: input.migrationId, vm: input.vm, src, dst, policy, tracker, saga, destDataPlane: dest.dataPlane, destGrantToken: dest.grantToken, releaseSourceInCutover }, vm));
   } catch (err) {
     return rollBack(tracker, saga, err, started);
   }

@@ -43,7 +43,7 @@ export async function sharedNothingMigration(input: SharedNothingInput): Promise
     await awaitMirrorSynced({ ...ids, host: source, tracker }, async () => (await prepare()).token);
 
     // The mirror stays in place (guest writes keep flowing) through the memory move.
-    ({ supervisionEnded } = await moveMemory({ migrationId: input.migrationId, vm: input.vm, src: source, dst, policy, tracker, saga, destDataPlane: dest.dataPlane }, vm, grant.spec));
+    ({ supervisionEnded } = await moveMemory({ migrationId: input.migrationId, vm: input.vm, src: source, dst, policy, tracker, saga, destDataPlane: dest.dataPlane, destGrantToken: dest.grantToken }, vm, grant.spec));
   } catch (err) {
     return rollBack(tracker, saga, err, started);
   }

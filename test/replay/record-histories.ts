@@ -137,5 +137,10 @@ await recordFound('live-migration-completed-v6', `rec-v6-${tag}`, 'live', LIVE_V
 await recordFound('shared-nothing-completed-v6', `rec-sn6-${tag}`, 'shared-nothing', LOCAL_VM);
 await recordFound('live-migration-refused', `rec-none-${tag}`, 'live');
 
-for (const n of [`rec-v6-${tag}`, `rec-sn6-${tag}`, `rec-v5-${tag}`, `rec-v4-${tag}`, `rec-sn4-${tag}`, `rec-v3-${tag}`, `rec-sn3-${tag}`, `rec-ok-${tag}`, `rec-cancel-${tag}`, `rec-throttle-${tag}`, `rec-st-${tag}`, `rec-stc-${tag}`, `rec-sn-${tag}`, `rec-v2-${tag}`]) await c.destroyVm(n).catch(() => undefined);
+// 13. The destination mints the grant token in the checks (patch 'grant-from-destination'):
+// no local activity before the start.
+await recordMove('live-migration-completed-v7', `rec-v7-${tag}`, 'live', LIVE_VM);
+await recordMove('shared-nothing-completed-v7', `rec-sn7-${tag}`, 'shared-nothing', LOCAL_VM);
+
+for (const n of [`rec-v7-${tag}`, `rec-sn7-${tag}`, `rec-v6-${tag}`, `rec-sn6-${tag}`, `rec-v5-${tag}`, `rec-v4-${tag}`, `rec-sn4-${tag}`, `rec-v3-${tag}`, `rec-sn3-${tag}`, `rec-ok-${tag}`, `rec-cancel-${tag}`, `rec-throttle-${tag}`, `rec-st-${tag}`, `rec-stc-${tag}`, `rec-sn-${tag}`, `rec-v2-${tag}`]) await c.destroyVm(n).catch(() => undefined);
 await c.close();

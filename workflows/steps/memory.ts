@@ -19,6 +19,8 @@ export interface MemoryMoveContext {
   saga: Saga;
   /** The destination's data-plane address (preflight's hostInfo): lets the source connect while the destination prepares. */
   destDataPlane?: { host: string; port: number };
+  /** A grant token the destination minted in the checks (its hostInfo), for the memory stream. */
+  destGrantToken?: string;
   /** The cutover activity also removes the source's fenced copy (live migration, files kept). */
   releaseSourceInCutover?: boolean;
 }
@@ -32,7 +34,7 @@ const GRANT_WAIT_MS = 20_000;
 async function preflight(c: Pick<MemoryMoveContext, 'vm' | 'src' | 'dst'>): Promise<{ vm: VmInfo; dest: HostInfo }> {
   if (c.src.name === c.dst.name) throw refused(`source and destination are the same host (${c.src.name})`);
   // v3: both hosts are asked at once (two read-only calls; one round trip less).
-  const both = patched('fast-path-v3') ? Promise.all([c.src.probe.inspectVm({ vm: c.vm }), c.dst.probe.hostInfo()]) : null;
+  const both = patched('fast-path-v3') ? Promise.all([c.src.probe.inspectVm({ vm: c.vm }), c.dst.probe.hostInfo({ grantToken: true })]) : null;
   both?.catch(() => undefined);
   const vm = both ? (await both)[0] : await c.src.probe.inspectVm({ vm: c.vm });
   if (!vm) throw refused(`VM ${c.vm} is not on host ${c.src.name}`);
@@ -65,7 +67,7 @@ export async function locateAndCheck(c: { vm: string; from?: string; candidates?
     return { src, ...(await preflight({ vm: c.vm, src, dst: c.dst })) };
   }
   const others = [...new Set(c.candidates ?? [])].filter((h) => h !== c.dst.name);
-  const destInfo = c.dst.probe.hostInfo();
+  const destInfo = c.dst.probe.hostInfo({ grantToken: true });
   destInfo.catch(() => undefined);
   type Answer = { host: string; vm: VmInfo | null; error?: string };
   const search = new CancellationScope();
@@ -144,7 +146,9 @@ export async function moveMemory(c: MemoryMoveContext, vm: VmInfo, destSpec: VmI
   // once: the source connects while the destination prepares, retrying until the grant exists.
   // QEMU picks its incoming port only when prepared, so it keeps the sequential order.
   if (destSpec.driver !== 'qemu' && c.destDataPlane && patched('parallel-start')) {
-    const { token } = await local.mintGrant({ destination: dst.name });
+    // v6: the destination minted the token in the checks; older histories (and an agent that
+    // predates it) mint it here, in a local activity.
+    const token = c.destGrantToken && patched('grant-from-destination') ? c.destGrantToken : (await local.mintGrant({ destination: dst.name })).token;
     stopSourceJob();
     const prepared = prepareIncoming(token);
     const started = src.quick.startOutgoing.executeWithOptions(
