@@ -6,7 +6,6 @@ import os from 'node:os';
 import path from 'node:path';
 import net from 'node:net';
 import { spawn, type ChildProcess } from 'node:child_process';
-import { fileURLToPath } from 'node:url';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { HypervisorDriver, IncomingOptions, IncomingStatus, IncomingTarget, IncomingWait, OutgoingOptions, RollbackResult } from '../driver.js';
 import type { CutoverResult, DiskMirrorStatus, DiskTargetGrant, MigrationPolicy, ProgressSample, VerifyReport, VmInfo, VmSpec, VmState } from '../../common/types.js';
@@ -21,8 +20,8 @@ import type { DiskReceiver } from '../../dataplane/disk-receiver.js';
 import type { MirrorTarget } from './disk-mirror.js';
 import { FrameType, jsonFrame } from '../../dataplane/frames.js';
 
-const VM_PROCESS = fileURLToPath(new URL('./vm-process.ts', import.meta.url));
-import { TSX_LOADER as TSX, profilingFlags } from '../../common/tsx.js';
+import { profilingFlags } from '../../common/tsx.js';
+import { vmProcessArgs } from './vm-bundle.js';
 
 /** Only root may raise a process's priority back (adoption), so only root lowers it first. */
 const RENICE = process.getuid?.() === 0;
@@ -62,6 +61,17 @@ export class SimDriver implements HypervisorDriver {
 
   constructor(private readonly host: HostConfig, private readonly log: (m: string) => void = () => undefined) {
     fs.mkdirSync(host.runDir, { recursive: true });
+  }
+
+  private vmArgs?: string[];
+  /** How this agent starts VM processes (see vm-bundle.ts): bundled once, on first use. */
+  private vmProcess(): string[] {
+    if (!this.vmArgs) {
+      const r = vmProcessArgs(path.join(path.dirname(this.host.runDir), `.vm-bundle-${path.basename(this.host.runDir)}`));
+      if (r.why) this.log(`VM processes start through tsx: bundling vm-process.ts failed: ${r.why}`);
+      this.vmArgs = r.args;
+    }
+    return this.vmArgs;
   }
 
   private runtimeDir(vm: string): string {
@@ -198,7 +208,7 @@ export class SimDriver implements HypervisorDriver {
       fs.mkdirSync(dir, { recursive: true });
       const log = path.join(dir, `${Date.now()}-${process.pid}.log`);
       const logFd = fs.openSync(log, 'a');
-      const child = spawn(process.execPath, [...profilingFlags(), '--expose-gc', '--import', TSX, VM_PROCESS, '--spare'], { detached: true, stdio: ['ignore', logFd, logFd, 'ipc'], env: this.vmEnv() });
+      const child = spawn(process.execPath, [...profilingFlags(), '--expose-gc', ...this.vmProcess(), '--spare'], { detached: true, stdio: ['ignore', logFd, logFd, 'ipc'], env: this.vmEnv() });
       fs.closeSync(logFd);
       child.unref();
       child.channel?.unref();
@@ -239,7 +249,7 @@ export class SimDriver implements HypervisorDriver {
     } else {
       const logFd = fs.openSync(path.join(dir, 'vm.log'), 'a');
       // Detached, own process group: killing the agent never kills its VMs.
-      child = spawn(process.execPath, [...profilingFlags(), '--expose-gc', '--import', TSX, VM_PROCESS, dir], {
+      child = spawn(process.execPath, [...profilingFlags(), '--expose-gc', ...this.vmProcess(), dir], {
         detached: true,
         stdio: ['ignore', logFd, logFd, 'ipc'],
         env: this.vmEnv(),
