@@ -109,6 +109,8 @@ describe('data-plane hand-over', () => {
     // The grant was not used up: a sender that waits is admitted with it.
     const again = await connect(port);
     again.write(hello(token));
-    expect((await admitted).hello.vm).toBe('v1');
+    const ok = await admitted;
+    expect(ok.hello.vm).toBe('v1');
+    expect(ok.rest.length, 'nothing read past HELLO is handed on').toBe(0);
   });
 });

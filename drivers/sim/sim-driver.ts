@@ -229,6 +229,7 @@ export class SimDriver implements HypervisorDriver {
   private spareTimer: NodeJS.Timeout | null = null;
 
   private async spawnVm(cfg: VmRuntimeConfig, withIpc: boolean): Promise<ChildProcess> {
+    if (this.host.hugepages) cfg = { ...cfg, hugepages: true }; // with vmEnv's GLIBC_TUNABLES
     const dir = this.runtimeDir(cfg.spec.name);
     fs.mkdirSync(dir, { recursive: true });
     fs.writeFileSync(path.join(dir, 'vm.json'), JSON.stringify(cfg, null, 2));

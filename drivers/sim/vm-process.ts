@@ -32,6 +32,8 @@ export interface VmRuntimeConfig {
   migrationId?: string;
   /** The ownership record lives on storage both hosts read (it arbitrates a lost handoff). */
   sharedOwner?: boolean;
+  /** The host asks for huge pages (host.json `hugepages`): the agent also sets glibc.malloc.hugetlb=2 for this process. */
+  hugepages?: boolean;
 }
 
 export interface VmStatus {
@@ -201,13 +203,13 @@ function status(): VmStatus {
 }
 
 /**
- * On a host that asks for huge pages (the agent sets glibc.malloc.hugetlb=2), says whether the
+ * On a host that asks for huge pages (cfg.hugepages; glibc.malloc.hugetlb=2), says whether the
  * guest got them: nothing else would tell, and receiving 1 GiB into untouched memory takes
  * ~0.6 s on 4 KiB pages against ~0.1 s from the pool here. Read once the guest runs (booted, or
  * resumed here, half a second after the resume), never inside a migration's path.
  */
 function reportMemoryBacking(): void {
-  if (!/(^|:)glibc\.malloc\.hugetlb=2(:|$)/.test(process.env.GLIBC_TUNABLES ?? '')) return;
+  if (!cfg.hugepages) return;
   hugePages = onHugePagesNow(cfg.spec.memoryBytes);
   log(hugePages
     ? 'guest memory on reserved huge pages'
