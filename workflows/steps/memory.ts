@@ -146,7 +146,7 @@ export async function moveMemory(c: MemoryMoveContext, vm: VmInfo, destSpec: VmI
   // once: the source connects while the destination prepares, retrying until the grant exists.
   // QEMU picks its incoming port only when prepared, so it keeps the sequential order.
   if (destSpec.driver !== 'qemu' && c.destDataPlane && patched('parallel-start')) {
-    // v6: the destination minted the token in the checks; older histories (and an agent that
+    // v7: the destination minted the token in the checks; older histories (and an agent that
     // predates it) mint it here, in a local activity.
     const token = c.destGrantToken && patched('grant-from-destination') ? c.destGrantToken : (await local.mintGrant({ destination: dst.name })).token;
     stopSourceJob();
