@@ -52,7 +52,7 @@ export function downtimePhases(p: NonNullable<CutoverResult['downtimePhasesMs']>
 function printResult(r: MigrationResult, uiUrl?: string): void {
   console.log(`${r.outcome === 'completed' ? '✔' : '✘'} ${r.type} migration ${r.id}: ${r.outcome} — ${r.reason}`);
   if (r.type === 'storage') console.log(`  ${r.vm} on ${r.from}: total ${r.durationMs} ms, no downtime, ${formatBytes(r.bytesTransferred)} copied and mirrored`);
-  else console.log(`  ${r.vm}: ${r.from} → ${r.to}; total ${r.durationMs} ms, downtime ${r.downtimeMs} ms, ${r.rounds} rounds, ${formatBytes(r.bytesTransferred)} sent`);
+  else console.log(`  ${r.vm}: ${r.from} → ${r.to}; total ${r.durationMs} ms, downtime ${r.downtimeMs} ms, ${r.rounds} round${r.rounds === 1 ? '' : 's'}, ${formatBytes(r.bytesTransferred)} sent`);
   const p = r.cutover?.downtimePhasesMs;
   if (p) console.log(`  downtime: ${downtimePhases(p)}`);
   for (const d of r.decisions) console.log(`  decision at round ${d.round}: ${d.action} — ${d.reason}`);
@@ -339,7 +339,7 @@ migration.command('status <id>').option('--json', 'JSON output').option('--wait'
     else {
       console.log(`${s.id}: ${s.type} ${s.vm} ${s.from} → ${s.to}: ${s.outcome} (phase ${s.phase})${s.reason ? ` — ${s.reason}` : ''}`);
       if (s.outcome === 'running') console.log(`  round ${s.rounds}, ${formatBytes(s.bytesTransferred)} sent`);
-      else console.log(`  total ${s.durationMs} ms, downtime ${s.downtimeMs} ms, ${s.rounds} rounds, ${formatBytes(s.bytesTransferred)} sent`);
+      else console.log(`  total ${s.durationMs} ms, downtime ${s.downtimeMs} ms, ${s.rounds} round${s.rounds === 1 ? '' : 's'}, ${formatBytes(s.bytesTransferred)} sent`);
       if (s.uiUrl) console.log(`  Temporal UI: ${s.uiUrl}`);
     }
     process.exitCode = outcomeExit(s.outcome);
