@@ -16,13 +16,13 @@ import { Worker } from 'node:worker_threads';
 export const AHEAD_PAGES = 8192;
 
 /**
- * Whether this process has a mapping of at least `bytes` on 2 MiB (or larger) pages, from
- * /proc/self/smaps: guest memory on the reserved huge-page pool. Source text, because the
- * worker below runs it too (off the receiving thread); onHugePagesNow runs it here.
+ * Whether a process (`pid`, default this one) has a mapping of at least `bytes` on 2 MiB (or
+ * larger) pages, from its smaps: guest memory on the reserved huge-page pool. Source text,
+ * because the worker below runs it too (off the receiving thread); onHugePagesNow runs it here.
  */
-const ON_HUGE_PAGES = `function onHugePages(fs, bytes) {
+const ON_HUGE_PAGES = `function onHugePages(fs, bytes, pid = 'self') {
   let text;
-  try { text = fs.readFileSync('/proc/self/smaps', 'utf8'); } catch { return false; }
+  try { text = fs.readFileSync('/proc/' + pid + '/smaps', 'utf8'); } catch { return false; }
   let size = 0;
   for (const line of text.split('\\n')) {
     if (line.startsWith('Size:')) size = Number(line.slice(5).trim().split(' ')[0]) * 1024;
@@ -91,9 +91,8 @@ export class Prefaulter {
   }
 }
 
-const onHugePages = new Function(`return ${ON_HUGE_PAGES}`)() as (f: typeof fs, bytes: number) => boolean;
+const onHugePages = new Function(`return ${ON_HUGE_PAGES}`)() as (f: typeof fs, bytes: number, pid?: number) => boolean;
 /** See ON_HUGE_PAGES: for moments off the migration's path (a booted or resumed guest). */
 export const onHugePagesNow = (bytes: number): boolean => onHugePages(fs, bytes);
 /** The same for another process of this host (the benchmark checks its guests with it). */
-export const onHugePagesOf = (pid: number, bytes: number): boolean =>
-  onHugePages({ readFileSync: (f: string, enc: BufferEncoding) => fs.readFileSync(f.replace('/self/', `/${pid}/`), enc) } as unknown as typeof fs, bytes);
+export const onHugePagesOf = (pid: number, bytes: number): boolean => onHugePages(fs, bytes, pid);
