@@ -43,6 +43,12 @@ export interface CaseResult {
   runsTotalMs?: number[];
   /** Those of the runs that did not complete (outcome, error). */
   runsNotCompleted?: string[];
+  /** A paired run: the mean of the plain pump just before and just after it, and memory ÷ total time against that. */
+  pairedPumpBytesPerSec?: number;
+  pairedRatio?: number;
+  /** A paired case: every run against its own pump (0 for a run that did not complete), and their median. */
+  pairedRuns?: Array<{ totalMs: number; pumpBytesPerSec: number; ratio: number }>;
+  pairedMedianRatio?: number;
 }
 
 export interface EvacuationRun { from: string; to: string; concurrency: number; vms: number; memoryBytes: number; totalMs: number; completed: number; failed: number; maxDowntimeMs: number; meanDowntimeMs: number; vmsPerMinute: number; error?: string }
@@ -110,6 +116,12 @@ export function markdown(r: { startedAt: string; scale: number; machine: Record<
       const dataRatio = (c.throughputRatio * c.totalMs) / c.dataMovementMs;
       L.push(`| ${c.name} | ${c.totalMs.toFixed(0)} | ${Math.max(0, c.totalMs - c.workflowMs).toFixed(0)} | ${c.orchestrationOverheadMs.toFixed(0)} | ${c.dataMovementMs.toFixed(0)} | ${mib((c.memoryBytes / c.dataMovementMs) * 1000)} (${(dataRatio * 100).toFixed(0)}%) |`);
     }
+  }
+  const paired = r.cases.filter((c) => c.pairedRuns);
+  if (paired.length) {
+    L.push('', 'Idle 1 GiB cases, each run against the plain pump (as many streams) measured just before and just after it, with the lab up (the throughput target takes the median):', '');
+    L.push('| case | runs: total ms, pump MiB/s → ratio | median |', '|---|---|---|');
+    for (const c of paired) L.push(`| ${c.name} | ${c.pairedRuns!.map((p) => `${p.totalMs}, ${mib(p.pumpBytesPerSec)} → ${(p.ratio * 100).toFixed(0)}%`).join('; ')} | ${(c.pairedMedianRatio! * 100).toFixed(1)}% |`);
   }
   if (r.engineAlone?.length) {
     L.push('', `The engine alone (\`bench/engine.ts\`: the same VM processes and data plane, no Temporal, agents or client on these cores), 1 GiB idle, plaintext, huge pages, verify 'sequence': ${r.engineAlone.map((e) => `${e.streams} stream${e.streams > 1 ? 's' : ''} ${mib(e.bytesPerSec)} MiB/s (${(e.ratio * 100).toFixed(0)}% of its pump)`).join(', ')}.`);

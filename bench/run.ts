@@ -80,6 +80,11 @@ interface CaseDef {
   hugepages?: boolean;
   /** Runs of the case; the fastest completed one is reported (as the pumps: best of 3). */
   repeat?: number;
+  /**
+   * Each run between two measurements of the plain pump (as many streams as the case), taken
+   * with the lab up: the run is judged against the pump of the same minute, not of the start.
+   */
+  paired?: boolean;
 }
 
 async function main(): Promise<void> {
@@ -193,17 +198,19 @@ async function main(): Promise<void> {
   const cases: CaseDef[] = [];
   for (const [label, mem] of [['1GiB', memBig], ['256MiB', memSmall]] as const) {
     const tag = scale === 1 ? label : `${label}×${scale}`;
-    // Idle 1 GiB cases (the throughput target): best of 3, as the pumps they are judged against.
+    // Idle 1 GiB cases (the throughput target): 3 runs, each between two pumps (paired); the
+    // judged configuration 5 runs, as its verdict is their median.
     const idleRuns = mem === memBig ? 3 : 1;
-    cases.push({ name: `${tag} idle`, memoryBytes: mem, fill: 1, dirtyFraction: 0, expect: 'completed', repeat: idleRuns });
+    const idle = { memoryBytes: mem, fill: 1, dirtyFraction: 0, expect: 'completed', repeat: idleRuns, paired: mem === memBig } as const;
+    cases.push({ name: `${tag} idle`, ...idle });
     if (mem === memBig) {
-      cases.push({ name: `${tag} idle, ${PARALLEL_STREAMS} streams`, memoryBytes: mem, fill: 1, dirtyFraction: 0, expect: 'completed', policy: { streams: PARALLEL_STREAMS }, repeat: idleRuns });
-      cases.push({ name: `${tag} idle, plaintext data plane`, memoryBytes: mem, fill: 1, dirtyFraction: 0, expect: 'completed', plaintext: true, repeat: idleRuns });
-      cases.push({ name: `${tag} idle, ${PARALLEL_STREAMS} streams, plaintext data plane`, memoryBytes: mem, fill: 1, dirtyFraction: 0, expect: 'completed', policy: { streams: PARALLEL_STREAMS }, plaintext: true, repeat: idleRuns });
+      cases.push({ name: `${tag} idle, ${PARALLEL_STREAMS} streams`, ...idle, policy: { streams: PARALLEL_STREAMS } });
+      cases.push({ name: `${tag} idle, plaintext data plane`, ...idle, plaintext: true });
+      cases.push({ name: `${tag} idle, ${PARALLEL_STREAMS} streams, plaintext data plane`, ...idle, policy: { streams: PARALLEL_STREAMS }, plaintext: true });
       // The fastest configuration offered: trusted network, guests on huge pages, pages checked
       // by sequence number (the cutover still proves every page's last copy arrived).
-      cases.push({ name: `${tag} idle, plaintext data plane, huge pages, verify sequence`, memoryBytes: mem, fill: 1, dirtyFraction: 0, expect: 'completed', hugepages: true, policy: { verify: 'sequence' }, repeat: idleRuns });
-      cases.push({ name: `${tag} idle, ${PARALLEL_STREAMS} streams, plaintext data plane, huge pages, verify sequence`, memoryBytes: mem, fill: 1, dirtyFraction: 0, expect: 'completed', policy: { streams: PARALLEL_STREAMS, verify: 'sequence' }, hugepages: true, repeat: idleRuns });
+      cases.push({ name: `${tag} idle, plaintext data plane, huge pages, verify sequence`, ...idle, repeat: 5, hugepages: true, policy: { verify: 'sequence' } });
+      cases.push({ name: `${tag} idle, ${PARALLEL_STREAMS} streams, plaintext data plane, huge pages, verify sequence`, ...idle, repeat: 5, policy: { streams: PARALLEL_STREAMS, verify: 'sequence' }, hugepages: true });
     }
     cases.push({ name: `${tag} dirty 5%`, memoryBytes: mem, fill: 1, dirtyFraction: 0.05, expect: 'completed' });
     cases.push({ name: `${tag} dirty 25%`, memoryBytes: mem, fill: 1, dirtyFraction: 0.25, expect: 'completed' });
@@ -268,15 +275,21 @@ async function main(): Promise<void> {
     const [from, to] = c.hugepages ? [E, F] : c.plaintext ? [C, D] : [A, B];
     const runs: CaseResult[] = [];
     for (let k = 0; k < (c.repeat ?? 1); k++) {
-      runs.push(await runCase(client, c, `bench${n++}`, { A: from, B: to, engineBaseline, streamBaseline: base, agentPid, runDir }).catch((e: Error) => failedCase(c, base, e)));
+      runs.push(await runCase(client, c, `bench${n++}`, { A: from, B: to, engineBaseline, streamBaseline: base, agentPid, runDir, pumpBytes }).catch((e: Error) => failedCase(c, base, e)));
     }
     const completedRuns = runs.filter((x) => x.outcome === 'completed');
     const r = completedRuns.length ? completedRuns.reduce((a, b) => (b.totalMs < a.totalMs ? b : a)) : runs[0]!;
     if (runs.length > 1) r.runsTotalMs = runs.map((x) => Math.round(x.totalMs));
+    if (c.paired) {
+      // A run that did not complete counts as 0: the median never hides it.
+      r.pairedRuns = runs.map((x) => ({ totalMs: Math.round(x.totalMs), pumpBytesPerSec: x.pairedPumpBytesPerSec ?? 0, ratio: x.outcome === 'completed' ? (x.pairedRatio ?? 0) : 0 }));
+      r.pairedMedianRatio = median(r.pairedRuns.map((p) => p.ratio));
+    }
     const others = runs.filter((x) => x !== r && x.outcome !== 'completed').map((x) => `${x.outcome}${x.error ? ` (${x.error})` : ''}`);
     if (others.length) r.runsNotCompleted = others; // never hidden behind the best run
     results.push(r);
     say(`  ${r.outcome}: total ${r.totalMs.toFixed(0)} ms, ${(r.throughputBytesPerSec / MiB).toFixed(0)} MiB/s (${(r.throughputRatio * 100).toFixed(0)}% of baseline), downtime ${r.downtimeMs} ms${r.downtimePhasesMs ? ` (${Object.entries(r.downtimePhasesMs).map(([k, v]) => `${k} ${v}`).join(', ')}; ${r.finalPages} final pages)` : ''}, probe ${r.probe ? `lost ${r.probe.lost}, max gap ${r.probe.maxGapMs} ms` : '—'}, rounds ${r.rounds}, wire ${r.wireRatio.toFixed(3)}×, orchestration ${r.orchestrationOverheadMs.toFixed(0)} ms${r.hugePages ? `, huge pages ${r.hugePages.source ? 'yes' : 'NO'} / ${r.hugePages.destination ? 'yes' : 'NO'}` : ''}${r.error ? `, error: ${r.error}` : ''}${r.runsTotalMs ? ` [runs: ${r.runsTotalMs.join(', ')} ms]` : ''}`);
+    if (r.pairedRuns) say(`  paired with the pump around each run: ${r.pairedRuns.map((p) => `${p.totalMs} ms / ${(p.pumpBytesPerSec / MiB).toFixed(0)} MiB/s = ${pct(p.ratio)}`).join(', ')}; median ${pct(r.pairedMedianRatio!)}`);
   }
 
   pool?.release();
@@ -326,8 +339,18 @@ async function main(): Promise<void> {
   for (const streams of [ENGINE_STREAMS, PARALLEL_STREAMS]) {
     const c = find(streams > 1 ? `idle, ${streams} streams` : 'idle', 'huge');
     const name = `idle ${mibStr(memBig)}${streams > 1 ? `, ${streams} streams` : ''}: memory ÷ total time vs loopback (${streams} stream${streams > 1 ? 's' : ''}), fastest configuration (${FASTEST})`;
-    targets.push(c
-      ? { name, value: pct(c.throughputRatio), target: '≥ 70%', pass: c.outcome === 'completed' && c.throughputRatio >= 0.7 }
+    // Judged on the median of its runs, each against the pump measured just before and after it:
+    // this machine's speed swings up to 2× within a minute, so the best run against the pumps
+    // measured before the lab started compared two moments (reported beside it).
+    const runs = c?.pairedRuns;
+    targets.push(c && runs
+      ? {
+        name: `${name}, median of ${runs.length} runs against the pump around each`,
+        value: `${pct(c.pairedMedianRatio!)} (runs ${runs.map((p) => pct(p.ratio)).join(', ')}; the best run against the pump measured before the lab: ${pct(c.throughputRatio)})`,
+        target: '≥ 70%',
+        pass: c.outcome === 'completed' && c.pairedMedianRatio! >= 0.7,
+      }
+      : c ? { name, value: pct(c.throughputRatio), target: '≥ 70%', pass: c.outcome === 'completed' && c.throughputRatio >= 0.7 }
       : { name, value: `not measured${missing ? `: ${missing.why}` : ''}`, target: '≥ 70%', pass: false });
   }
   const tlsPump = (streams: number): number => baselines[`loopback TCP over the data plane's mutual TLS, ${streams > 1 ? `${streams} streams` : '1 stream'}`]!;
@@ -358,7 +381,6 @@ async function main(): Promise<void> {
   const completed = results.filter((r) => r.outcome === 'completed');
   if (completed.length) {
     const worst = Math.max(...completed.map((r) => r.orchestrationOverheadMs));
-    const median = (xs: number[]): number => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
     const med = median(completed.map((r) => r.orchestrationOverheadMs));
     targets.push({ name: 'orchestration overhead per migration (worst case)', value: `${worst.toFixed(0)} ms (median ${med.toFixed(0)} ms = ${(med / step).toFixed(1)} Temporal steps of ${step.toFixed(0)} ms on this server)`, target: '≤ 250 ms', pass: worst <= 250 });
   }
@@ -417,6 +439,8 @@ async function main(): Promise<void> {
 
 const mibStr = (b: number): string => (b >= GiB ? `${(b / GiB).toFixed(2).replace(/\.00$/, '')} GiB` : `${(b / MiB).toFixed(0)} MiB`);
 const pct = (x: number): string => `${(x * 100).toFixed(1)}%`;
+/** The middle value (the upper middle of an even count). */
+const median = (xs: number[]): number => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
 
 function failedCase(c: CaseDef, baseline: number, e: Error): CaseResult {
   return {
@@ -427,7 +451,7 @@ function failedCase(c: CaseDef, baseline: number, e: Error): CaseResult {
   };
 }
 
-interface Ctx { A: string; B: string; engineBaseline: number; streamBaseline: number; agentPid: (h: string) => number | null; runDir: (h: string) => string }
+interface Ctx { A: string; B: string; engineBaseline: number; streamBaseline: number; agentPid: (h: string) => number | null; runDir: (h: string) => string; pumpBytes: number }
 
 async function runCase(client: VmferryClient, c: CaseDef, vmName: string, x: Ctx): Promise<CaseResult> {
   const policy: Partial<MigrationPolicy> = { ...BENCH_POLICY, ...c.policy };
@@ -435,6 +459,9 @@ async function runCase(client: VmferryClient, c: CaseDef, vmName: string, x: Ctx
   await client.createVm({ name: vmName, host: x.A, memory: c.memoryBytes, disk: MiB, dirtyRate, writeRate: 0, fill: c.fill, compressible: c.compressible ?? 0 });
   try {
     const vm = (await client.vmSpec(vmName))!;
+    // Paired: the plain pump just before and just after this run, with the lab as it is now.
+    const pump = (): Promise<number> => loopbackThroughput(c.policy?.streams ?? 1, x.pumpBytes);
+    const pumpBefore = c.paired ? await pump() : 0;
     const agentsBefore = { [x.A]: procKiB(x.agentPid(x.A), 'VmRSS'), [x.B]: procKiB(x.agentPid(x.B), 'VmRSS') };
     // VM processes: the source's pid is known; the destination's appears once it is prepared.
     const vmHwm = { source: 0, destination: 0 };
@@ -473,6 +500,7 @@ async function runCase(client: VmferryClient, c: CaseDef, vmName: string, x: Ctx
     // A pool too small for both guests makes glibc fall back to 4 KiB pages, silently: the
     // case would then measure something else than it says.
     const hugePages = sourceHuge !== undefined && r.outcome === 'completed' ? { source: sourceHuge, destination: onHugePagesOf(destPid, c.memoryBytes) } : undefined;
+    const pumpAfter = c.paired ? await pump() : 0;
     const h = await historyTimes(client, id);
     let verified: boolean | null = null;
     let cleanRollback: boolean | undefined;
@@ -490,6 +518,7 @@ async function runCase(client: VmferryClient, c: CaseDef, vmName: string, x: Ctx
       orchestrationOverheadMs: Math.max(0, h.workflowMs - dataMs), overheadBreakdownMs: h.breakdown,
       downtimeMs: r.downtimeMs, probe: stats, rounds: r.rounds, bytesTransferred: r.bytesTransferred, wireRatio: r.bytesTransferred / c.memoryBytes,
       throughputBytesPerSec: (c.memoryBytes / totalMs) * 1000, throughputRatio: ((c.memoryBytes / totalMs) * 1000) / x.streamBaseline,
+      ...(c.paired ? { pairedPumpBytesPerSec: (pumpBefore + pumpAfter) / 2, pairedRatio: ((c.memoryBytes / totalMs) * 1000) / ((pumpBefore + pumpAfter) / 2) } : {}),
       finalThrottle: throttles.at(-1) ?? 0, decisions: r.decisions.length, agentRssKiB, vmHwmKiB: vmHwm, ...(hugePages ? { hugePages } : {}), verified, cleanRollback,
       linkBytesPerSec: (r.bytesTransferred / (h.precopyMs > 0 ? h.precopyMs : dataMs)) * 1000,
       downtimePhasesMs: r.cutover?.downtimePhasesMs, finalPages: r.cutover?.finalPages,
