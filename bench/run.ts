@@ -699,11 +699,23 @@ function reserveHugePages(bytes: number): HugePool {
   let changed = false;
   if (meminfo('HugePages_Free') < need) {
     if (process.getuid?.() !== 0) return { pages: previous, previous, error: `the huge-page pool has ${meminfo('HugePages_Free')} free pages, these cases need ${need}: sysctl vm.nr_hugepages=${previous + need} (root)`, release: () => undefined };
-    fs.writeFileSync(file, String(previous + need - meminfo('HugePages_Free')));
+    const grow = (): void => fs.writeFileSync(file, String(meminfo('HugePages_Total') + need - meminfo('HugePages_Free')));
+    grow();
     changed = true;
+    // A host up for a while has its free memory in pieces: the kernel finds 2 MiB blocks only
+    // after compacting it, and then after dropping clean page cache (re-read on demand).
+    for (const [knob, value, what] of [['compact_memory', '1', 'memory compacted'], ['drop_caches', '1', 'clean page cache dropped, memory compacted']] as const) {
+      if (meminfo('HugePages_Free') >= need) break;
+      try {
+        fs.writeFileSync(`/proc/sys/vm/${knob}`, value);
+        if (knob === 'drop_caches') fs.writeFileSync('/proc/sys/vm/compact_memory', '1');
+        grow();
+        say(`huge pages: ${what} to reserve the pool (${meminfo('HugePages_Free')} of ${need} free)`);
+      } catch (e) { say(`huge pages: ${knob}: ${(e as Error).message}`); }
+    }
   }
   const release = (): void => { if (changed) { changed = false; try { fs.writeFileSync(file, String(previous)); } catch { /* leave it */ } } };
   const free = meminfo('HugePages_Free');
-  if (free < need) { release(); return { pages: free, previous, error: `only ${free} of ${need} huge pages could be reserved (memory fragmented)`, release }; }
+  if (free < need) { release(); return { pages: free, previous, error: `only ${free} of ${need} huge pages could be reserved (memory fragmented, even after compaction)`, release }; }
   return { pages: meminfo('HugePages_Total'), previous, release };
 }

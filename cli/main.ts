@@ -159,7 +159,7 @@ const vm = program.command('vm').description('virtual machines');
 vm.command('create <name>').description('create and boot a VM (simulator, or QEMU with --driver qemu) with a guest workload')
   .requiredOption('--host <host>', 'host to create it on')
   .requiredOption('--memory <size>', 'guest memory, e.g. 256MiB')
-  .requiredOption('--disk <size>', 'size of each virtual disk, e.g. 64MiB')
+  .option('--disk <size>', 'size of each virtual disk', '64MiB')
   .option('--disks <n>', 'number of disks', intArg('--disks'), 1)
   .option('--storage <root>', 'storage root for its files', 'shared')
   .option('--dirty-rate <size/s>', 'guest memory dirtying rate', '4MiB/s')

@@ -70,6 +70,16 @@ describe('CLI', () => {
     expect(await lab.client.listVms()).toEqual(vmsBefore);
   });
 
+  it('vm create without --disk gives one 64 MiB disk', async () => {
+    const r = await cli('vm', 'create', 'vm3', '--host', B, '--memory', '16MiB', '--json');
+    expect(r.code, r.stderr).toBe(0);
+    try {
+      expect((await lab.client.vmSpec('vm3'))!.spec.disks.map((d) => d.sizeBytes)).toEqual([64 * 2 ** 20]);
+    } finally {
+      expect((await cli('vm', 'destroy', 'vm3')).code).toBe(0);
+    }
+  });
+
   it('migrate live --wait --json reports the outcome, and status reports the same', async () => {
     const r = await cli('migrate', 'live', 'vm1', '--to', B, '--wait', '--json');
     expect(r.code, r.stderr).toBe(0);
