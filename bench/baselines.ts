@@ -119,6 +119,34 @@ function runNode(args: string[], env?: NodeJS.ProcessEnv): { child: ReturnType<t
   return { child, firstLine, done };
 }
 
+/** Busy and total jiffies of all CPUs (/proc/stat), and how many CPUs. */
+function cpuJiffies(): { busy: number; total: number; cpus: number } {
+  const lines = fs.readFileSync('/proc/stat', 'utf8').split('\n');
+  const f = lines[0]!.trim().split(/\s+/).slice(1).map(Number);
+  const total = f.reduce((a, b) => a + b, 0);
+  return { busy: total - f[3]! - (f[4] ?? 0), total, cpus: lines.filter((l) => /^cpu\d/.test(l)).length };
+}
+
+/**
+ * Waits until the machine is quiet: less than `busyCores` of CPU in use over `windowMs`, or
+ * `maxWaitMs` passed. A measurement that starts while the lab's processes work (a spare VM
+ * booting after a move, a source being cleaned up) measures them too. Returns the wait.
+ */
+export async function waitForQuiet(o: { busyCores?: number; windowMs?: number; maxWaitMs?: number } = {}): Promise<{ waitedMs: number; quiet: boolean; busyCores: number }> {
+  const { busyCores = 0.2, windowMs = 200, maxWaitMs = 10_000 } = o;
+  const t0 = performance.now();
+  let busy = Infinity;
+  for (;;) {
+    const a = cpuJiffies();
+    await new Promise((r) => setTimeout(r, windowMs));
+    const b = cpuJiffies();
+    busy = b.total > a.total ? ((b.busy - a.busy) / (b.total - a.total)) * a.cpus : 0;
+    const waitedMs = Math.round(performance.now() - t0);
+    if (busy < busyCores) return { waitedMs, quiet: true, busyCores: busy };
+    if (waitedMs >= maxWaitMs) return { waitedMs, quiet: false, busyCores: busy };
+  }
+}
+
 /** Loopback TCP throughput (bytes/s) of a plain pump with `streams` parallel connections (over mutual TLS with `overTls`). */
 export async function loopbackThroughput(streams: number, totalBytes: number, into: 'discard' | 'untouched-memory' = 'discard', sinkEnv?: NodeJS.ProcessEnv, overTls?: PumpTls): Promise<number> {
   if (overTls && into !== 'discard') throw new Error('the TLS pump only discards');

@@ -43,11 +43,13 @@ export interface CaseResult {
   runsTotalMs?: number[];
   /** Those of the runs that did not complete (outcome, error). */
   runsNotCompleted?: string[];
-  /** A paired run: the mean of the plain pump just before and just after it, and memory ÷ total time against that. */
+  /** A paired run: the faster of the plain pumps just before and just after it, and memory ÷ total time against that. */
   pairedPumpBytesPerSec?: number;
   pairedRatio?: number;
+  /** A paired run: ms waited for a quiet machine before the first pump, the move and the second pump. */
+  quietWaitsMs?: number[];
   /** A paired case: every run against its own pump (0 for a run that did not complete), and their median. */
-  pairedRuns?: Array<{ totalMs: number; pumpBytesPerSec: number; ratio: number }>;
+  pairedRuns?: Array<{ totalMs: number; pumpBytesPerSec: number; ratio: number; quietWaitsMs: number[] }>;
   pairedMedianRatio?: number;
 }
 
@@ -119,7 +121,7 @@ export function markdown(r: { startedAt: string; scale: number; machine: Record<
   }
   const paired = r.cases.filter((c) => c.pairedRuns);
   if (paired.length) {
-    L.push('', 'Idle 1 GiB cases, each run against the plain pump (as many streams) measured just before and just after it, with the lab up (the throughput target takes the median):', '');
+    L.push('', 'Idle 1 GiB cases, each run against the faster of two plain pumps (as many streams) measured just before and just after it with the lab up, each of the three once the machine was quiet (under 0.2 cores busy for 200 ms). The throughput target takes the median:', '');
     L.push('| case | runs: total ms, pump MiB/s → ratio | median |', '|---|---|---|');
     for (const c of paired) L.push(`| ${c.name} | ${c.pairedRuns!.map((p) => `${p.totalMs}, ${mib(p.pumpBytesPerSec)} → ${(p.ratio * 100).toFixed(0)}%`).join('; ')} | ${(c.pairedMedianRatio! * 100).toFixed(1)}% |`);
   }
