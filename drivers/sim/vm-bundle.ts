@@ -21,13 +21,13 @@ export function vmProcessArgs(outDir: string): { args: string[]; why?: string } 
   try {
     fs.mkdirSync(outDir, { recursive: true });
     const out = path.join(outDir, 'vm-process.mjs');
-    // Built beside, then renamed over: a VM process starting meanwhile reads a whole file.
-    const tmp = path.join(outDir, `.vm-process-${process.pid}.mjs`);
-    buildSync({ entryPoints: [VM_PROCESS], outfile: tmp, bundle: true, platform: 'node', format: 'esm', target: 'node20', sourcemap: true, logLevel: 'silent' });
-    fs.renameSync(`${tmp}.map`, `${out}.map`);
-    // The bundle names its map by file name: rewrite it to the final one.
-    fs.writeFileSync(tmp, fs.readFileSync(tmp, 'utf8').replace(`sourceMappingURL=${path.basename(tmp)}.map`, `sourceMappingURL=${path.basename(out)}.map`));
-    fs.renameSync(tmp, out);
+    const built = buildSync({ entryPoints: [VM_PROCESS], outfile: out, bundle: true, platform: 'node', format: 'esm', target: 'node20', sourcemap: true, logLevel: 'silent', write: false });
+    // Written beside, then renamed over: a VM process starting meanwhile reads a whole file.
+    for (const f of built.outputFiles) {
+      const tmp = path.join(outDir, `.${path.basename(f.path)}-${process.pid}`);
+      fs.writeFileSync(tmp, f.contents);
+      fs.renameSync(tmp, f.path);
+    }
     return { args: ['--enable-source-maps', out] };
   } catch (e) {
     return { args: ['--import', TSX_LOADER, VM_PROCESS], why: (e as Error).message };
