@@ -42,7 +42,7 @@ export function createHostActivities({ host, driver }: HostActivityDeps) {
    */
   const admitMigration = async (migrationId: string, vm: string, direction: 'incoming' | 'outgoing'): Promise<void> => {
     const limit = host.maxConcurrentMigrations > 0 ? host.maxConcurrentMigrations : 2;
-    const busy = (await driver.list()).filter((v) => v.migrationId && v.migrationId !== migrationId && v.name !== vm
+    const busy = (await driver.list({ recorded: true })).filter((v) => v.migrationId && v.migrationId !== migrationId && v.name !== vm
       && v.state !== 'stopped' && v.state !== 'failed' && v.state !== 'migrated'
       && (direction === 'incoming' || v.state !== 'incoming'));
     if (busy.length >= limit) {
@@ -120,11 +120,12 @@ export function createHostActivities({ host, driver }: HostActivityDeps) {
         // workflow's cleanup waits for this activity to end, so it should end at the resume.
         const st = await driver.incomingStatus(p.vm, p.migrationId, last ? { waitMs: 1000, unlessState: last } : undefined);
         last = st.state;
-        ctx.heartbeat(st);
         if (st.state === 'failed' || st.state === 'unreachable' || !st.exists) {
           throw ApplicationFailure.create({ message: `destination ${host.name}: incoming VM ${st.state}${st.error ? `: ${st.error}` : ''}`, type: 'DestinationFailed', nonRetryable: true });
         }
         if (st.state === 'running') return { state: st.state };
+        // Only while it goes on: the SDK holds a completion until a heartbeat in flight is answered.
+        ctx.heartbeat(st);
         if (ctx.cancellationSignal.aborted) return { state: 'supervision-cancelled' };
         if (st.waited) continue;
         // Short: the workflow's cleanup waits for this to end after the cutover.
@@ -157,8 +158,9 @@ export function createHostActivities({ host, driver }: HostActivityDeps) {
       const deadline = Date.now() + 2_000;
       for (;;) {
         const s = await driver.outgoingProgress(p.vm, p.migrationId, p.afterRound, 1000);
-        ctx.heartbeat({ round: s.round, bytesSent: s.bytesSent });
         if (s.round > p.afterRound || s.state === 'failed' || Date.now() > deadline) return s;
+        // Not before returning: a heartbeat still in flight holds the completion (one more RPC).
+        ctx.heartbeat({ round: s.round, bytesSent: s.bytesSent });
         if (ctx.cancellationSignal.aborted) throw new CancelledFailure('activity cancelled');
       }
     },

@@ -53,7 +53,12 @@ export interface RollbackResult {
 
 export interface HypervisorDriver {
   readonly kind: string;
-  list(): Promise<VmInfo[]>;
+  /**
+   * `recorded`: each VM's last recorded state (what its process wrote at its last change),
+   * without asking the processes: enough to count slots and memory, and it costs no round trip
+   * to a VM that is busy (a source in its first round, say).
+   */
+  list(opts?: { recorded?: boolean }): Promise<VmInfo[]>;
   get(name: string): Promise<VmInfo | undefined>;
   create(spec: VmSpec): Promise<VmInfo>;
   /** Idempotent. deleteStorage also removes the VM's files from this host's storage roots. */

@@ -90,7 +90,7 @@ export class DriverRouter implements HypervisorDriver, StorageMoves {
       if (existing !== target.kind) throw new Error(`VM ${spec.name} already exists on ${this.host.name} (a ${existing} VM)`);
       return; // same driver: it decides (idempotent retry of the same migration, or a refusal)
     }
-    const used = (await this.list()).filter((v) => v.state !== 'stopped' && v.state !== 'failed' && v.state !== 'migrated').reduce((a, v) => a + v.spec.memoryBytes, 0);
+    const used = (await this.list({ recorded: true })).filter((v) => v.state !== 'stopped' && v.state !== 'failed' && v.state !== 'migrated').reduce((a, v) => a + v.spec.memoryBytes, 0);
     if (used + spec.memoryBytes > this.host.memoryCapacityBytes) {
       throw new Error(`host ${this.host.name} lacks capacity: ${spec.memoryBytes} bytes needed, ${this.host.memoryCapacityBytes - used} free of ${this.host.memoryCapacityBytes}`);
     }
@@ -98,8 +98,8 @@ export class DriverRouter implements HypervisorDriver, StorageMoves {
 
   // ---------------------------------------------------------------- HypervisorDriver
 
-  async list(): Promise<VmInfo[]> {
-    const out = [...(await this.sim.list()), ...(this.qemu ? await this.qemu.list() : [])];
+  async list(opts?: { recorded?: boolean }): Promise<VmInfo[]> {
+    const out = [...(await this.sim.list(opts)), ...(this.qemu ? await this.qemu.list() : [])];
     return out.sort((a, b) => a.name.localeCompare(b.name));
   }
 

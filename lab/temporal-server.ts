@@ -47,7 +47,11 @@ export async function startDevServer(opts: { dbFile?: string; logFile: string; p
   const port = opts.port ?? (await freePort());
   const uiPort = opts.uiPort ?? (await freePort());
   const args = ['server', 'start-dev', '--ip', '127.0.0.1', '--port', String(port), '--ui-port', String(uiPort), '--log-level', 'warn'];
-  if (opts.dbFile) args.push('--db-filename', opts.dbFile);
+  // A write-ahead log synced at checkpoints, not at every commit: each workflow step commits
+  // several times, and SQLite's default (a rollback journal, fsync per commit) made a one-activity
+  // workflow ~60-110 ms against ~45-55 ms here. A crash of the server loses nothing; only a crash
+  // of the machine itself may lose the last commits (the file stays consistent).
+  if (opts.dbFile) args.push('--db-filename', opts.dbFile, '--sqlite-pragma', 'journal_mode=wal', '--sqlite-pragma', 'synchronous=normal');
   if (opts.headless) args.push('--headless');
   else args.push('--ui-disable-news-fetch');
   for (const [k, v] of Object.entries(SEARCH_ATTRIBUTES)) args.push('--search-attribute', `${k}=${v}`);

@@ -100,10 +100,16 @@ export class SimDriver implements HypervisorDriver {
     return { name: cfg.spec.name, host: this.host.name, state, pid: st?.pid ?? 0, epoch: st?.epoch ?? cfg.epoch, spec: cfg.spec, migrationId: st?.migrationId, device, ...(st?.hugePages !== undefined ? { hugePages: st.hugePages } : {}) };
   }
 
-  async list(): Promise<VmInfo[]> {
+  async list(opts: { recorded?: boolean } = {}): Promise<VmInfo[]> {
     const names = fs.readdirSync(this.host.runDir).sort();
-    const infos = await Promise.all(names.map((n) => this.get(n, 1000)));
+    const infos = await Promise.all(names.map((n) => (opts.recorded ? this.recorded(n) : this.get(n, 1000))));
     return infos.filter((v): v is VmInfo => !!v);
+  }
+
+  /** As the VM process last wrote it (it writes its state file at every change). */
+  private recorded(name: string): VmInfo | undefined {
+    const rt = this.readRuntime(name);
+    return rt ? this.toInfo(rt.cfg, rt.status) : undefined;
   }
 
   async get(name: string, timeoutMs = 5000): Promise<VmInfo | undefined> {
