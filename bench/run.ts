@@ -527,7 +527,8 @@ async function runCase(client: VmferryClient, c: CaseDef, vmName: string, x: Ctx
     // A pool too small for both guests makes glibc fall back to 4 KiB pages, silently: the
     // case would then measure something else than it says.
     const hugePages = sourceHuge !== undefined && r.outcome === 'completed' ? { source: sourceHuge, destination: onHugePagesOf(destPid, c.memoryBytes) } : undefined;
-    const pumpAfter = c.paired ? await pump() : 0;
+    // The faster of the two pumps: a pump slowed by something else never flatters the run.
+    const pairedPump = c.paired ? Math.max(pumpBefore, await pump()) : 0;
     const h = await historyTimes(client, id);
     let verified: boolean | null = null;
     let cleanRollback: boolean | undefined;
@@ -545,8 +546,7 @@ async function runCase(client: VmferryClient, c: CaseDef, vmName: string, x: Ctx
       orchestrationOverheadMs: Math.max(0, h.workflowMs - dataMs), overheadBreakdownMs: h.breakdown,
       downtimeMs: r.downtimeMs, probe: stats, rounds: r.rounds, bytesTransferred: r.bytesTransferred, wireRatio: r.bytesTransferred / c.memoryBytes,
       throughputBytesPerSec: (c.memoryBytes / totalMs) * 1000, throughputRatio: ((c.memoryBytes / totalMs) * 1000) / x.streamBaseline,
-      // The faster of the two pumps: a pump slowed by something else never flatters the run.
-      ...(c.paired ? { pairedPumpBytesPerSec: Math.max(pumpBefore, pumpAfter), pairedRatio: ((c.memoryBytes / totalMs) * 1000) / Math.max(pumpBefore, pumpAfter), quietWaitsMs: quietWaits, ...(notQuiet ? { notQuiet } : {}) } : {}),
+      ...(c.paired ? { pairedPumpBytesPerSec: pairedPump, pairedRatio: ((c.memoryBytes / totalMs) * 1000) / pairedPump, quietWaitsMs: quietWaits, ...(notQuiet ? { notQuiet } : {}) } : {}),
       finalThrottle: throttles.at(-1) ?? 0, decisions: r.decisions.length, agentRssKiB, vmHwmKiB: vmHwm, ...(hugePages ? { hugePages } : {}), verified, cleanRollback,
       linkBytesPerSec: (r.bytesTransferred / (h.precopyMs > 0 ? h.precopyMs : dataMs)) * 1000,
       downtimePhasesMs: r.cutover?.downtimePhasesMs, finalPages: r.cutover?.finalPages,
