@@ -345,15 +345,17 @@ describe('hostile peer with a valid grant', () => {
   it('(f) through the workflow: a peer holding the grant and the source key sends bad pages; the migration rolls back, the VM stays fine on the source', async () => {
     await lab.client.createVm({ name: 'evil1', host: A, memory: '32MiB', disk: '4MiB', dirtyRate: '4MiB', fill: 0.5 });
     const agentA = lab.status().hosts.find((h) => h.name === A)!.pid!;
-    const t0 = Date.now();
-    const { id } = await lab.client.startMigration({ type: 'live', vm: 'evil1', to: B });
-    const handle = lab.client.client.workflow.getHandle(id);
-    type Ev = { eventId?: { toString(): string } | null; activityTaskScheduledEventAttributes?: { activityType?: { name?: string | null } | null } | null; activityTaskCompletedEventAttributes?: { scheduledEventId?: { toString(): string } | null; result?: { payloads?: Array<{ data?: Uint8Array | null }> | null } | null } | null };
-    const events = async (): Promise<Ev[]> => ((await handle.fetchHistory()).events ?? []) as Ev[];
     // Hold the real source back (it would connect while the destination prepares, and so use
-    // the grant first): the attacker gets there before it.
+    // the grant first): the attacker gets there before it. Armed before the start, since the
+    // start returns once admitted and the source connects right after.
     fs.writeFileSync(faultsFile, JSON.stringify({ 'source-before-connect': 'delay:4000' }));
+    const t0 = Date.now();
+    let id = '';
     try {
+      ({ id } = await lab.client.startMigration({ type: 'live', vm: 'evil1', to: B }));
+      const handle = lab.client.client.workflow.getHandle(id);
+      type Ev = { eventId?: { toString(): string } | null; activityTaskScheduledEventAttributes?: { activityType?: { name?: string | null } | null } | null; activityTaskCompletedEventAttributes?: { scheduledEventId?: { toString(): string } | null; result?: { payloads?: Array<{ data?: Uint8Array | null }> | null } | null } | null };
+      const events = async (): Promise<Ev[]> => ((await handle.fetchHistory()).events ?? []) as Ev[];
       const schedId = await waitUntil('prepareIncoming scheduled', async () => (await events()).find((e) => e.activityTaskScheduledEventAttributes?.activityType?.name === 'prepareIncoming')?.eventId?.toString(), 30_000, 10);
       const target = await waitUntil('prepareIncoming result', async () => {
         const done = (await events()).find((e) => e.activityTaskCompletedEventAttributes?.scheduledEventId?.toString() === schedId);
