@@ -101,7 +101,7 @@ export function markdown(r: { startedAt: string; scale: number; machine: Record<
   const phased = r.cases.filter((c) => c.downtimePhasesMs);
   if (phased.length) {
     // The pause, phase by phase on the source's clock (CutoverResult.downtimePhasesMs).
-    L.push('', 'Where the downtime went (ms, source clock): last dirty pages out, device state → verified, ownership handoff, GO → destination running (of which on the destination):', '');
+    L.push('', 'Where the downtime went (ms, source clock): last dirty pages out, wait before the handoff (a full-memory verify, the drain of a disk mirror; the digest is checked by the destination, in the resume), ownership handoff, GO → destination running (of which on the destination, its check included):', '');
     L.push('| case | downtime | final pages (count) | verify | handoff | resume (destination) |', '|---|---|---|---|---|---|');
     for (const c of phased) {
       const p = c.downtimePhasesMs!;

@@ -6,7 +6,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 
 const FILE = process.env.VMFERRY_FAULTS_FILE;
 
-export type FaultPoint = 'cutover-after-pause' | 'destination-after-resume' | 'before-release-source' | 'rollback-step' | 'destination-before-resume' | 'source-before-connect' | 'prepare-incoming';
+export type FaultPoint = 'cutover-after-pause' | 'destination-after-resume' | 'before-release-source' | 'rollback-step' | 'destination-before-resume' | 'source-before-connect' | 'prepare-incoming' | 'destination-digest';
 
 /** The action armed at `point`, if any ('delay:<ms>', 'drop-ack', 'crash', ...). */
 export function faultAt(point: FaultPoint): string | null {

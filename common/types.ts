@@ -180,10 +180,11 @@ export interface CutoverResult {
   tailThrottle?: number;
   /**
    * Where the downtime went, ms on the source's clock: the last dirty pages out (and, with
-   * several streams, their barrier), device state → destination's verification, the ownership
-   * handoff, GO → destination running. Sums to downtimeMs (rounding aside). Of the resume,
-   * `resumeOnDestination` was the destination's own work (claim, start, answer); the rest is the
-   * two messages' travel.
+   * several streams, their barrier), what the source waits for before the handoff (a 'full'
+   * verification, a disk mirror's drain), the ownership handoff, GO → destination running. Sums
+   * to downtimeMs (rounding aside). Of the resume, `resumeOnDestination` was the destination's
+   * own work after GO (claim, start, answer); the rest is its digest check and the messages'
+   * travel.
    */
   downtimePhasesMs?: { finalPages: number; verify: number; handoff: number; resume: number; resumeOnDestination?: number };
   /**

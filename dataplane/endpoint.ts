@@ -477,6 +477,10 @@ export class DataPlaneServer {
   }
 
   private onConnection(sock: net.Socket): void {
+    // Small control frames go out back to back (VERIFIED then RESUMED at the cutover): with
+    // Nagle the second waits for the peer's delayed ACK of the first, ~40 ms inside the pause.
+    // The option lives on the socket, so it holds in the VM process the connection goes to.
+    sock.setNoDelay(true);
     const reader = new FrameReader();
     const timer = setTimeout(() => this.refuse(sock, 'no HELLO in time'), HELLO_TIMEOUT_MS);
     sock.on('error', () => undefined);

@@ -181,6 +181,33 @@ describe('live migration', () => {
     expect((await lab.client.verifyVm('late1')).ok).toBe(true);
   });
 
+  it('a memory digest mismatch found by the destination after the handoff: it never runs the VM; the rollback takes it back on the source, every page and write intact', async () => {
+    // The source hands the VM over and sends GO without waiting for the destination's check
+    // (one round trip less in the pause): the destination's own check is what stops it.
+    await lab.client.createVm({ name: 'dig1', host: A, memory: '32MiB', disk: '4MiB', dirtyRate: '2MiB', writeRate: '256KiB', fill: 0.5 });
+    const agentB = lab.status().hosts.find((h) => h.name === B)!.pid!;
+    fs.writeFileSync(faultsFile, JSON.stringify({ 'destination-digest': 'mismatch' }));
+    let r: MigrationResult;
+    try {
+      const { id } = await lab.client.startMigration({ type: 'live', vm: 'dig1', to: B });
+      r = await lab.client.awaitMigration(id);
+    } finally {
+      fs.writeFileSync(faultsFile, '{}');
+    }
+    expect(r.outcome).toBe('rolled-back');
+    expect(r.reason).toMatch(/digest mismatch at cutover.*fault injection/);
+    expect(await whereIs('dig1')).toEqual([{ host: A, state: 'running' }]);
+    // Taken back at a new epoch: past the handoff's (2), which the destination never claimed.
+    expect((await lab.client.hostInfo(A)).vms.find((x) => x.name === 'dig1')?.epoch).toBe(3);
+    expect(fs.readdirSync(lab.runDir(B))).not.toContain('dig1');
+    expect(isAlive(agentB)).toBe(true);
+    expect((await lab.client.verifyVm('dig1')).ok).toBe(true);
+    // And it moves once the fault is gone.
+    const again = await lab.client.startMigration({ type: 'live', vm: 'dig1', to: B });
+    expect((await lab.client.awaitMigration(again.id)).outcome).toBe('completed');
+    expect((await lab.client.verifyVm('dig1')).ok).toBe(true);
+  });
+
   it('the source agent killed while the cutover activity releases the source: the retry answers from its journal and finishes the release', async () => {
     await lab.client.createVm({ name: 'rel1', host: A, memory: '32MiB', disk: '4MiB', dirtyRate: '2MiB', fill: 0.5 });
     const agentA = lab.status().hosts.find((h) => h.name === A)!.pid!;

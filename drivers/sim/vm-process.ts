@@ -873,12 +873,21 @@ async function doCutover(o: Outgoing, verify: MigrationPolicy['verify']): Promis
   // 'full': both ends CRC all memory at once, each its own copy (the guest is paused: nothing
   // changes here after the frame), so the pause pays for one pass, not two (~55 ms per 256 MiB).
   const sourceFullCrc = verify === 'full' ? crc32(guest.memory) >>> 0 : undefined;
-  const v = await o.chan.expect<{ digest: number; fullCrc?: number }>(FrameType.Verified);
-  if (v.digest !== digest) throw new Error(`memory digest mismatch at cutover: source ${digest}, destination ${v.digest}`);
-  if (verify === 'full' && v.fullCrc !== sourceFullCrc) throw new Error(`full memory CRC mismatch: source ${sourceFullCrc}, destination ${v.fullCrc}`);
+  let v: { digest: number; fullCrc?: number } = { digest: -1 };
+  const verified = o.chan.expect<{ digest: number; fullCrc?: number }>(FrameType.Verified).then((answer) => {
+    v = answer;
+    if (v.digest !== digest) throw new Error(`memory digest mismatch at cutover: source ${digest}, destination ${v.digest}`);
+    if (verify === 'full' && v.fullCrc !== sourceFullCrc) throw new Error(`full memory CRC mismatch: source ${sourceFullCrc}, destination ${v.fullCrc}`);
+  });
+  verified.catch(() => undefined); // awaited below; not unhandled meanwhile
+  // The destination checks the digest itself (it is in the device frame) and claims the VM only
+  // if it matches, so the handoff and GO need not wait for its answer: one round trip less in
+  // the pause. A mismatch then fails the move after the handoff, and the rollback reclaims the
+  // VM (the destination never claimed it). 'full' keeps the wait: only the source knows its CRC.
+  if (verify === 'full') await verified;
   // Shared-nothing: every guest write must be on the destination's disks before it runs.
   if (mirror && mirror.target.kind === 'remote') await mirror.drain();
-  const tVerified = performance.now();
+  const tReady = performance.now();
   // Handoff. From the rename on, this process can never write or run again (fencing).
   guest.closeDisks();
   const newEpoch = epoch + 1;
@@ -889,17 +898,24 @@ async function doCutover(o: Outgoing, verify: MigrationPolicy['verify']): Promis
   state = 'migrated';
   // GO first: the ownership record above is what counts; state.json (for the agent) can follow.
   const tHandoff = performance.now();
-  await writeAll(o.chan.sock, [jsonFrame(FrameType.Go, { epoch: newEpoch })]);
+  // A destination that refused the device frame may have closed the stream: its reason, not
+  // the write's, is the one to report.
+  const go = Promise.resolve(writeAll(o.chan.sock, [jsonFrame(FrameType.Go, { epoch: newEpoch })])).then(() => null, (e: Error) => e);
   // state.json after RESUMED (in any case): written meanwhile, it would delay noticing RESUMED.
   let r: { resumedAt: number; tookMs?: number };
   let tEnd: number;
   try {
+    await verified;
+    const goFailed = await go;
+    if (goFailed) throw goFailed;
     r = await o.chan.expect<{ resumedAt: number; tookMs?: number }>(FrameType.Resumed, 30_000);
     tEnd = performance.now();
   } finally { persist(); }
   const downtimeMs = Math.round(tEnd - t0);
   const ms = (a: number, b: number): number => Math.round((b - a) * 10) / 10;
-  const downtimePhasesMs = { finalPages: ms(t0, tSent), verify: ms(tSent, tVerified), handoff: ms(tVerified, tHandoff), resume: ms(tHandoff, tEnd), resumeOnDestination: r.tookMs };
+  // verify: what the source waited for before the handoff ('full' check, disk mirror drain);
+  // the destination's digest check is part of resume now.
+  const downtimePhasesMs = { finalPages: ms(t0, tSent), verify: ms(tSent, tReady), handoff: ms(tReady, tHandoff), resume: ms(tHandoff, tEnd), resumeOnDestination: r.tookMs };
   o.state = 'done';
   for (const s of o.socks) s.end();
   mirror?.close(); // break the mirror: the destination's copy is the VM's disk now
@@ -1258,6 +1274,11 @@ async function onIncomingFrame(inc: Incoming, f: Frame): Promise<void> {
       // running VM writes to them.
       guest.openDisks();
       const digest = crc32(Buffer.from(inc.crcs.buffer)) >>> 0;
+      // Checked here, not only by the source: GO may already be on its way (see doCutover), and
+      // a VM whose memory differs from the source's must never run. Failing the incoming sends
+      // the source an error and refuses the GO.
+      const injected = (await faultPoint('destination-digest')) === 'mismatch' ? ' (fault injection)' : '';
+      if (injected || d.digest !== digest) throw new Error(`memory digest mismatch at cutover: source ${d.digest}, destination ${digest}${injected}`);
       const fullCrc = d.verify === 'full' ? crc32(guest.memory) >>> 0 : undefined;
       inc.state = 'verified';
       prefaulter?.stop();
