@@ -28,7 +28,8 @@ export type Fault =
   | 'destination-refuses'
   | 'activity-timeout'
   | 'cancel'
-  | 'lost-ack';
+  | 'lost-ack'
+  | 'digest-mismatch';
 
 export interface Case { move: Move; point: Point; fault: Fault }
 
@@ -177,9 +178,12 @@ export async function runCase(lab: FaultLab, c: Case): Promise<CaseResult> {
     }
 
     async function runAndHeal(): Promise<void> {
-      if (c.point === 'cutover' && c.fault !== 'lost-ack') lab.arm({ 'cutover-after-pause': 'delay:1500' });
+      const armedAtStart = c.fault === 'lost-ack' || c.fault === 'digest-mismatch';
+      if (c.point === 'cutover' && !armedAtStart) lab.arm({ 'cutover-after-pause': 'delay:1500' });
       if (c.point === 'cleanup') lab.arm({ 'before-release-source': 'delay:1500' });
       if (c.fault === 'lost-ack') lab.arm({ 'destination-after-resume': 'drop-ack' });
+      // The destination finds the memory digest wrong after the source handed over and sent GO.
+      if (c.fault === 'digest-mismatch') lab.arm({ 'destination-digest': 'mismatch' });
       if (c.point === 'rollback') lab.arm({ 'rollback-step': 'delay:1500' });
       // A refusal is synchronous (the admission update): its workflow ended failed, and is read below.
       const { id } = await lab.client.startMigration(spec).catch((e: unknown) => {
@@ -227,7 +231,7 @@ export async function runCase(lab: FaultLab, c: Case): Promise<CaseResult> {
         }
         case 'activity-timeout': await lab.kill(srcHost, 'SIGSTOP'); await sleep(7000); await lab.kill(srcHost, 'SIGCONT'); break;
         case 'cancel': await lab.client.cancelMigration(id); break;
-        default: break; // storage-full, destination-refuses, lost-ack: armed before the start
+        default: break; // storage-full, destination-refuses, lost-ack, digest-mismatch: armed before the start
       }
       const r: MigrationResult = await until('workflow end', () => lab.client.awaitMigration(id), 180_000);
       recoveryMs = Date.now() - injectedAt;
@@ -302,14 +306,14 @@ export function matrix(): Case[] {
   const add = (move: Move, point: Point, faults: Fault[]): void => { for (const fault of faults) cases.push({ move, point, fault }); };
   add('live', 'preflight', ['destination-refuses']);
   add('live', 'precopy', ['kill-source-agent', 'kill-destination-agent', 'kill-worker', 'restart-temporal', 'cut-dataplane', 'stall-dataplane', 'activity-timeout', 'cancel']);
-  add('live', 'cutover', ['kill-source-agent', 'kill-destination-agent', 'kill-worker', 'cancel', 'lost-ack']);
+  add('live', 'cutover', ['kill-source-agent', 'kill-destination-agent', 'kill-worker', 'cancel', 'lost-ack', 'digest-mismatch']);
   add('live', 'cleanup', ['kill-source-agent', 'kill-worker', 'cancel']);
   add('storage', 'mirror', ['kill-source-agent', 'kill-worker', 'restart-temporal', 'activity-timeout', 'cancel', 'storage-full']);
   add('storage', 'cleanup', ['kill-source-agent']);
   add('shared-nothing', 'preflight', ['destination-refuses']);
   add('shared-nothing', 'mirror', ['kill-source-agent', 'kill-destination-agent', 'kill-worker', 'restart-temporal', 'cut-dataplane', 'cancel', 'storage-full']);
   add('shared-nothing', 'precopy', ['kill-destination-agent', 'cut-dataplane', 'cancel']);
-  add('shared-nothing', 'cutover', ['kill-source-agent', 'lost-ack']);
+  add('shared-nothing', 'cutover', ['kill-source-agent', 'lost-ack', 'digest-mismatch']);
   add('shared-nothing', 'cleanup', ['kill-source-agent']);
   // Rollback must itself survive crashes (and is idempotent when retried).
   add('live', 'rollback', ['kill-source-agent', 'kill-destination-agent', 'kill-worker']);
@@ -332,5 +336,6 @@ export function representative(): Case[] {
     { move: 'shared-nothing', point: 'mirror', fault: 'kill-destination-agent' },
     { move: 'shared-nothing', point: 'precopy', fault: 'cancel' },
     { move: 'shared-nothing', point: 'rollback', fault: 'kill-source-agent' },
+    { move: 'shared-nothing', point: 'cutover', fault: 'digest-mismatch' },
   ];
 }

@@ -15,6 +15,7 @@ describe('always a way back, under injected faults', () => {
     expect(r.invariants).toEqual({ exactlyOneRunning: true, terminalOutcome: true, vmWhereOutcomeSays: true, ledgerVerifies: true, noOrphans: true });
     if (c.fault === 'lost-ack' || c.fault === 'kill-worker') expect(r.outcome).toBe('completed');
     if (c.fault === 'destination-refuses') expect(r.outcome).toBe('failed');
-    if (['cancel', 'cut-dataplane', 'storage-full'].includes(c.fault)) expect(r.outcome).toBe('rolled-back');
+    if (['cancel', 'cut-dataplane', 'storage-full', 'digest-mismatch'].includes(c.fault)) expect(r.outcome).toBe('rolled-back');
+    if (c.fault === 'digest-mismatch') expect(r.reason).toMatch(/digest mismatch/);
   }, 240_000);
 });
