@@ -541,7 +541,7 @@ export async function connectDataPlane(endpoint: { host: string; port: number },
   const chan = new FrameChannel(sock);
   sock.write(jsonFrame(FrameType.Hello, hello));
   try {
-    await chan.expect<{ vm: string }>(FrameType.Welcome, HELLO_TIMEOUT_MS);
+    chan.welcome = await chan.expect<Record<string, unknown>>(FrameType.Welcome, HELLO_TIMEOUT_MS);
   } catch (e) {
     sock.destroy();
     throw new Error(`data plane ${endpoint.host}:${endpoint.port} refused the ${hello.kind} transfer: ${(e as Error).message}`);
@@ -584,7 +584,7 @@ async function connectSecure(endpoint: { host: string; port: number }, sock: net
   const auth: AuthClaim = { token: hello.token!, migrationId: hello.migrationId, vm: hello.vm, kind: hello.kind, from: hello.from, to: tok.destination, stream: hello.stream, streams: hello.streams };
   ts.write(jsonFrame(FrameType.Auth, auth));
   try {
-    await chan.expect<{ vm: string }>(FrameType.Welcome, HELLO_TIMEOUT_MS);
+    chan.welcome = await chan.expect<Record<string, unknown>>(FrameType.Welcome, HELLO_TIMEOUT_MS);
   } catch (e) {
     ts.destroy();
     throw fail((e as Error).message);

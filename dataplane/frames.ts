@@ -223,6 +223,8 @@ export class FrameChannel {
   private waiters: Array<{ resolve: (f: Frame) => void; reject: (e: Error) => void }> = [];
   private failure: Error | null = null;
   onFrame?: (f: Frame) => boolean;
+  /** The receiver's WELCOME (what it says it can do), once connected. */
+  welcome: Record<string, unknown> = {};
 
   constructor(readonly sock: Socket, initial?: Buffer) {
     sock.on('data', (c: Buffer) => this.push(c));

@@ -208,6 +208,25 @@ describe('live migration', () => {
     expect((await lab.client.verifyVm('dig1')).ok).toBe(true);
   });
 
+  it('a receiver that does not say it checks the digest (an older VM process) is waited for: the mismatch stops the move before the handoff', async () => {
+    await lab.client.createVm({ name: 'dig2', host: A, memory: '32MiB', disk: '4MiB', dirtyRate: '2MiB', fill: 0.5 });
+    fs.writeFileSync(faultsFile, JSON.stringify({ 'destination-digest': 'legacy-mismatch' }));
+    let r: MigrationResult;
+    try {
+      const { id } = await lab.client.startMigration({ type: 'live', vm: 'dig2', to: B });
+      r = await lab.client.awaitMigration(id);
+    } finally {
+      fs.writeFileSync(faultsFile, '{}');
+    }
+    expect(r.outcome).toBe('rolled-back');
+    expect(r.reason).toMatch(/digest mismatch at cutover: source \d+, destination \d+/);
+    expect(await whereIs('dig2')).toEqual([{ host: A, state: 'running' }]);
+    // Never handed over: still the epoch it booted with.
+    expect((await lab.client.hostInfo(A)).vms.find((x) => x.name === 'dig2')?.epoch).toBe(1);
+    expect(fs.readdirSync(lab.runDir(B))).not.toContain('dig2');
+    expect((await lab.client.verifyVm('dig2')).ok).toBe(true);
+  });
+
   it('the source agent killed while the cutover activity releases the source: the retry answers from its journal and finishes the release', async () => {
     await lab.client.createVm({ name: 'rel1', host: A, memory: '32MiB', disk: '4MiB', dirtyRate: '2MiB', fill: 0.5 });
     const agentA = lab.status().hosts.find((h) => h.name === A)!.pid!;

@@ -19,7 +19,7 @@ import { PlacingReader } from '../../dataplane/placing-reader.js';
 import { PAGE_SIZE, type VmSpec, type VmState, type MigrationPolicy, type ProgressSample, type CutoverResult, type DiskMirrorStatus } from '../../common/types.js';
 import { FrameChannel, FrameType, FrameFlag, header, jsonFrame, writeAll, crc32, joinPrefix, ZERO_FLAG, parseJson, type Frame } from '../../dataplane/frames.js';
 import { connectDataPlane, acceptSecure, dataPlaneTlsFromEnv, secureContextFor, type GrantCheck, type Hello } from '../../dataplane/endpoint.js';
-import { faultPoint } from '../../common/faults.js';
+import { faultAt, faultPoint } from '../../common/faults.js';
 import { nextThrottle } from '../../workflows/decide.js';
 
 export interface VmRuntimeConfig {
@@ -884,7 +884,8 @@ async function doCutover(o: Outgoing, verify: MigrationPolicy['verify']): Promis
   // if it matches, so the handoff and GO need not wait for its answer: one round trip less in
   // the pause. A mismatch then fails the move after the handoff, and the rollback reclaims the
   // VM (the destination never claimed it). 'full' keeps the wait: only the source knows its CRC.
-  if (verify === 'full') await verified;
+  // So does a receiver that does not say it checks (an older VM process during an upgrade).
+  if (verify === 'full' || o.chan.welcome.digestBeforeClaim !== true) await verified;
   // Shared-nothing: every guest write must be on the destination's disks before it runs.
   if (mirror && mirror.target.kind === 'remote') await mirror.drain();
   const tReady = performance.now();
@@ -1092,6 +1093,8 @@ interface Incoming {
   barrierWaits: Array<() => boolean>;
   /** Compressed frames arrived (inflating leaves garbage, as TLS records do). */
   inflated?: boolean;
+  /** Fault injection only: acts as a receiver from before the digest check moved here. */
+  legacy?: boolean;
 }
 let incoming: Incoming | null = cfg.mode === 'incoming'
   ? { state: 'waiting', bytes: 0, pages: 0, torn: 0, crcs: new Uint32Array(guest.pages).fill(ZERO_CRC), streams: 1, socks: [], reached: [], barrierWaits: [] }
@@ -1278,11 +1281,11 @@ async function onIncomingFrame(inc: Incoming, f: Frame): Promise<void> {
       // a VM whose memory differs from the source's must never run. Failing the incoming sends
       // the source an error and refuses the GO.
       const injected = (await faultPoint('destination-digest')) === 'mismatch' ? ' (fault injection)' : '';
-      if (injected || d.digest !== digest) throw new Error(`memory digest mismatch at cutover: source ${d.digest}, destination ${digest}${injected}`);
+      if (!inc.legacy && (injected || d.digest !== digest)) throw new Error(`memory digest mismatch at cutover: source ${d.digest}, destination ${digest}${injected}`);
       const fullCrc = d.verify === 'full' ? crc32(guest.memory) >>> 0 : undefined;
       inc.state = 'verified';
       prefaulter?.stop();
-      await writeAll(inc.sock!, [jsonFrame(FrameType.Verified, { digest, fullCrc })]);
+      await writeAll(inc.sock!, [jsonFrame(FrameType.Verified, { digest: inc.legacy ? (digest ^ 1) >>> 0 : digest, fullCrc })]);
       return;
     }
     case FrameType.Go: {
@@ -1403,7 +1406,11 @@ function acceptIncoming(sock: net.Socket, rest: Buffer, handOver?: { auth?: Gran
   inc.sock = sock;
   inc.socks = [sock];
   sock.on('close', () => closedEarly(inc));
-  void writeAll(sock, [jsonFrame(FrameType.Welcome, { vm: cfg.spec.name, pages: guest.pages })]);
+  // digestBeforeClaim: this receiver checks the cutover digest itself before it claims the VM,
+  // so the source may send GO without waiting for VERIFIED (an older receiver does not).
+  // (Fault injection 'legacy-mismatch': behaves as an older receiver whose memory differs.)
+  inc.legacy = faultAt('destination-digest') === 'legacy-mismatch';
+  void writeAll(sock, [jsonFrame(FrameType.Welcome, { vm: cfg.spec.name, pages: guest.pages, ...(inc.legacy ? {} : { digestBeforeClaim: true }) })]);
   persist();
 }
 
