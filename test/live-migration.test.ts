@@ -8,6 +8,7 @@ import { isAlive } from '../drivers/sim/sim-driver.js';
 import { Prober } from '../client/probe.js';
 import { ORCHESTRATOR_TASK_QUEUE } from '../common/names.js';
 import type { MigrationResult } from '../common/types.js';
+import type { StartMigrationInput } from '../client/index.js';
 import { WithStartWorkflowOperation, type Workflow } from '@temporalio/client';
 
 let lab: TestLab;
@@ -28,6 +29,17 @@ afterAll(async () => {
 });
 
 const whereIs = (vm: string): Promise<Array<{ host: string; state: string }>> => lab.whereIs(vm);
+
+/** Runs a move to its end with fault points armed all along (armed before the start). */
+async function moveArmed(points: Record<string, string>, spec: StartMigrationInput): Promise<{ id: string; r: MigrationResult }> {
+  fs.writeFileSync(faultsFile, JSON.stringify(points));
+  try {
+    const { id } = await lab.client.startMigration(spec);
+    return { id, r: await lab.client.awaitMigration(id) };
+  } finally {
+    fs.writeFileSync(faultsFile, '{}');
+  }
+}
 
 async function waitForPrecopy(id: string, minRound = 1): Promise<void> {
   await waitUntil(`pre-copy round ${minRound} of ${id}`, async () => {
@@ -154,15 +166,7 @@ describe('live migration', () => {
   it('a destination that refuses while the source is already connecting (parallel start): clean rollback, no activity left behind, the VM can move again', async () => {
     await lab.client.createVm({ name: 'late1', host: A, memory: '32MiB', disk: '4MiB', dirtyRate: '2MiB', fill: 0.5 });
     // The source connects at once and is held, waiting for a grant that never comes.
-    fs.writeFileSync(faultsFile, JSON.stringify({ 'prepare-incoming': 'refuse' }));
-    let r: MigrationResult;
-    let id = '';
-    try {
-      ({ id } = await lab.client.startMigration({ type: 'live', vm: 'late1', to: B }));
-      r = await lab.client.awaitMigration(id);
-    } finally {
-      fs.writeFileSync(faultsFile, '{}');
-    }
+    const { id, r } = await moveArmed({ 'prepare-incoming': 'refuse' }, { type: 'live', vm: 'late1', to: B });
     expect(r.outcome).toBe('rolled-back');
     expect(r.reason).toMatch(/refused the incoming VM/);
     expect(await whereIs('late1')).toEqual([{ host: A, state: 'running' }]);
@@ -186,14 +190,7 @@ describe('live migration', () => {
     // (one round trip less in the pause): the destination's own check is what stops it.
     await lab.client.createVm({ name: 'dig1', host: A, memory: '32MiB', disk: '4MiB', dirtyRate: '2MiB', writeRate: '256KiB', fill: 0.5 });
     const agentB = lab.status().hosts.find((h) => h.name === B)!.pid!;
-    fs.writeFileSync(faultsFile, JSON.stringify({ 'destination-digest': 'mismatch' }));
-    let r: MigrationResult;
-    try {
-      const { id } = await lab.client.startMigration({ type: 'live', vm: 'dig1', to: B });
-      r = await lab.client.awaitMigration(id);
-    } finally {
-      fs.writeFileSync(faultsFile, '{}');
-    }
+    const { r } = await moveArmed({ 'destination-digest': 'mismatch' }, { type: 'live', vm: 'dig1', to: B });
     expect(r.outcome).toBe('rolled-back');
     expect(r.reason).toMatch(/digest mismatch at cutover.*fault injection/);
     expect(await whereIs('dig1')).toEqual([{ host: A, state: 'running' }]);
@@ -210,14 +207,7 @@ describe('live migration', () => {
 
   it('a receiver that does not say it checks the digest (an older VM process) is waited for: the mismatch stops the move before the handoff', async () => {
     await lab.client.createVm({ name: 'dig2', host: A, memory: '32MiB', disk: '4MiB', dirtyRate: '2MiB', fill: 0.5 });
-    fs.writeFileSync(faultsFile, JSON.stringify({ 'destination-digest': 'legacy-mismatch' }));
-    let r: MigrationResult;
-    try {
-      const { id } = await lab.client.startMigration({ type: 'live', vm: 'dig2', to: B });
-      r = await lab.client.awaitMigration(id);
-    } finally {
-      fs.writeFileSync(faultsFile, '{}');
-    }
+    const { r } = await moveArmed({ 'destination-digest': 'legacy-mismatch' }, { type: 'live', vm: 'dig2', to: B });
     expect(r.outcome).toBe('rolled-back');
     expect(r.reason).toMatch(/digest mismatch at cutover: source \d+, destination \d+/);
     expect(await whereIs('dig2')).toEqual([{ host: A, state: 'running' }]);
