@@ -1,6 +1,9 @@
 // Rendering of bench results: markdown table and a hand-written SVG of the key curves.
 import type { CutoverResult } from '../common/types.js';
 
+/** How a paired run measured on a busy machine is marked, in the tables and the target's value. */
+export const NOT_QUIET_MARK = ' (machine not quiet)';
+
 export interface CaseResult {
   name: string;
   memoryBytes: number;
@@ -125,7 +128,7 @@ export function markdown(r: { startedAt: string; scale: number; machine: Record<
   if (paired.length) {
     L.push('', 'Idle 1 GiB cases, each run against the faster of two plain pumps (as many streams) measured just before and just after it with the lab up, each of the three once the machine was quiet (under 0.2 cores busy for 200 ms). The throughput target takes the median:', '');
     L.push('| case | runs: total ms, pump MiB/s → ratio | median |', '|---|---|---|');
-    for (const c of paired) L.push(`| ${c.name} | ${c.pairedRuns!.map((p) => `${p.totalMs}, ${mib(p.pumpBytesPerSec)} → ${(p.ratio * 100).toFixed(0)}%${p.notQuiet ? ' (machine not quiet)' : ''}`).join('; ')} | ${(c.pairedMedianRatio! * 100).toFixed(1)}% |`);
+    for (const c of paired) L.push(`| ${c.name} | ${c.pairedRuns!.map((p) => `${p.totalMs}, ${mib(p.pumpBytesPerSec)} → ${(p.ratio * 100).toFixed(0)}%${p.notQuiet ? NOT_QUIET_MARK : ''}`).join('; ')} | ${(c.pairedMedianRatio! * 100).toFixed(1)}% |`);
   }
   if (r.engineAlone?.length) {
     L.push('', `The engine alone (\`bench/engine.ts\`: the same VM processes and data plane, no Temporal, agents or client on these cores), 1 GiB idle, plaintext, huge pages, verify 'sequence': ${r.engineAlone.map((e) => `${e.streams} stream${e.streams > 1 ? 's' : ''} ${mib(e.bytesPerSec)} MiB/s (${(e.ratio * 100).toFixed(0)}% of its pump)`).join(', ')}.`);

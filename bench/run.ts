@@ -16,7 +16,7 @@ import { ORCHESTRATOR_TASK_QUEUE } from '../common/names.js';
 import { loopbackThroughput, meminfo, memoryWork, storageThroughput, touchHugePagePool, waitForQuiet } from './baselines.js';
 import { withHugetlb } from '../drivers/sim/sim-driver.js';
 import { onHugePagesOf } from '../drivers/sim/prefault.js';
-import { markdown, svg, type CaseResult, type EngineAlone, type EvacuationRun, type OtherConfiguration, type Target } from './report.js';
+import { NOT_QUIET_MARK, markdown, svg, type CaseResult, type EngineAlone, type EvacuationRun, type OtherConfiguration, type Target } from './report.js';
 import { runEngine } from './engine.js';
 import { ensureLabPki } from '../lab/pki.js';
 
@@ -350,7 +350,7 @@ async function main(): Promise<void> {
     targets.push(c && runs
       ? {
         name: `${name}, median of ${runs.length} runs against the pump around each`,
-        value: `${pct(c.pairedMedianRatio!)} (runs ${runs.map((p) => `${pct(p.ratio)}${p.notQuiet ? ' (machine not quiet)' : ''}`).join(', ')}; the best run against the pump measured before the lab: ${pct(c.throughputRatio)})`,
+        value: `${pct(c.pairedMedianRatio!)} (runs ${runs.map((p) => `${pct(p.ratio)}${p.notQuiet ? NOT_QUIET_MARK : ''}`).join(', ')}; the best run against the pump measured before the lab: ${pct(c.throughputRatio)})`,
         target: '≥ 70%',
         pass: c.outcome === 'completed' && c.pairedMedianRatio! >= 0.7,
       }

@@ -873,11 +873,10 @@ async function doCutover(o: Outgoing, verify: MigrationPolicy['verify']): Promis
   // 'full': both ends CRC all memory at once, each its own copy (the guest is paused: nothing
   // changes here after the frame), so the pause pays for one pass, not two (~55 ms per 256 MiB).
   const sourceFullCrc = verify === 'full' ? crc32(guest.memory) >>> 0 : undefined;
-  let v: { digest: number; fullCrc?: number } = { digest: -1 };
-  const verified = o.chan.expect<{ digest: number; fullCrc?: number }>(FrameType.Verified).then((answer) => {
-    v = answer;
+  const verified = o.chan.expect<{ digest: number; fullCrc?: number }>(FrameType.Verified).then((v) => {
     if (v.digest !== digest) throw new Error(`memory digest mismatch at cutover: source ${digest}, destination ${v.digest}`);
     if (verify === 'full' && v.fullCrc !== sourceFullCrc) throw new Error(`full memory CRC mismatch: source ${sourceFullCrc}, destination ${v.fullCrc}`);
+    return v;
   });
   verified.catch(() => undefined); // awaited below; not unhandled meanwhile
   // The destination checks the digest itself (it is in the device frame) and claims the VM only
@@ -904,9 +903,10 @@ async function doCutover(o: Outgoing, verify: MigrationPolicy['verify']): Promis
   const go = Promise.resolve(writeAll(o.chan.sock, [jsonFrame(FrameType.Go, { epoch: newEpoch })])).then(() => null, (e: Error) => e);
   // state.json after RESUMED (in any case): written meanwhile, it would delay noticing RESUMED.
   let r: { resumedAt: number; tookMs?: number };
+  let v: { digest: number; fullCrc?: number };
   let tEnd: number;
   try {
-    await verified;
+    v = await verified;
     const goFailed = await go;
     if (goFailed) throw goFailed;
     r = await o.chan.expect<{ resumedAt: number; tookMs?: number }>(FrameType.Resumed, 30_000);
