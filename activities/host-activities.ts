@@ -9,6 +9,20 @@ import { faultPoint } from '../common/faults.js';
 import { saveCutover, savedCutover } from './cutover-journal.js';
 import type { CutoverResult, DiskMirrorStatus, DiskTargetGrant, HostInfo, MigrationPolicy, ProgressSample, VerifyReport, VmInfo, VmSpec } from '../common/types.js';
 import { mintGrantToken } from '../dataplane/endpoint.js';
+import { decide } from '../workflows/decide.js';
+
+export interface CutoverArgs { migrationId: string; vm: string; destination: string; verify: MigrationPolicy['verify']; releaseSource?: boolean }
+
+/** awaitProgress's pre-authorized cutover: where to, and the policy whose decide() judges a sample. */
+export interface CutoverWhen { destination: string; releaseSource?: boolean; policy: MigrationPolicy; memoryBytes: number }
+
+/** Set when awaitProgress cut over (cutoverWhen): the result, and decide()'s reason for it. */
+export interface CutoverByConvergence { cutover?: CutoverResult; cutoverReason?: string }
+
+/** The sample a retried awaitProgress reports for a cutover already journaled (no VM process left to ask). */
+function sampleAfter(round: number, r: CutoverResult): ProgressSample {
+  return { round: round + 1, elapsedMs: 0, bytesSent: r.bytesSent, pagesSent: 0, dirtyPages: 0, dirtyRate: 0, bandwidth: 0, throttle: 0, expectedDowntimeMs: 0, state: 'precopy' };
+}
 
 export interface HostActivityDeps {
   host: HostConfig;
@@ -53,15 +67,37 @@ export function createHostActivities({ host, driver }: HostActivityDeps) {
     }
   };
 
-  /** Removes the source's paused, fenced copy after a completed cutover. Idempotent. */
-  const releaseSource = async (p: { migrationId: string; vm: string; deleteStorage: boolean }): Promise<{ destroyed: boolean }> => {
+  /**
+   * Removes the source's paused, fenced copy after a completed cutover. Idempotent. `recorded`:
+   * right after the cutover's answer, the state the VM process recorded before giving it is
+   * enough (asking the process, busy just then with its last writes, took up to 20 ms).
+   */
+  const releaseSource = async (p: { migrationId: string; vm: string; deleteStorage: boolean }, opts: { recorded?: boolean } = {}): Promise<{ destroyed: boolean }> => {
     await faultPoint('before-release-source');
-    const info = await driver.get(p.vm);
+    const info = opts.recorded ? (await driver.list({ recorded: true })).find((v) => v.name === p.vm) : await driver.get(p.vm);
     if (!info) return { destroyed: false };
     if (info.state === 'running') {
       throw ApplicationFailure.create({ message: `refusing to remove VM ${p.vm} from ${host.name}: it is running here`, type: 'SourceStillRunning', nonRetryable: true });
     }
     return driver.destroy(p.vm, { deleteStorage: p.deleteStorage });
+  };
+
+  /**
+   * `releaseSource` (live migration, shared storage): once the destination runs the VM, remove
+   * the paused, fenced source copy in the same activity (one round trip less). The result is
+   * journaled first, so a retry after the release answers from the journal (and completes an
+   * interrupted release) instead of finding no VM.
+   */
+  const cutoverAndRelease = async (p: CutoverArgs, journalRead?: CutoverResult | null): Promise<CutoverResult> => {
+    // journalRead: the caller read the journal already (null: nothing there), just before.
+    let r = p.releaseSource ? (journalRead === undefined ? savedCutover(host.runDir, p.migrationId, p.vm) : journalRead ?? undefined) : undefined;
+    const journaled = r !== undefined;
+    if (!r) {
+      r = await heartbeatWhile(driver.cutover(p.vm, p.migrationId, p.destination, p.verify), () => ({ phase: 'cutover' }));
+      if (p.releaseSource) saveCutover(host.runDir, p.migrationId, p.vm, r);
+    }
+    if (p.releaseSource) await releaseSource({ migrationId: p.migrationId, vm: p.vm, deleteStorage: false }, { recorded: !journaled });
+    return r;
   };
 
   return {
@@ -112,6 +148,7 @@ export function createHostActivities({ host, driver }: HostActivityDeps) {
     /**
      * Runs alongside pre-copy: heartbeats the destination's receive progress. If this host's
      * agent dies the heartbeat stops and the workflow learns it lost control of the destination.
+     * Ends once the cutover reaches the destination (see 'verified' below) or it runs the VM.
      */
     async superviseIncoming(p: { migrationId: string; vm: string }): Promise<{ state: string }> {
       const ctx = Context.current();
@@ -124,7 +161,10 @@ export function createHostActivities({ host, driver }: HostActivityDeps) {
         if (st.state === 'failed' || st.state === 'unreachable' || !st.exists) {
           throw ApplicationFailure.create({ message: `destination ${host.name}: incoming VM ${st.state}${st.error ? `: ${st.error}` : ''}`, type: 'DestinationFailed', nonRetryable: true });
         }
-        if (st.state === 'running') return { state: st.state };
+        // 'verified': the cutover's device state arrived and checked out, the pause is under way
+        // and the cutover's own exchange decides the rest. Ending here, a few ms before the
+        // resume, lets the workflow task this completion causes run while the VM resumes.
+        if (st.state === 'running' || st.state === 'verified') return { state: st.state };
         // Only while it goes on: the SDK holds a completion until a heartbeat in flight is answered.
         ctx.heartbeat(st);
         if (ctx.cancellationSignal.aborted) return { state: 'supervision-cancelled' };
@@ -152,14 +192,40 @@ export function createHostActivities({ host, driver }: HostActivityDeps) {
       }
     },
 
-    /** Waits for the next pre-copy round to finish and returns its sample. */
-    async awaitProgress(p: { migrationId: string; vm: string; afterRound: number }): Promise<ProgressSample> {
+    /**
+     * Waits for the next pre-copy round to finish and returns its sample. With `cutoverWhen`
+     * (the workflow's pre-authorization: no operator approval asked), a round whose sample the
+     * convergence policy accepts for cutover is cut over at once, in this activity: the decision
+     * is the workflow's own `decide()` on that sample, and travels back with it and the cutover
+     * result (one workflow task and one activity dispatch less inside every move).
+     */
+    async awaitProgress(p: { migrationId: string; vm: string; afterRound: number; cutoverWhen?: CutoverWhen }): Promise<ProgressSample & CutoverByConvergence> {
       const ctx = Context.current();
+      const arm = p.cutoverWhen;
+      // A retry after the cutover began: its outcome (the journal; the VM process's cutover is
+      // idempotent), never a second decision.
+      const saved = arm?.releaseSource ? savedCutover(host.runDir, p.migrationId, p.vm) ?? null : undefined;
+      const cut = async (s: ProgressSample, reason: string): Promise<ProgressSample & CutoverByConvergence> => {
+        try {
+          return { ...s, cutoverReason: reason, cutover: await cutoverAndRelease({ migrationId: p.migrationId, vm: p.vm, destination: arm!.destination, verify: arm!.policy.verify, releaseSource: arm!.releaseSource }, saved) };
+        } catch (e) {
+          // A failed cutover failed the job too: a retry could only find it failed. The
+          // workflow settles where the VM runs from the ownership records.
+          if (e instanceof CancelledFailure) throw e;
+          return nonRetryable(e, 'CutoverFailed');
+        }
+      };
+      if (saved) return cut(sampleAfter(p.afterRound, saved), 'cutover made before this activity was retried');
       // Returns on a new round, or after 2 s with in-round figures so progress stays visible.
       const deadline = Date.now() + 2_000;
       for (;;) {
         const s = await driver.outgoingProgress(p.vm, p.migrationId, p.afterRound, 1000);
-        if (s.round > p.afterRound || s.state === 'failed' || Date.now() > deadline) return s;
+        if (arm && s.state === 'cutover') return cut(s, 'cutover under way before this activity was retried');
+        if (arm && s.round > p.afterRound && s.state === 'precopy') {
+          const d = decide([s], arm.policy, arm.memoryBytes);
+          if (d.action === 'cutover') return cut(s, d.reason);
+        }
+        if (s.round > p.afterRound || s.state !== 'precopy' || Date.now() > deadline) return s;
         // Not before returning: a heartbeat still in flight holds the completion (one more RPC).
         ctx.heartbeat({ round: s.round, bytesSent: s.bytesSent });
         if (ctx.cancellationSignal.aborted) throw new CancelledFailure('activity cancelled');
@@ -170,20 +236,9 @@ export function createHostActivities({ host, driver }: HostActivityDeps) {
       await driver.setOutgoingPolicy(p.vm, p.migrationId, { throttle: p.throttle, maxBandwidth: p.maxBandwidth });
     },
 
-    /**
-     * `releaseSource` (live migration, shared storage): once the destination runs the VM, remove
-     * the paused, fenced source copy in the same activity (one round trip less). The result is
-     * journaled first, so a retry after the release answers from the journal (and completes an
-     * interrupted release) instead of finding no VM.
-     */
-    async cutover(p: { migrationId: string; vm: string; destination: string; verify: MigrationPolicy['verify']; releaseSource?: boolean }): Promise<CutoverResult> {
-      let r = p.releaseSource ? savedCutover(host.runDir, p.migrationId, p.vm) : undefined;
-      if (!r) {
-        r = await heartbeatWhile(driver.cutover(p.vm, p.migrationId, p.destination, p.verify), () => ({ phase: 'cutover' }));
-        if (p.releaseSource) saveCutover(host.runDir, p.migrationId, p.vm, r);
-      }
-      if (p.releaseSource) await releaseSource({ migrationId: p.migrationId, vm: p.vm, deleteStorage: false });
-      return r;
+    /** The cutover the workflow decided on (see cutoverAndRelease). */
+    async cutover(p: CutoverArgs): Promise<CutoverResult> {
+      return cutoverAndRelease(p);
     },
 
     async rollbackOutgoing(p: { migrationId: string; vm: string; allowReclaim?: boolean }): Promise<RollbackResult> {

@@ -157,7 +157,8 @@ export interface ProgressSample {
   throttle: number;
   /** Estimated downtime if we cut over now, ms. */
   expectedDowntimeMs: number;
-  state: 'precopy' | 'failed';
+  /** 'cutover': the job went past pre-copy (its cutover began), seen by a retried awaitProgress. */
+  state: 'precopy' | 'failed' | 'cutover';
   error?: string;
   /** With compression: what the frames would have weighed uncompressed, and the CPU it cost. */
   rawBytes?: number;

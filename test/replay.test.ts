@@ -57,6 +57,16 @@ describe('replay of recorded histories', () => {
       expect(patchesOf(name)).not.toContain('grant-from-destination');
       expect(localActivities(name)).toBe(1);
     }
+    // The cutover: in the source's round that converged, before that a separate activity.
+    const activitiesOf = (name: string): string[] => (histories.find((h) => h.name === name)?.history.events ?? []).flatMap((e) => e.activityTaskScheduledEventAttributes?.activityType?.name ?? []);
+    for (const name of ['live-migration-completed-v8', 'shared-nothing-completed-v8']) {
+      expect(patchesOf(name)).toContain('cutover-in-round');
+      expect(activitiesOf(name)).not.toContain('cutover');
+    }
+    for (const name of ['live-migration-completed-v7', 'shared-nothing-completed-v7']) {
+      expect(patchesOf(name)).not.toContain('cutover-in-round');
+      expect(activitiesOf(name)).toContain('cutover');
+    }
     // Not a patch (the input decides it): the workflow finds the source itself when not given.
     const inputOf = (name: string): { from?: string; candidates?: string[] } => {
       const p = histories.find((h) => h.name === name)!.history.events![0]!.workflowExecutionStartedEventAttributes!.input!.payloads![0]!;

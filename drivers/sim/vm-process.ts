@@ -842,6 +842,8 @@ async function progress(p: { migrationId: string; afterRound: number; waitMs?: n
     dirtyPages: guest.dirtyCount, dirtyRate: 0, bandwidth: 0, throttle: guest.state.throttle, expectedDowntimeMs: 1e9, state: 'precopy',
   };
   if (o.state === 'failed' || o.state === 'cancelled') return { ...base, state: 'failed', error: o.error ?? o.state };
+  // Past pre-copy: a retried awaitProgress joins the cutover instead of waiting for a round.
+  if (o.state !== 'precopy') return { ...base, state: 'cutover', bytesSent: o.bytesSent, pagesSent: o.pagesSent, ...compressionFigures(o) };
   return { ...base, bytesSent: o.bytesSent, pagesSent: o.pagesSent, ...compressionFigures(o) };
 }
 
@@ -1286,6 +1288,9 @@ async function onIncomingFrame(inc: Incoming, f: Frame): Promise<void> {
       inc.state = 'verified';
       prefaulter?.stop();
       await writeAll(inc.sock!, [jsonFrame(FrameType.Verified, { digest: inc.legacy ? (digest ^ 1) >>> 0 : digest, fullCrc })]);
+      // Supervision ends here (it waits for a change of state): woken, not persisted, as a
+      // write of state.json inside the pause would lengthen it.
+      for (const w of statusWaiters.splice(0)) w();
       return;
     }
     case FrameType.Go: {

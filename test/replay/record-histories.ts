@@ -142,5 +142,10 @@ await recordFound('live-migration-refused', `rec-none-${tag}`, 'live');
 await recordMove('live-migration-completed-v7', `rec-v7-${tag}`, 'live', LIVE_VM);
 await recordMove('shared-nothing-completed-v7', `rec-sn7-${tag}`, 'shared-nothing', LOCAL_VM);
 
-for (const n of [`rec-v7-${tag}`, `rec-sn7-${tag}`, `rec-v6-${tag}`, `rec-sn6-${tag}`, `rec-v5-${tag}`, `rec-v4-${tag}`, `rec-sn4-${tag}`, `rec-v3-${tag}`, `rec-sn3-${tag}`, `rec-ok-${tag}`, `rec-cancel-${tag}`, `rec-throttle-${tag}`, `rec-st-${tag}`, `rec-stc-${tag}`, `rec-sn-${tag}`, `rec-v2-${tag}`]) await c.destroyVm(n).catch(() => undefined);
+// 14. The round that converges cuts over in the source's awaitProgress (patch
+// 'cutover-in-round'): no separate cutover activity.
+await recordMove('live-migration-completed-v8', `rec-v8-${tag}`, 'live', LIVE_VM);
+await recordMove('shared-nothing-completed-v8', `rec-sn8-${tag}`, 'shared-nothing', LOCAL_VM);
+
+for (const n of [`rec-v8-${tag}`, `rec-sn8-${tag}`, `rec-v7-${tag}`, `rec-sn7-${tag}`, `rec-v6-${tag}`, `rec-sn6-${tag}`, `rec-v5-${tag}`, `rec-v4-${tag}`, `rec-sn4-${tag}`, `rec-v3-${tag}`, `rec-sn3-${tag}`, `rec-ok-${tag}`, `rec-cancel-${tag}`, `rec-throttle-${tag}`, `rec-st-${tag}`, `rec-stc-${tag}`, `rec-sn-${tag}`, `rec-v2-${tag}`]) await c.destroyVm(n).catch(() => undefined);
 await c.close();

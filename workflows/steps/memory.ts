@@ -2,7 +2,7 @@
 // preflight, blank VM on the destination, pre-copy rounds under the convergence policy, and
 // the cutover with its fenced resolution. Live and shared-nothing migration compose these.
 import { ApplicationFailure, CancellationScope, condition, log, patched, proxyLocalActivities } from '@temporalio/workflow';
-import type { MigrationPolicy, ProgressSample, VmInfo, HostInfo } from '../../common/types.js';
+import type { CutoverResult, MigrationPolicy, ProgressSample, VmInfo, HostInfo } from '../../common/types.js';
 import type { OrchestratorActivities } from '../../activities/orchestrator-activities.js';
 import { hostProxies, type HostProxies } from '../hosts.js';
 import type { Saga } from '../saga.js';
@@ -176,22 +176,60 @@ export async function moveMemory(c: MemoryMoveContext, vm: VmInfo, destSpec: VmI
     await src.quick.startOutgoing({ ...ids, target, policy });
   }
 
+  // v8: without an operator's approval to wait for, the source's awaitProgress holds the
+  // cutover pre-authorized: the round whose sample decide() accepts is cut over at once, on the
+  // source (one workflow task and one activity dispatch less between the last round and the pause).
+  const cutoverInRound = !policy.approveCutover && patched('cutover-in-round');
+  const release = c.releaseSourceInCutover === true;
+  const cutoverArgs = { ...ids, destination: dst.name, verify: policy.verify, ...(release ? { releaseSource: true } : {}) };
+
   const supervision = new CancellationScope();
   const supervised = supervision.run(() => dst.supervise.superviseIncoming(ids));
   supervised.catch(() => undefined);
   const lostDestination = supervised.then(
-    (r) => { throw ApplicationFailure.create({ message: `destination ${dst.name} left the incoming state early (${r.state})`, nonRetryable: true }); },
+    // A destination in the cutover ('verified': device state checked) or running the VM is
+    // the round's doing when it may cut over: the outcome comes with the round's result.
+    (r) => {
+      if (cutoverInRound && (r.state === 'running' || r.state === 'verified')) return new Promise<never>(() => undefined);
+      throw ApplicationFailure.create({ message: `destination ${dst.name} left the incoming state early (${r.state})`, nonRetryable: true });
+    },
     (e: Error) => { throw ApplicationFailure.create({ message: `lost control of destination ${dst.name}: ${reasonOf(e)}`, type: 'DestinationLost', nonRetryable: true }); },
   );
   lostDestination.catch(() => undefined);
 
   const samples: ProgressSample[] = [];
+  let cutInRound = false;
+  let sourceReleased = false;
   for (;;) {
-    const s = await Promise.race([src.long.awaitProgress({ ...ids, afterRound: tracker.round }), lostDestination]);
+    let s: ProgressSample & { cutover?: CutoverResult; cutoverReason?: string };
+    const round = src.long.awaitProgress({ ...ids, afterRound: tracker.round, ...(cutoverInRound ? { cutoverWhen: { destination: dst.name, policy, memoryBytes: vm.spec.memoryBytes, ...(release ? { releaseSource: true } : {}) } } : {}) });
+    let roundFailure: unknown;
+    round.catch((e: unknown) => { roundFailure = e; });
+    try {
+      s = await Promise.race([round, lostDestination]);
+    } catch (e) {
+      if (!cutoverInRound) throw e;
+      // The round may have been cutting over when it failed (or was cancelled, or the
+      // destination was lost): the ownership records say where the VM runs. A failure of the
+      // round itself that came meanwhile (a cutover refused) says more than the destination's.
+      if ((await CancellationScope.nonCancellable(() => settleSource(c))) !== 'destination') throw roundFailure ?? e;
+      tracker.decision({ round: tracker.round, action: 'forward', reason: `pre-copy round ended in error (${reasonOf(e)}), but ${dst.name} owns and runs the VM` });
+      cutInRound = true;
+      break;
+    }
+    const { cutover, cutoverReason, ...sample } = s;
     const newRound = s.round > tracker.round || s.state === 'failed';
-    tracker.sample(s);
+    tracker.sample(sample);
+    if (cutover) {
+      tracker.decision({ round: s.round, action: 'cutover', reason: cutoverReason ?? 'converged' });
+      tracker.phase('cutover');
+      tracker.cutover = cutover;
+      sourceReleased = release;
+      cutInRound = true;
+      break;
+    }
     if (!newRound) continue; // an in-round update: progress only, nothing to decide
-    samples.push(s);
+    samples.push(sample);
     if (samples.length > 8) samples.shift();
     const d = decide(samples, policy, vm.spec.memoryBytes);
     if (d.action === 'continue') continue;
@@ -217,24 +255,24 @@ export async function moveMemory(c: MemoryMoveContext, vm: VmInfo, destSpec: VmI
   const supervisionEndsByItself = patched('supervision-ends-by-itself');
   if (!supervisionEndsByItself) supervision.cancel();
 
-  tracker.phase('cutover');
   // Once begun, the switchover finishes; a cancel that arrives now is honoured by rollback only
   // if the destination did not take the VM.
-  let sourceReleased = false;
-  await CancellationScope.nonCancellable(async () => {
-    try {
-      const release = c.releaseSourceInCutover === true;
-      tracker.cutover = await src.long.cutover.executeWithOptions(
-        { summary: `Pause ${c.vm} on ${src.name}, send last dirty pages and device state, resume on ${dst.name}${release ? `; then remove the fenced copy from ${src.name}` : ''}`, retry: { maximumAttempts: 3, initialInterval: '200 ms' } },
-        [{ ...ids, destination: dst.name, verify: policy.verify, ...(release ? { releaseSource: true } : {}) }],
-      );
-      sourceReleased = release;
-    } catch (e) {
-      // Uncertain outcome (lost acknowledgement, crashed agent): ask the ownership records.
-      if ((await settleSource(c)) !== 'destination') throw e;
-      tracker.decision({ round: tracker.round, action: 'forward', reason: `cutover acknowledgement lost, but ${dst.name} owns and runs the VM` });
-    }
-  });
+  if (!cutInRound) {
+    tracker.phase('cutover');
+    await CancellationScope.nonCancellable(async () => {
+      try {
+        tracker.cutover = await src.long.cutover.executeWithOptions(
+          { summary: `Pause ${c.vm} on ${src.name}, send last dirty pages and device state, resume on ${dst.name}${release ? `; then remove the fenced copy from ${src.name}` : ''}`, retry: { maximumAttempts: 3, initialInterval: '200 ms' } },
+          [cutoverArgs],
+        );
+        sourceReleased = release;
+      } catch (e) {
+        // Uncertain outcome (lost acknowledgement, crashed agent): ask the ownership records.
+        if ((await settleSource(c)) !== 'destination') throw e;
+        tracker.decision({ round: tracker.round, action: 'forward', reason: `cutover acknowledgement lost, but ${dst.name} owns and runs the VM` });
+      }
+    });
+  }
   saga.clear();
   // Supervision ends by itself once the destination reports the VM running; waiting for it
   // (outside the downtime) leaves no activity pending behind a finished migration.
