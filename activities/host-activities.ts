@@ -73,7 +73,7 @@ export function createHostActivities({ host, driver }: HostActivityDeps) {
    * enough (asking the process, busy just then with its last writes, took up to 20 ms).
    */
   const releaseSource = async (p: { migrationId: string; vm: string; deleteStorage: boolean }, opts: { recorded?: boolean } = {}): Promise<{ destroyed: boolean }> => {
-    await faultPoint('before-release-source');
+    if ((await faultPoint('before-release-source')) === 'fail') throw new Error(`release of ${p.vm} failed (fault injection)`);
     const info = opts.recorded ? (await driver.list({ recorded: true })).find((v) => v.name === p.vm) : await driver.get(p.vm);
     if (!info) return { destroyed: false };
     if (info.state === 'running') {

@@ -71,3 +71,15 @@ export class Prober {
     };
   }
 }
+
+/** Whether the guest answers one echo probe within `timeoutMs` (a paused guest does not). */
+export function echoes(target: { address: string; port: number }, timeoutMs = 100): Promise<boolean> {
+  return new Promise((resolve) => {
+    const sock = dgram.createSocket('udp4');
+    const done = (ok: boolean): void => { clearTimeout(timer); sock.close(); resolve(ok); };
+    const timer = setTimeout(() => done(false), timeoutMs);
+    sock.on('message', () => done(true));
+    sock.on('error', () => done(false));
+    sock.send(Buffer.alloc(16), target.port, target.address);
+  });
+}

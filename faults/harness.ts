@@ -12,6 +12,7 @@ import { labDown, labStatus, labUp } from '../lab/lab.js';
 import { startDevServer, type DevServer } from '../lab/temporal-server.js';
 import { MigrationRefusedError, VmferryClient, type StartMigrationInput } from '../client/index.js';
 import { isAlive } from '../drivers/sim/sim-driver.js';
+import { echoes } from '../client/probe.js';
 import type { HostConfig } from '../common/host-config.js';
 import type { MigrationResult } from '../common/types.js';
 
@@ -185,6 +186,7 @@ export async function runCase(lab: FaultLab, c: Case): Promise<CaseResult> {
       // The destination finds the memory digest wrong after the source handed over and sent GO.
       if (c.fault === 'digest-mismatch') lab.arm({ 'destination-digest': 'mismatch' });
       if (c.point === 'rollback') lab.arm({ 'rollback-step': 'delay:1500' });
+      const probe = c.point === 'cutover' ? (await lab.client.vmSpec(vm))!.spec.probe : undefined;
       // A refusal is synchronous (the admission update): its workflow ended failed, and is read below.
       const { id } = await lab.client.startMigration(spec).catch((e: unknown) => {
         if (c.fault === 'destination-refuses' && e instanceof MigrationRefusedError) return { id: e.id };
@@ -196,7 +198,10 @@ export async function runCase(lab: FaultLab, c: Case): Promise<CaseResult> {
       const reach = <T>(what: string, fn: () => Promise<T | null | undefined | false>) => untilOr(what, fn, () => ended);
       if (c.point === 'precopy') await reach('pre-copy under way', async () => { const p = await lab.client.progress(id); return p.phase === 'precopy' && p.bytesTransferred > 2 * MiB; });
       if (c.point === 'mirror') await reach('mirror under way', async () => ((await lab.client.progress(id)).bytesCopied ?? 0) > 4 * MiB);
-      if (c.point === 'cutover') await reach('cutover', async () => (await lab.client.progress(id)).phase === 'cutover');
+      // The round that converges cuts over inside the source's awaitProgress (patch
+      // 'cutover-in-round'): the workflow learns of it only after. The guest held paused (the
+      // fault above) stops answering its probe: two misses in a row mark the cutover.
+      if (probe) await reach('cutover', async () => (await lab.client.progress(id)).phase === 'cutover' || (!(await echoes(probe)) && !(await echoes(probe))));
       // A live move releases its source inside the cutover activity (patch 'release-in-cutover'):
       // its cleanup begins once the destination runs the VM, while the release is held back.
       if (c.point === 'cleanup') {

@@ -5,7 +5,7 @@ import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startTestLab, waitUntil, sleep, type TestLab } from './helpers/lab.js';
 import { isAlive } from '../drivers/sim/sim-driver.js';
-import { Prober } from '../client/probe.js';
+import { Prober, echoes } from '../client/probe.js';
 import { ORCHESTRATOR_TASK_QUEUE } from '../common/names.js';
 import type { MigrationResult } from '../common/types.js';
 import type { StartMigrationInput } from '../client/index.js';
@@ -244,6 +244,52 @@ describe('live migration', () => {
     expect([...scheduled.values()]).not.toContain('cutover');
     expect([...scheduled.values()]).not.toContain('releaseSource');
     expect(r.cutover!.destinationDigest).toBe(r.cutover!.sourceDigest);
+  });
+
+  it('a cancel while the converged round cuts over (source paused): settled through the ownership records, the VM runs on the source alone, intact, and can move again', async () => {
+    await lab.client.createVm({ name: 'cx1', host: A, memory: '32MiB', disk: '4MiB', dirtyRate: '2MiB', fill: 0.5 });
+    const vm = (await lab.client.vmSpec('cx1'))!;
+    fs.writeFileSync(faultsFile, JSON.stringify({ 'cutover-after-pause': 'delay:3000' }));
+    let id = '';
+    try {
+      ({ id } = await lab.client.startMigration({ type: 'live', vm: 'cx1', to: B }));
+      // Paused: the guest stops answering its probe (the cutover holds there for 3 s).
+      await waitUntil('the round\'s cutover to pause the source', async () => !(await echoes(vm.spec.probe)), 30_000, 10);
+      await lab.client.cancelMigration(id);
+    } finally {
+      fs.writeFileSync(faultsFile, '{}');
+    }
+    const r = await lab.client.awaitMigration(id);
+    expect(r.outcome, r.reason).toBe('rolled-back');
+    expect(r.reason).toMatch(/cancelled/);
+    expect(await whereIs('cx1')).toEqual([{ host: A, state: 'running' }]);
+    expect((await lab.client.hostInfo(A)).vms.find((x) => x.name === 'cx1')?.epoch).toBe(1);
+    expect(fs.readdirSync(lab.runDir(B))).not.toContain('cx1');
+    expect((await lab.client.verifyVm('cx1')).ok).toBe(true);
+    expect(await echoes(vm.spec.probe)).toBe(true);
+    const again = await lab.client.startMigration({ type: 'live', vm: 'cx1', to: B });
+    expect((await lab.client.awaitMigration(again.id)).outcome).toBe('completed');
+    expect(await whereIs('cx1')).toEqual([{ host: B, state: 'running' }]);
+  });
+
+  it('the converged round fails after the destination took the VM (the release failed): the workflow goes forward on the ownership records and releases the source in its cleanup', async () => {
+    await lab.client.createVm({ name: 'fw1', host: A, memory: '32MiB', disk: '4MiB', dirtyRate: '2MiB', fill: 0.5 });
+    fs.writeFileSync(faultsFile, JSON.stringify({ 'before-release-source': 'fail' }));
+    let id = '';
+    try {
+      ({ id } = await lab.client.startMigration({ type: 'live', vm: 'fw1', to: B }));
+      await waitUntil('the forward decision', async () => (await lab.client.progress(id)).decisions.some((d) => d.action === 'forward'), 30_000, 10);
+    } finally {
+      fs.writeFileSync(faultsFile, '{}'); // the cleanup's retry then succeeds
+    }
+    const r = await lab.client.awaitMigration(id);
+    expect(r.outcome, r.reason).toBe('completed');
+    expect(r.decisions.find((d) => d.action === 'forward')?.reason).toMatch(/release of fw1 failed \(fault injection\).*owns and runs the VM/);
+    expect(await whereIs('fw1')).toEqual([{ host: B, state: 'running' }]);
+    expect(fs.readdirSync(lab.runDir(A))).not.toContain('fw1');
+    expect((await lab.client.verifyVm('fw1')).ok).toBe(true);
+    const events = (await lab.client.client.workflow.getHandle(id).fetchHistory()).events ?? [];
+    expect(events.flatMap((e) => e.activityTaskScheduledEventAttributes?.activityType?.name ?? [])).toContain('releaseSource');
   });
 
   it('losing the destination agent during pre-copy rolls back; the source guest never stops', async () => {
