@@ -13,11 +13,17 @@ import { decide } from '../workflows/decide.js';
 
 export interface CutoverArgs { migrationId: string; vm: string; destination: string; verify: MigrationPolicy['verify']; releaseSource?: boolean }
 
-/** awaitProgress's pre-authorized cutover: where to, and the policy whose decide() judges a sample. */
-export interface CutoverWhen { destination: string; releaseSource?: boolean; policy: MigrationPolicy; memoryBytes: number }
+/**
+ * awaitProgress's pre-authorized cutover: where to, the policy whose decide() judges the rounds,
+ * and the workflow's last samples (decide() compares a round with the one before).
+ */
+export interface CutoverWhen { destination: string; releaseSource?: boolean; policy: MigrationPolicy; memoryBytes: number; samples?: ProgressSample[] }
 
-/** Set when awaitProgress cut over (cutoverWhen): the result, and decide()'s reason for it. */
-export interface CutoverByConvergence { cutover?: CutoverResult; cutoverReason?: string }
+/**
+ * With cutoverWhen: every round's sample seen, in order (the last is the one returned); the
+ * cutover result and decide()'s reason for it, when the last round was cut over.
+ */
+export interface CutoverByConvergence { samples?: ProgressSample[]; cutover?: CutoverResult; cutoverReason?: string }
 
 /** The sample a retried awaitProgress reports for a cutover already journaled (no VM process left to ask). */
 function sampleAfter(round: number, r: CutoverResult): ProgressSample {
@@ -148,7 +154,7 @@ export function createHostActivities({ host, driver }: HostActivityDeps) {
     /**
      * Runs alongside pre-copy: heartbeats the destination's receive progress. If this host's
      * agent dies the heartbeat stops and the workflow learns it lost control of the destination.
-     * Ends once the cutover reaches the destination (see 'verified' below) or it runs the VM.
+     * Ends once the destination runs the VM.
      */
     async superviseIncoming(p: { migrationId: string; vm: string }): Promise<{ state: string }> {
       const ctx = Context.current();
@@ -161,9 +167,8 @@ export function createHostActivities({ host, driver }: HostActivityDeps) {
         if (st.state === 'failed' || st.state === 'unreachable' || !st.exists) {
           throw ApplicationFailure.create({ message: `destination ${host.name}: incoming VM ${st.state}${st.error ? `: ${st.error}` : ''}`, type: 'DestinationFailed', nonRetryable: true });
         }
-        // 'verified': the cutover's device state arrived and checked out, the pause is under way
-        // and the cutover's own exchange decides the rest. Ending here, a few ms before the
-        // resume, lets the workflow task this completion causes run while the VM resumes.
+        // 'verified' (seen only if a call answers inside the pause): the cutover's device state
+        // checked out, and the cutover's own exchange decides the rest.
         if (st.state === 'running' || st.state === 'verified') return { state: st.state };
         // Only while it goes on: the SDK holds a completion until a heartbeat in flight is answered.
         ctx.heartbeat(st);
@@ -194,20 +199,25 @@ export function createHostActivities({ host, driver }: HostActivityDeps) {
 
     /**
      * Waits for the next pre-copy round to finish and returns its sample. With `cutoverWhen`
-     * (the workflow's pre-authorization: no operator approval asked), a round whose sample the
-     * convergence policy accepts for cutover is cut over at once, in this activity: the decision
-     * is the workflow's own `decide()` on that sample, and travels back with it and the cutover
-     * result (one workflow task and one activity dispatch less inside every move).
+     * (the workflow's pre-authorization: no operator approval asked), the rounds are judged
+     * here with the workflow's own `decide()`, over the samples it passed and those seen since:
+     * a round it would only let go on is not returned (the control plane stays quiet while the
+     * guest runs, and no workflow task overlaps the pause); a cutover verdict is carried out at
+     * once, in this activity; any other verdict returns. Every sample seen travels back in
+     * `samples`, so the workflow replays the same decisions and history keeps them.
      */
     async awaitProgress(p: { migrationId: string; vm: string; afterRound: number; cutoverWhen?: CutoverWhen }): Promise<ProgressSample & CutoverByConvergence> {
       const ctx = Context.current();
       const arm = p.cutoverWhen;
+      const seen: ProgressSample[] = [];
+      const judged = [...(arm?.samples ?? [])];
       // A retry after the cutover began: its outcome (the journal; the VM process's cutover is
       // idempotent), never a second decision.
       const saved = arm?.releaseSource ? savedCutover(host.runDir, p.migrationId, p.vm) ?? null : undefined;
+      const done = (s: ProgressSample, extra: CutoverByConvergence = {}): ProgressSample & CutoverByConvergence => ({ ...s, ...(arm ? { samples: seen } : {}), ...extra });
       const cut = async (s: ProgressSample, reason: string): Promise<ProgressSample & CutoverByConvergence> => {
         try {
-          return { ...s, cutoverReason: reason, cutover: await cutoverAndRelease({ migrationId: p.migrationId, vm: p.vm, destination: arm!.destination, verify: arm!.policy.verify, releaseSource: arm!.releaseSource }, saved) };
+          return done(s, { cutoverReason: reason, cutover: await cutoverAndRelease({ migrationId: p.migrationId, vm: p.vm, destination: arm!.destination, verify: arm!.policy.verify, releaseSource: arm!.releaseSource }, saved) });
         } catch (e) {
           // A failed cutover failed the job too: a retry could only find it failed. The
           // workflow settles where the VM runs from the ownership records.
@@ -218,14 +228,20 @@ export function createHostActivities({ host, driver }: HostActivityDeps) {
       if (saved) return cut(sampleAfter(p.afterRound, saved), 'cutover made before this activity was retried');
       // Returns on a new round, or after 2 s with in-round figures so progress stays visible.
       const deadline = Date.now() + 2_000;
+      let after = p.afterRound;
       for (;;) {
-        const s = await driver.outgoingProgress(p.vm, p.migrationId, p.afterRound, 1000);
+        const s = await driver.outgoingProgress(p.vm, p.migrationId, after, 1000);
         if (arm && s.state === 'cutover') return cut(s, 'cutover under way before this activity was retried');
-        if (arm && s.round > p.afterRound && s.state === 'precopy') {
-          const d = decide([s], arm.policy, arm.memoryBytes);
+        if (arm && s.round > after && s.state === 'precopy') {
+          seen.push(s);
+          judged.push(s);
+          if (judged.length > 8) judged.shift();
+          const d = decide(judged, arm.policy, arm.memoryBytes);
           if (d.action === 'cutover') return cut(s, d.reason);
-        }
-        if (s.round > p.afterRound || s.state !== 'precopy' || Date.now() > deadline) return s;
+          if (d.action !== 'continue' || seen.length >= 64) return done(s);
+          after = s.round;
+        } else if (s.round > after || s.state !== 'precopy') return done(s);
+        if (Date.now() > deadline) return done(s);
         // Not before returning: a heartbeat still in flight holds the completion (one more RPC).
         ctx.heartbeat({ round: s.round, bytesSent: s.bytesSent });
         if (ctx.cancellationSignal.aborted) throw new CancelledFailure('activity cancelled');

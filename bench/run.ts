@@ -188,7 +188,7 @@ async function main(): Promise<void> {
       const { id } = await client.startMigration({ type: 'live', vm, from, to });
       const r = await client.awaitMigration(id);
       if (r.outcome !== 'completed') throw new Error(`warm-up migration ${from} → ${to}: ${r.outcome}: ${r.reason}`);
-      const h = await historyTimes(client, id);
+      const h = await historyTimes(client, id, r);
       warmUp.push({ from, to, orchestrationOverheadMs: Math.round(h.workflowMs - h.dataMovementMs) });
     } finally {
       await client.destroyVm(vm).catch(() => undefined);
@@ -529,7 +529,7 @@ async function runCase(client: VmferryClient, c: CaseDef, vmName: string, x: Ctx
     const hugePages = sourceHuge !== undefined && r.outcome === 'completed' ? { source: sourceHuge, destination: onHugePagesOf(destPid, c.memoryBytes) } : undefined;
     // The faster of the two pumps: a pump slowed by something else never flatters the run.
     const pairedPump = c.paired ? Math.max(pumpBefore, await pump()) : 0;
-    const h = await historyTimes(client, id);
+    const h = await historyTimes(client, id, r);
     let verified: boolean | null = null;
     let cleanRollback: boolean | undefined;
     if (r.outcome === 'completed') verified = (await client.verifyVm(vmName)).ok;
@@ -628,10 +628,14 @@ async function activityTimes(client: VmferryClient, id: string): Promise<{ wfSta
   return { wfStart, wfEnd, first, last, count };
 }
 
-async function historyTimes(client: VmferryClient, id: string): Promise<{ workflowMs: number; dataMovementMs: number; precopyMs: number; breakdown: Record<string, number> }> {
+async function historyTimes(client: VmferryClient, id: string, r?: MigrationResult): Promise<{ workflowMs: number; dataMovementMs: number; precopyMs: number; breakdown: Record<string, number> }> {
   const { wfStart, wfEnd, first, last } = await activityTimes(client, id);
   const startData = first.startOutgoing?.started ?? 0;
-  const endData = last.cutover?.completed ?? last.rollbackOutgoing?.completed ?? 0;
+  // A cutover made in the round that converged (patch 'cutover-in-round') ends with that round's
+  // awaitProgress; it began at the pause (source clock, this machine's).
+  const inRound = !!r?.cutover && !last.cutover;
+  const endData = last.cutover?.completed ?? (inRound ? last.awaitProgress?.completed : undefined) ?? last.rollbackOutgoing?.completed ?? 0;
+  const cutoverBegan = inRound ? r!.cutover!.pausedAt : last.cutover?.started;
   const workflowMs = wfEnd - wfStart;
   const breakdown: Record<string, number> = {};
   if (startData) {
@@ -641,7 +645,7 @@ async function historyTimes(client: VmferryClient, id: string): Promise<{ workfl
   if (last.cutover?.started && last.awaitProgress?.completed) breakdown['last progress → cutover started (decision)'] = last.cutover.started - last.awaitProgress.completed;
   if (endData) breakdown['data end → workflow end (cleanup)'] = wfEnd - endData;
   // Pre-copy alone (the capped stream): startOutgoing returned → cutover began.
-  const precopyMs = first.startOutgoing?.completed && last.cutover?.started ? last.cutover.started - first.startOutgoing.completed : 0;
+  const precopyMs = first.startOutgoing?.completed && cutoverBegan ? cutoverBegan - first.startOutgoing.completed : 0;
   return { workflowMs, dataMovementMs: startData && endData ? endData - startData : 0, precopyMs, breakdown };
 }
 

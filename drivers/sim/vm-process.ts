@@ -1288,9 +1288,9 @@ async function onIncomingFrame(inc: Incoming, f: Frame): Promise<void> {
       inc.state = 'verified';
       prefaulter?.stop();
       await writeAll(inc.sock!, [jsonFrame(FrameType.Verified, { digest: inc.legacy ? (digest ^ 1) >>> 0 : digest, fullCrc })]);
-      // Supervision ends here (it waits for a change of state): woken, not persisted, as a
-      // write of state.json inside the pause would lengthen it.
-      for (const w of statusWaiters.splice(0)) w();
+      // Not persisted, and waiting status calls are not woken: the supervision's completion
+      // (and the workflow task it causes) inside the pause lengthened it (A/B, 256 MiB at 5%:
+      // median 9 vs 6 ms, tails 15-19 vs 9-11 ms). Supervision ends at the resume.
       return;
     }
     case FrameType.Go: {

@@ -2,12 +2,13 @@
 // preflight, blank VM on the destination, pre-copy rounds under the convergence policy, and
 // the cutover with its fenced resolution. Live and shared-nothing migration compose these.
 import { ApplicationFailure, CancellationScope, condition, log, patched, proxyLocalActivities } from '@temporalio/workflow';
-import type { CutoverResult, MigrationPolicy, ProgressSample, VmInfo, HostInfo } from '../../common/types.js';
+import type { MigrationPolicy, ProgressSample, VmInfo, HostInfo } from '../../common/types.js';
 import type { OrchestratorActivities } from '../../activities/orchestrator-activities.js';
+import type { CutoverByConvergence } from '../../activities/host-activities.js';
 import { hostProxies, type HostProxies } from '../hosts.js';
 import type { Saga } from '../saga.js';
 import { reasonOf, type MigrationTracker } from '../tracker.js';
-import { decide } from '../decide.js';
+import { decide, type Decision } from '../decide.js';
 
 export interface MemoryMoveContext {
   migrationId: string;
@@ -201,8 +202,8 @@ export async function moveMemory(c: MemoryMoveContext, vm: VmInfo, destSpec: VmI
   let cutInRound = false;
   let sourceReleased = false;
   for (;;) {
-    let s: ProgressSample & { cutover?: CutoverResult; cutoverReason?: string };
-    const round = src.long.awaitProgress({ ...ids, afterRound: tracker.round, ...(cutoverInRound ? { cutoverWhen: { destination: dst.name, policy, memoryBytes: vm.spec.memoryBytes, ...(release ? { releaseSource: true } : {}) } } : {}) });
+    let s: ProgressSample & CutoverByConvergence;
+    const round = src.long.awaitProgress({ ...ids, afterRound: tracker.round, ...(cutoverInRound ? { cutoverWhen: { destination: dst.name, policy, memoryBytes: vm.spec.memoryBytes, samples, ...(release ? { releaseSource: true } : {}) } } : {}) });
     let roundFailure: unknown;
     round.catch((e: unknown) => { roundFailure = e; });
     try {
@@ -217,10 +218,13 @@ export async function moveMemory(c: MemoryMoveContext, vm: VmInfo, destSpec: VmI
       cutInRound = true;
       break;
     }
-    const { cutover, cutoverReason, ...sample } = s;
-    const newRound = s.round > tracker.round || s.state === 'failed';
-    tracker.sample(sample);
+    const { cutover, cutoverReason, samples: judged, ...sample } = s;
+    // With cutoverWhen the source judged every round it saw, with decide() over these samples,
+    // and returns them all: the same decisions follow here, round by round.
+    const fresh = (judged ?? [sample]).filter((x) => x.round > tracker.round || x.state === 'failed');
     if (cutover) {
+      for (const x of fresh) tracker.sample(x);
+      tracker.sample(sample);
       tracker.decision({ round: s.round, action: 'cutover', reason: cutoverReason ?? 'converged' });
       tracker.phase('cutover');
       tracker.cutover = cutover;
@@ -228,12 +232,19 @@ export async function moveMemory(c: MemoryMoveContext, vm: VmInfo, destSpec: VmI
       cutInRound = true;
       break;
     }
-    if (!newRound) continue; // an in-round update: progress only, nothing to decide
-    samples.push(sample);
-    if (samples.length > 8) samples.shift();
-    const d = decide(samples, policy, vm.spec.memoryBytes);
+    let d: Decision = { action: 'continue', reason: 'no new round' };
+    let at = sample;
+    for (const x of fresh) {
+      tracker.sample(x);
+      samples.push(x);
+      if (samples.length > 8) samples.shift();
+      d = decide(samples, policy, vm.spec.memoryBytes);
+      at = x;
+      if (d.action !== 'continue') break;
+    }
+    if (d.action === 'continue') tracker.sample(sample); // an in-round update: progress only
     if (d.action === 'continue') continue;
-    tracker.decision({ round: s.round, action: d.action === 'throttle' ? `throttle ${d.throttle}` : d.action, reason: d.reason });
+    tracker.decision({ round: at.round, action: d.action === 'throttle' ? `throttle ${d.throttle}` : d.action, reason: d.reason });
     if (d.action === 'abort') throw ApplicationFailure.create({ message: d.reason, type: 'NotConverging', nonRetryable: true });
     if (d.action === 'cutover' && policy.approveCutover && !tracker.approved) {
       // Pre-copy keeps running in the VM process while the operator decides.
