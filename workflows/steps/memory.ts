@@ -1,7 +1,7 @@
 // Shared steps of every move that carries a running VM's memory and state to another host:
 // preflight, blank VM on the destination, pre-copy rounds under the convergence policy, and
 // the cutover with its fenced resolution. Live and shared-nothing migration compose these.
-import { ApplicationFailure, CancellationScope, condition, log, patched, proxyLocalActivities } from '@temporalio/workflow';
+import { ActivityFailure, ApplicationFailure, CancellationScope, condition, log, patched, proxyLocalActivities } from '@temporalio/workflow';
 import type { MigrationPolicy, ProgressSample, VmInfo, HostInfo } from '../../common/types.js';
 import type { OrchestratorActivities } from '../../activities/orchestrator-activities.js';
 import type { CutoverByConvergence } from '../../activities/host-activities.js';
@@ -112,7 +112,18 @@ export async function locateAndCheck(c: { vm: string; from?: string; candidates?
  */
 export async function settleSource(c: Pick<MemoryMoveContext, 'migrationId' | 'vm' | 'src' | 'dst'>): Promise<'source' | 'destination'> {
   const ids = { migrationId: c.migrationId, vm: c.vm };
-  let r = await c.src.undo.rollbackOutgoing(ids);
+  let r;
+  try {
+    r = await c.src.undo.rollbackOutgoing(ids);
+  } catch (e) {
+    // v9: the source no longer has the VM: a cutover released it (a round that cut over while
+    // its answer was lost, e.g. the Temporal server restarting). The destination says whether
+    // it runs the VM, atomically refusing a late switchover if not.
+    const gone = e instanceof ActivityFailure && e.cause instanceof ApplicationFailure && e.cause.type === 'VmGone';
+    if (!gone || !patched('settle-source-gone')) throw e;
+    if ((await c.dst.undo.abortIncoming(ids)).running) return 'destination';
+    throw e;
+  }
   if (r.runsOn === 'undecided') {
     const d = await c.dst.undo.abortIncoming(ids);
     if (d.running) return 'destination';
