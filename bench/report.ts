@@ -111,7 +111,7 @@ export function markdown(r: { startedAt: string; scale: number; machine: Record<
       L.push(`| ${c.name} | ${c.downtimeMs} | ${p.finalPages} (${c.finalPages ?? '?'}) | ${p.verify} | ${p.handoff} | ${p.resume}${p.resumeOnDestination !== undefined ? ` (${p.resumeOnDestination})` : ''} |`);
     }
   }
-  L.push('', 'Orchestration overhead = workflow time − data movement (startOutgoing started → cutover completed, from the workflow history). Breakdown per case in latest.json.');
+  L.push('', 'Orchestration overhead = workflow time − data movement (startOutgoing started → cutover completed, or the awaitProgress of the round that converged, when it cut over, from the workflow history). Breakdown per case in latest.json.');
   // Where an idle migration's time goes: the target judges memory ÷ total time (as the client
   // sees it), which holds the client's checks, the workflow's steps and the data movement.
   const idle = r.cases.filter((c) => c.dirtyFraction === 0 && c.fill === 1 && c.name.includes('idle') && c.outcome === 'completed' && c.dataMovementMs > 0);
