@@ -189,8 +189,9 @@ export async function moveMemory(c: MemoryMoveContext, vm: VmInfo, destSpec: VmI
   }
 
   // v8: without an operator's approval to wait for, the source's awaitProgress holds the
-  // cutover pre-authorized: the round whose sample decide() accepts is cut over at once, on the
-  // source (one workflow task and one activity dispatch less between the last round and the pause).
+  // cutover pre-authorized: it judges each round with decide(), returns only a verdict other than
+  // 'continue' (or a progress update), and cuts over at once on a cutover verdict (no workflow
+  // task or activity dispatch between the last round and the pause, and none inside it).
   const cutoverInRound = !policy.approveCutover && patched('cutover-in-round');
   const release = c.releaseSourceInCutover === true;
   const cutoverArgs = { ...ids, destination: dst.name, verify: policy.verify, ...(release ? { releaseSource: true } : {}) };
