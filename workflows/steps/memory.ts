@@ -215,7 +215,13 @@ export async function moveMemory(c: MemoryMoveContext, vm: VmInfo, destSpec: VmI
   let sourceReleased = false;
   for (;;) {
     let s: ProgressSample & CutoverByConvergence;
-    const round = src.long.awaitProgress({ ...ids, afterRound: tracker.round, ...(cutoverInRound ? { cutoverWhen: { destination: dst.name, policy, memoryBytes: vm.spec.memoryBytes, samples, ...(release ? { releaseSource: true } : {}) } } : {}) });
+    const round = cutoverInRound
+      ? src.long.awaitProgress.executeWithOptions(
+        // The cutover itself happens inside this step now: the UI says so.
+        { summary: `Pre-copy ${c.vm} to ${dst.name}; once a round fits the ${policy.downtimeLimitMs} ms downtime limit, pause on ${src.name}, send last dirty pages and device state, resume on ${dst.name}${release ? `, remove the fenced copy from ${src.name}` : ''}` },
+        [{ ...ids, afterRound: tracker.round, cutoverWhen: { destination: dst.name, policy, memoryBytes: vm.spec.memoryBytes, samples, ...(release ? { releaseSource: true } : {}) } }],
+      )
+      : src.long.awaitProgress({ ...ids, afterRound: tracker.round });
     let roundFailure: unknown;
     round.catch((e: unknown) => { roundFailure = e; });
     try {
