@@ -167,9 +167,7 @@ export function createHostActivities({ host, driver }: HostActivityDeps) {
         if (st.state === 'failed' || st.state === 'unreachable' || !st.exists) {
           throw ApplicationFailure.create({ message: `destination ${host.name}: incoming VM ${st.state}${st.error ? `: ${st.error}` : ''}`, type: 'DestinationFailed', nonRetryable: true });
         }
-        // 'verified' (seen only if a call answers inside the pause): the cutover's device state
-        // checked out, and the cutover's own exchange decides the rest.
-        if (st.state === 'running' || st.state === 'verified') return { state: st.state };
+        if (st.state === 'running') return { state: st.state };
         // Only while it goes on: the SDK holds a completion until a heartbeat in flight is answered.
         ctx.heartbeat(st);
         if (ctx.cancellationSignal.aborted) return { state: 'supervision-cancelled' };
@@ -212,8 +210,9 @@ export function createHostActivities({ host, driver }: HostActivityDeps) {
       const seen: ProgressSample[] = [];
       const judged = [...(arm?.samples ?? [])];
       // A retry after the cutover began: its outcome (the journal; the VM process's cutover is
-      // idempotent), never a second decision.
-      const saved = arm?.releaseSource ? savedCutover(host.runDir, p.migrationId, p.vm) ?? null : undefined;
+      // idempotent), never a second decision. A first attempt has nothing journaled: it reads
+      // no file (null), neither here nor before its cutover.
+      const saved = arm?.releaseSource ? (ctx.info.attempt > 1 ? savedCutover(host.runDir, p.migrationId, p.vm) ?? null : null) : undefined;
       const done = (s: ProgressSample, extra: CutoverByConvergence = {}): ProgressSample & CutoverByConvergence => ({ ...s, ...(arm ? { samples: seen } : {}), ...extra });
       const cut = async (s: ProgressSample, reason: string): Promise<ProgressSample & CutoverByConvergence> => {
         try {

@@ -200,10 +200,10 @@ export async function moveMemory(c: MemoryMoveContext, vm: VmInfo, destSpec: VmI
   const supervised = supervision.run(() => dst.supervise.superviseIncoming(ids));
   supervised.catch(() => undefined);
   const lostDestination = supervised.then(
-    // A destination in the cutover ('verified': device state checked) or running the VM is
-    // the round's doing when it may cut over: the outcome comes with the round's result.
+    // A destination running the VM is the round's doing when it may cut over: the outcome
+    // comes with the round's result.
     (r) => {
-      if (cutoverInRound && (r.state === 'running' || r.state === 'verified')) return new Promise<never>(() => undefined);
+      if (cutoverInRound && r.state === 'running') return new Promise<never>(() => undefined);
       throw ApplicationFailure.create({ message: `destination ${dst.name} left the incoming state early (${r.state})`, nonRetryable: true });
     },
     (e: Error) => { throw ApplicationFailure.create({ message: `lost control of destination ${dst.name}: ${reasonOf(e)}`, type: 'DestinationLost', nonRetryable: true }); },
@@ -260,8 +260,10 @@ export async function moveMemory(c: MemoryMoveContext, vm: VmInfo, destSpec: VmI
       at = x;
       if (d.action !== 'continue') break;
     }
-    if (d.action === 'continue') tracker.sample(sample); // an in-round update: progress only
-    if (d.action === 'continue') continue;
+    if (d.action === 'continue') {
+      tracker.sample(sample); // the latest figures (an in-round update: progress only)
+      continue;
+    }
     tracker.decision({ round: at.round, action: d.action === 'throttle' ? `throttle ${d.throttle}` : d.action, reason: d.reason });
     if (d.action === 'abort') throw ApplicationFailure.create({ message: d.reason, type: 'NotConverging', nonRetryable: true });
     if (d.action === 'cutover' && policy.approveCutover && !tracker.approved) {
