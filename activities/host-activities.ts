@@ -80,7 +80,7 @@ export function createHostActivities({ host, driver }: HostActivityDeps) {
    */
   const releaseSource = async (p: { migrationId: string; vm: string; deleteStorage: boolean }, opts: { recorded?: boolean } = {}): Promise<{ destroyed: boolean }> => {
     if ((await faultPoint('before-release-source')) === 'fail') throw new Error(`release of ${p.vm} failed (fault injection)`);
-    const info = opts.recorded ? (await driver.list({ recorded: true })).find((v) => v.name === p.vm) : await driver.get(p.vm);
+    const info = await driver.get(p.vm, opts);
     if (!info) return { destroyed: false };
     if (info.state === 'running') {
       throw ApplicationFailure.create({ message: `refusing to remove VM ${p.vm} from ${host.name}: it is running here`, type: 'SourceStillRunning', nonRetryable: true });

@@ -59,7 +59,8 @@ export interface HypervisorDriver {
    * to a VM that is busy (a source in its first round, say).
    */
   list(opts?: { recorded?: boolean }): Promise<VmInfo[]>;
-  get(name: string): Promise<VmInfo | undefined>;
+  /** `recorded`: the last recorded state, without asking the VM (a driver may always ask). */
+  get(name: string, opts?: { recorded?: boolean }): Promise<VmInfo | undefined>;
   create(spec: VmSpec): Promise<VmInfo>;
   /** Idempotent. deleteStorage also removes the VM's files from this host's storage roots. */
   destroy(name: string, opts: { deleteStorage: boolean; onlyMigration?: string }): Promise<{ destroyed: boolean }>;

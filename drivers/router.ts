@@ -103,8 +103,8 @@ export class DriverRouter implements HypervisorDriver, StorageMoves {
     return out.sort((a, b) => a.name.localeCompare(b.name));
   }
 
-  async get(name: string): Promise<VmInfo | undefined> {
-    return this.byName(name).get(name);
+  async get(name: string, opts?: { recorded?: boolean }): Promise<VmInfo | undefined> {
+    return this.byName(name).get(name, opts);
   }
 
   async create(spec: VmSpec): Promise<VmInfo> {

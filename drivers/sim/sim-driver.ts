@@ -102,22 +102,18 @@ export class SimDriver implements HypervisorDriver {
 
   async list(opts: { recorded?: boolean } = {}): Promise<VmInfo[]> {
     const names = fs.readdirSync(this.host.runDir).sort();
-    const infos = await Promise.all(names.map((n) => (opts.recorded ? this.recorded(n) : this.get(n, 1000))));
+    const infos = await Promise.all(names.map((n) => this.get(n, { ...opts, timeoutMs: 1000 })));
     return infos.filter((v): v is VmInfo => !!v);
   }
 
-  /** As the VM process last wrote it (it writes its state file at every change). */
-  private recorded(name: string): VmInfo | undefined {
-    const rt = this.readRuntime(name);
-    return rt ? this.toInfo(rt.cfg, rt.status) : undefined;
-  }
-
-  async get(name: string, timeoutMs = 5000): Promise<VmInfo | undefined> {
+  /** `recorded`: as the VM process last wrote it (its state file, written at every change). */
+  async get(name: string, opts: { recorded?: boolean; timeoutMs?: number } = {}): Promise<VmInfo | undefined> {
     const rt = this.readRuntime(name);
     if (!rt) return undefined;
+    if (opts.recorded) return this.toInfo(rt.cfg, rt.status);
     // Ask the process itself when it answers: the state file may be a moment behind.
     try {
-      const st = await this.control<VmStatus>(name, 'status', {}, timeoutMs);
+      const st = await this.control<VmStatus>(name, 'status', {}, opts.timeoutMs ?? 5000);
       return this.toInfo(rt.cfg, st);
     } catch {
       return this.toInfo(rt.cfg, rt.status);
