@@ -18,8 +18,9 @@ import { parseSize } from '../common/sizes.js';
 import { TSX_LOADER } from '../common/tsx.js';
 import { decide } from '../workflows/decide.js';
 
-// BENCH_VM_PROCESS: an alternative (e.g. instrumented) copy of the VM process script.
-const VM_PROCESS = process.env.BENCH_VM_PROCESS ? path.resolve(process.env.BENCH_VM_PROCESS) : fileURLToPath(new URL('../drivers/sim/vm-process.ts', import.meta.url));
+// BENCH_VM_PROCESS: an alternative (e.g. instrumented) copy of the VM process script. Read at
+// each spawn, not at import: a script that alternates copies sets it between runs.
+const vmProcess = (): string => (process.env.BENCH_VM_PROCESS ? path.resolve(process.env.BENCH_VM_PROCESS) : fileURLToPath(new URL('../drivers/sim/vm-process.ts', import.meta.url)));
 
 export interface EngineRunOptions {
   memoryBytes: number;
@@ -69,7 +70,7 @@ async function spawnVm(dir: string, cfg: object, profDir?: string, env?: NodeJS.
   const logFd = fs.openSync(path.join(dir, 'vm.log'), 'a');
   const args = ['--expose-gc', '--import', TSX_LOADER, ...(process.env.BENCH_VM_FLAGS ? process.env.BENCH_VM_FLAGS.split(' ') : [])];
   if (profDir) args.push('--cpu-prof', `--cpu-prof-dir=${profDir}`);
-  const child = spawn(process.execPath, [...args, VM_PROCESS, dir], { stdio: ['ignore', logFd, logFd, 'ipc'], env: env ?? process.env });
+  const child = spawn(process.execPath, [...args, vmProcess(), dir], { stdio: ['ignore', logFd, logFd, 'ipc'], env: env ?? process.env });
   fs.closeSync(logFd);
   await new Promise<void>((resolve, reject) => {
     child.once('message', () => resolve());

@@ -15,6 +15,7 @@ import tls from 'node:tls';
 import fs from 'node:fs';
 import crypto from 'node:crypto';
 import type { ChildProcess, Serializable } from 'node:child_process';
+import { peerIsLoopback, setSendBuffer } from './send-buffer.js';
 import { FrameChannel, FrameReader, FrameType, jsonFrame, parseJson, type Frame } from './frames.js';
 
 export const HELLO_TIMEOUT_MS = 10_000;
@@ -530,13 +531,15 @@ export class DataPlaneServer {
  * `tls`, the token never leaves this process in plaintext: routing preamble, STARTTLS, TLS with
  * this host's certificate (the receiver's must be the grant's destination host, lab CA), AUTH.
  */
-export async function connectDataPlane(endpoint: { host: string; port: number }, hello: Hello, tlsOpts?: ClientTls): Promise<FrameChannel> {
+export async function connectDataPlane(endpoint: { host: string; port: number }, hello: Hello, tlsOpts?: ClientTls, o: { loopbackSendBuffer?: number } = {}): Promise<FrameChannel> {
   const sock = net.connect(endpoint.port, endpoint.host);
   sock.setNoDelay(true);
   await new Promise<void>((resolve, reject) => {
     sock.once('connect', resolve);
     sock.once('error', (e) => reject(new Error(`data plane ${endpoint.host}:${endpoint.port}: ${e.message}`)));
   });
+  // Only towards this machine: on a real link the buffer must cover bandwidth × round trip.
+  if (o.loopbackSendBuffer && peerIsLoopback(sock)) setSendBuffer(sock, o.loopbackSendBuffer);
   if (tlsOpts) return connectSecure(endpoint, sock, hello, tlsOpts);
   const chan = new FrameChannel(sock);
   sock.write(jsonFrame(FrameType.Hello, hello));
