@@ -406,12 +406,31 @@ const streamOf = (p: number, streams: number): number => (p >>> 8) % streams;
  * Sends `pages` on their streams, all streams at once; stops early when asked to, or at `until`
  * (performance.now() time): pages not sent stay dirty for the next round.
  */
-async function sendPages(o: Outgoing, pages: number[], until = Infinity, skipZero = false): Promise<void> {
+async function sendPages(o: Outgoing, pages: ArrayLike<number>, until = Infinity, skipZero = false): Promise<void> {
   const n = o.socks.length;
   if (n === 1) { await sendOn(o, 0, pages, until, skipZero); return; }
-  const lists: number[][] = Array.from({ length: n }, () => []);
-  for (const p of pages) lists[streamOf(p, n)]!.push(p);
+  const lists = byStream(pages, n);
   await Promise.all(lists.map((l, k) => (l.length > 0 ? sendOn(o, k, l, until, skipZero) : undefined)));
+}
+
+/** `pages` dealt to their streams (counted first: typed arrays, no per-page push). */
+function byStream(pages: ArrayLike<number>, n: number): Int32Array[] {
+  const counts = new Int32Array(n);
+  for (let i = 0; i < pages.length; i++) counts[streamOf(pages[i]!, n)]!++;
+  const lists = Array.from(counts, (c) => new Int32Array(c));
+  const at = new Int32Array(n);
+  for (let i = 0; i < pages.length; i++) {
+    const p = pages[i]!, k = streamOf(p, n);
+    lists[k]![at[k]!++] = p;
+  }
+  return lists;
+}
+
+/** Every page of guest memory, in order: round 0's list (a typed array fills ~10× faster than Array.from). */
+function allPages(): Int32Array {
+  const all = new Int32Array(guest.pages);
+  for (let p = 0; p < all.length; p++) all[p] = p;
+  return all;
 }
 
 /** Every frame written so far on every stream is in the kernel. */
@@ -443,7 +462,7 @@ const SCAN_PAGES = 16384;
  * memory starts zeroed and both checksum tables start at the zero page's value. Its dirty bit is
  * cleared all the same, so a later guest write sends it.
  */
-async function sendOn(o: Outgoing, stream: number, pages: number[], until: number, skipZero = false): Promise<void> {
+async function sendOn(o: Outgoing, stream: number, pages: ArrayLike<number>, until: number, skipZero = false): Promise<void> {
   const sock = o.socks[stream]!;
   const mem = guest.memory;
   const dirty = guest.dirty;
@@ -567,13 +586,13 @@ async function precopy(o: Outgoing): Promise<void> {
     const t0 = performance.now();
     const sentBefore = o.bytesSent;
     guest.dirtiedSinceMark = 0;
-    let pages: number[];
+    let pages: ArrayLike<number>;
     if (o.round === 0) {
       // Every page dirty, so an interrupted first round leaves the rest for the next one; zero
       // pages are skipped as the round reaches them (sendOn's skipZero), not in a scan of all
       // memory beforehand: that scan read all memory once before the first byte went out.
       guest.markAllDirty();
-      pages = Array.from({ length: guest.pages }, (_, p) => p);
+      pages = allPages();
     } else {
       pages = dirtyList();
     }
