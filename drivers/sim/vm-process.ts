@@ -426,7 +426,7 @@ function byStream(pages: ArrayLike<number>, n: number): Int32Array[] {
   return lists;
 }
 
-/** Every page of guest memory, in order: round 0's list (a typed array fills ~10× faster than Array.from). */
+/** Every page of guest memory, in order: round 0's list (262144 pages: 0.7–3.5 ms here, against ~11 ms with Array.from). */
 function allPages(): Int32Array {
   const all = new Int32Array(guest.pages);
   for (let p = 0; p < all.length; p++) all[p] = p;
@@ -744,7 +744,7 @@ const rolledBack: string[] = [];
  * preparing: its "no valid grant" refusal changes nothing there, so it is retried, briefly
  * spaced, until the grant exists or the wait is over. Any other refusal fails at once.
  */
-async function connectFirst(job: Connecting & { attempts: number }, endpoint: { host: string; port: number }, hello: Hello, grantWaitMs: number): Promise<FrameChannel> {
+async function connectFirst(job: Connecting & { attempts: number }, endpoint: { host: string; port: number }, hello: Hello, grantWaitMs: number, sockOpts: { loopbackSendBuffer?: number }): Promise<FrameChannel> {
   const deadline = performance.now() + grantWaitMs;
   // The destination holds a connection for a grant not issued yet (up to 2 s), so a retry is
   // needed only for a long preparation (e.g. waiting for a migration slot). After such a wait
@@ -754,7 +754,7 @@ async function connectFirst(job: Connecting & { attempts: number }, endpoint: { 
     job.attempts++;
     const t = performance.now();
     try {
-      return await connectDataPlane(endpoint, hello, dataPlaneTlsFromEnv(), streamSocketOptions(hello));
+      return await connectDataPlane(endpoint, hello, dataPlaneTlsFromEnv(), sockOpts);
     } catch (e) {
       if (job.cancelled || !/no valid grant/.test((e as Error).message) || performance.now() + 10 > deadline) throw e;
     }
@@ -762,8 +762,6 @@ async function connectFirst(job: Connecting & { attempts: number }, endpoint: { 
     if (job.cancelled) throw new Error(`migration ${job.id} was rolled back while connecting`);
   }
 }
-
-const streamSocketOptions = (hello: Hello): { loopbackSendBuffer?: number } => ((hello.streams ?? 1) > 1 ? { loopbackSendBuffer: MULTI_STREAM_SEND_BUFFER } : {});
 
 function startOutgoing(p: Parameters<typeof beginOutgoing>[0]): Promise<{ started: boolean }> {
   if (connecting?.id === p.migrationId && connecting.done) return connecting.done.then(() => ({ started: false }));
@@ -780,6 +778,7 @@ async function beginOutgoing(p: { migrationId: string; endpoint: { host: string;
   if (state !== 'running') throw new Error(`VM ${cfg.spec.name} is ${state}, not running`);
   const streams = p.policy.streams ?? 1;
   const hello = (stream: number): Hello => ({ migrationId: p.migrationId, vm: cfg.spec.name, token: p.token, kind: 'memory' as const, from: cfg.host, ...(streams > 1 ? { stream, streams } : {}) });
+  const sockOpts = streams > 1 ? { loopbackSendBuffer: MULTI_STREAM_SEND_BUFFER } : {};
   const job: Connecting & { attempts: number; t0: number } = { id: p.migrationId, cancelled: false, attempts: 0, t0: performance.now() };
   connecting = job;
   // Migrating from now on, as the host's slot count sees it (the wait for a grant can be long).
@@ -795,8 +794,8 @@ async function beginOutgoing(p: { migrationId: string; endpoint: { host: string;
   try {
     await faultPoint('source-before-connect');
     // Stream 0 first (it fixes the count at the destination), then the others together.
-    chan = await connectFirst(job, p.endpoint, hello(0), Math.min(Math.max(0, p.grantWaitMs ?? 0), 60_000));
-    const more = await Promise.allSettled(Array.from({ length: streams - 1 }, (_, k) => connectDataPlane(p.endpoint, hello(k + 1), dataPlaneTlsFromEnv(), streamSocketOptions(hello(k + 1)))));
+    chan = await connectFirst(job, p.endpoint, hello(0), Math.min(Math.max(0, p.grantWaitMs ?? 0), 60_000), sockOpts);
+    const more = await Promise.allSettled(Array.from({ length: streams - 1 }, (_, k) => connectDataPlane(p.endpoint, hello(k + 1), dataPlaneTlsFromEnv(), sockOpts)));
     socks = [chan.sock, ...more.flatMap((r) => (r.status === 'fulfilled' ? [r.value.sock] : []))];
     const refused = more.find((r) => r.status === 'rejected');
     const why = refused ? (refused as PromiseRejectedResult).reason as Error : job.cancelled ? new Error(`migration ${job.id} was rolled back while connecting`) : null;
