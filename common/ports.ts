@@ -29,10 +29,11 @@ export function freePortRange(): [number, number] | null {
 // first caller has bound it.
 const handedOut = new Set<number>();
 
-function tryBind(port: number, host: string): Promise<number | null> {
+/** The port bound (then released), or the bind's error code. */
+function tryBind(port: number, host: string): Promise<number | string> {
   return new Promise((resolve) => {
     const s = net.createServer();
-    s.once('error', () => resolve(null));
+    s.once('error', (e: NodeJS.ErrnoException) => resolve(e.code ?? e.message));
     s.listen({ port, host, exclusive: true }, () => {
       const p = (s.address() as net.AddressInfo).port;
       s.close(() => resolve(p));
@@ -47,19 +48,21 @@ export async function freePort(host = '127.0.0.1'): Promise<number> {
     for (let i = 0; i < 200; i++) {
       const port = range[0] + Math.floor(Math.random() * (range[1] - range[0] + 1));
       if (handedOut.has(port)) continue;
-      if ((await tryBind(port, host)) !== null) {
-        handedOut.add(port);
-        return port;
+      const r = await tryBind(port, host);
+      if (typeof r === 'number') {
+        handedOut.add(r);
+        return r;
       }
+      if (r !== 'EADDRINUSE' && r !== 'EACCES') throw new Error(`no TCP port can be bound on ${host}: ${r}`);
     }
   }
-  // No room outside the ephemeral range (or all taken): let the kernel choose.
+  // No room outside the ephemeral range (or all of it taken): let the kernel choose.
   for (;;) {
-    const p = await tryBind(0, host);
-    if (p === null) throw new Error(`no free TCP port on ${host}`);
-    if (!handedOut.has(p)) {
-      handedOut.add(p);
-      return p;
+    const r = await tryBind(0, host);
+    if (typeof r !== 'number') throw new Error(`no TCP port can be bound on ${host}: ${r}`);
+    if (!handedOut.has(r)) {
+      handedOut.add(r);
+      return r;
     }
   }
 }

@@ -23,6 +23,11 @@ describe('freePort', () => {
     await Promise.all(servers.map((s) => new Promise((r) => s.close(r))));
   });
 
+  it('names the address when nothing can be bound there', async () => {
+    // 192.0.2.1 (TEST-NET-1) is on no interface of this machine: EADDRNOTAVAIL at once.
+    await expect(freePort('192.0.2.1')).rejects.toThrow(/no TCP port can be bound on 192\.0\.2\.1: EADDRNOTAVAIL/);
+  });
+
   it('never returns a port some socket is already listening on', async () => {
     const [lo] = freePortRange()!;
     // Occupy a block at the bottom of the range; the ports handed out must avoid all of them.
