@@ -11,6 +11,9 @@ import type { CutoverResult, DiskMirrorStatus, DiskTargetGrant, HostInfo, Migrat
 import { mintGrantToken } from '../dataplane/endpoint.js';
 import { decide } from '../workflows/decide.js';
 
+/** How soon a move refused by a full host (HostBusy) asks again. */
+export const HOST_BUSY_RETRY = '500 ms';
+
 export interface CutoverArgs { migrationId: string; vm: string; destination: string; verify: MigrationPolicy['verify']; releaseSource?: boolean }
 
 /**
@@ -59,6 +62,9 @@ export function createHostActivities({ host, driver }: HostActivityDeps) {
    * migration wait for a slot (visible in the UI as the pending activity's last failure) until
    * its schedule-to-close deadline. A destination counts everything in flight on it; a source
    * counts its outgoing moves only, so two hosts migrating to each other cannot deadlock.
+   * HostBusy sets its own retry delay: the proxy's backoff (up to 5 s, meant for a host that
+   * does not answer) left a freed slot unused for seconds; one cheap inventory every
+   * HOST_BUSY_RETRY per waiting move finds it at once.
    */
   const admitMigration = async (migrationId: string, vm: string, direction: 'incoming' | 'outgoing'): Promise<void> => {
     const limit = host.maxConcurrentMigrations > 0 ? host.maxConcurrentMigrations : 2;
@@ -69,6 +75,7 @@ export function createHostActivities({ host, driver }: HostActivityDeps) {
       throw ApplicationFailure.create({
         message: `host ${host.name} is busy: ${busy.length} migration(s) in flight (${busy.map((v) => v.name).join(', ')}), limit ${limit}; waiting for a slot`,
         type: 'HostBusy',
+        nextRetryDelay: HOST_BUSY_RETRY,
       });
     }
   };

@@ -15,11 +15,40 @@ afterAll(async () => {
   await lab?.down();
 });
 
+function eventMs(t: unknown): number {
+  const ts = t as { seconds?: unknown; nanos?: number } | null | undefined;
+  return ts ? Number(ts.seconds ?? 0) * 1000 + (ts.nanos ?? 0) / 1e6 : 0;
+}
+
+async function closeMs(id: string): Promise<number> {
+  return (await lab.client.client.workflow.getHandle(id).describe()).closeTime!.getTime();
+}
+
+/**
+ * When both hosts had admitted the move: the later start of the successful attempts of
+ * prepareIncoming (destination) and startOutgoing (source), how many attempts that took, and
+ * when they were scheduled.
+ */
+async function admittedAtMs(id: string): Promise<{ at: number; attempts: number; scheduledAt: number }> {
+  const events = (await lab.client.client.workflow.getHandle(id).fetchHistory()).events ?? [];
+  let at = 0;
+  let attempts = 0;
+  let scheduledAt = Infinity;
+  for (const name of ['prepareIncoming', 'startOutgoing']) {
+    const scheduled = events.find((e) => e.activityTaskScheduledEventAttributes?.activityType?.name === name)!;
+    const started = events.find((e) => Number(e.activityTaskStartedEventAttributes?.scheduledEventId) === Number(scheduled.eventId))!;
+    scheduledAt = Math.min(scheduledAt, eventMs(scheduled.eventTime));
+    at = Math.max(at, eventMs(started.eventTime));
+    attempts = Math.max(attempts, started.activityTaskStartedEventAttributes!.attempt ?? 1);
+  }
+  return { at, attempts, scheduledAt };
+}
+
 describe('per-host migration limit', () => {
   it('runs one migration at a time on a host with limit 1; the second waits (HostBusy) and then completes', async () => {
     for (const n of ['lim1', 'lim2']) await lab.client.createVm({ name: n, host: A, memory: '32MiB', disk: '4MiB', dirtyRate: '1MiB', fill: 1 });
-    // Capped streams: each pre-copy takes ~4 s, so the two would overlap without the limit.
-    const policy = { maxBandwidth: 8 * 2 ** 20 };
+    // Capped streams: each pre-copy takes ~8 s, so the two would overlap without the limit.
+    const policy = { maxBandwidth: 4 * 2 ** 20 };
     const m1 = await lab.client.startMigration({ type: 'live', vm: 'lim1', to: B, policy });
     const m2 = await lab.client.startMigration({ type: 'live', vm: 'lim2', to: B, policy });
     let maxMoving = 0;
@@ -45,5 +74,14 @@ describe('per-host migration limit', () => {
     expect(maxMoving).toBe(1);
     expect(sawWaiting).toMatch(/busy: 1 migration\(s\) in flight .*limit 1/);
     for (const n of ['lim1', 'lim2']) expect((await lab.client.verifyVm(n)).ok).toBe(true);
+
+    // The waiting move asks again every ~0.5 s (HostBusy's own retry delay), so it takes the
+    // freed slot at once. The proxy's backoff alone (for a host that does not answer) would have
+    // asked at 0.3, 0.9, 2.1, 4.5, 9.5 s...: fewer than one attempt a second over an ~8 s wait.
+    const second = (await closeMs(m1.id)) <= (await closeMs(m2.id)) ? m2.id : m1.id;
+    const admitted = await admittedAtMs(second);
+    const waitedMs = admitted.at - admitted.scheduledAt;
+    expect(waitedMs).toBeGreaterThan(3000); // it did wait
+    expect(admitted.attempts).toBeGreaterThanOrEqual(waitedMs / 1000);
   });
 });
