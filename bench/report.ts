@@ -61,7 +61,8 @@ export interface CaseResult {
 export interface EvacuationRun { from: string; to: string; concurrency: number; vms: number; memoryBytes: number; totalMs: number; completed: number; failed: number; maxDowntimeMs: number; meanDowntimeMs: number; vmsPerMinute: number; error?: string }
 
 /** bench/engine.ts in the same run: the data movement without the control plane. */
-export interface EngineAlone { streams: number; bytesPerSec: number; ratio: number }
+/** The engine alone, its best run: its rate, and the faster of the pumps just before and after it. */
+export interface EngineAlone { streams: number; bytesPerSec: number; pumpBytesPerSec: number; ratio: number }
 
 export interface Target { name: string; value: number | string | null; target: string; pass: boolean }
 
@@ -131,7 +132,7 @@ export function markdown(r: { startedAt: string; scale: number; machine: Record<
     for (const c of paired) L.push(`| ${c.name} | ${c.pairedRuns!.map((p) => `${p.totalMs}, ${mib(p.pumpBytesPerSec)} → ${(p.ratio * 100).toFixed(0)}%${p.notQuiet ? NOT_QUIET_MARK : ''}`).join('; ')} | ${(c.pairedMedianRatio! * 100).toFixed(1)}% |`);
   }
   if (r.engineAlone?.length) {
-    L.push('', `The engine alone (\`bench/engine.ts\`: the same VM processes and data plane, no Temporal, agents or client on these cores), 1 GiB idle, plaintext, huge pages, verify 'sequence': ${r.engineAlone.map((e) => `${e.streams} stream${e.streams > 1 ? 's' : ''} ${mib(e.bytesPerSec)} MiB/s (${(e.ratio * 100).toFixed(0)}% of its pump)`).join(', ')}.`);
+    L.push('', `The engine alone (\`bench/engine.ts\`: the same VM processes and data plane, no Temporal, agents or client on these cores), 1 GiB idle, plaintext, huge pages, verify 'sequence': ${r.engineAlone.map((e) => `${e.streams} stream${e.streams > 1 ? 's' : ''} ${mib(e.bytesPerSec)} MiB/s (${(e.ratio * 100).toFixed(0)}% of the pump around it, ${mib(e.pumpBytesPerSec)} MiB/s)`).join(', ')}; best of two runs, each against the faster of the plain pumps (as many streams) just before and just after it.`);
   }
   if (r.warmUp?.length) L.push('', `Before the cases, one unmeasured 16 MiB warm-up migration per host pair (first run of each code path after the lab started): orchestration overhead ${r.warmUp.map((w) => `${w.from} → ${w.to} ${w.orchestrationOverheadMs} ms`).join(', ')}.`);
   if (r.storage) {

@@ -268,15 +268,21 @@ async function main(): Promise<void> {
         // The engine alone (bench/engine.ts: the same two VM processes and data plane, driven
         // through their control sockets; no Temporal, no agents, no client): what the data
         // movement of the fastest configuration reaches when the control plane does not share
-        // these cores, against the same pumps. Best of 2, as the pumps.
+        // these cores. Each run against the faster of the pumps (as many streams) just before
+        // and just after it, each once the machine is quiet, as the judged cases; best of 2.
         for (const streams of [1, PARALLEL_STREAMS]) {
-          const rates: number[] = [];
+          const runs: Array<{ bytesPerSec: number; pumpBytesPerSec: number }> = [];
+          const pump = async (): Promise<number> => { await waitForQuiet(); return loopbackThroughput(streams, pumpBytes); };
           for (let i = 0; i < 2; i++) {
+            const before = await pump();
+            await waitForQuiet();
             const r = await runEngine({ memoryBytes: memBig, fill: 1, dirtyRate: 0, policy: { ...BENCH_POLICY, verify: 'sequence', streams }, env: hugeEnv });
-            if (r.outcome === 'completed') rates.push((memBig / r.totalMs) * 1000);
+            const around = Math.max(before, await pump());
+            if (r.outcome === 'completed') runs.push({ bytesPerSec: (memBig / r.totalMs) * 1000, pumpBytesPerSec: around });
           }
-          if (rates.length) engineAlone.push({ streams, bytesPerSec: Math.max(...rates), ratio: Math.max(...rates) / baselineFor(streams) });
-          say(`engine alone, ${streams} stream(s), huge pages, verify sequence: ${rates.map((b) => (b / MiB).toFixed(0)).join(', ')} MiB/s`);
+          const best = runs.reduce<(typeof runs)[number] | null>((a, b) => (!a || b.bytesPerSec / b.pumpBytesPerSec > a.bytesPerSec / a.pumpBytesPerSec ? b : a), null);
+          if (best) engineAlone.push({ streams, ...best, ratio: best.bytesPerSec / best.pumpBytesPerSec });
+          say(`engine alone, ${streams} stream(s), huge pages, verify sequence: ${runs.map((x) => `${(x.bytesPerSec / MiB).toFixed(0)} MiB/s against a pump of ${(x.pumpBytesPerSec / MiB).toFixed(0)}`).join(', ')}`);
         }
       }
     }
