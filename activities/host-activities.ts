@@ -2,6 +2,7 @@
 // idempotent call into the hypervisor driver: safe to retry after a timeout or an agent
 // restart. Inputs and outputs are small (ids, sizes, checksums, progress), never data.
 import { Context, ApplicationFailure, CancelledFailure } from '@temporalio/activity';
+import { ApplicationFailureCategory } from '@temporalio/common';
 import { hasStorageMoves, type HypervisorDriver, type IncomingTarget, type RollbackResult, type StorageMoves } from '../drivers/driver.js';
 import type { HostConfig } from '../common/host-config.js';
 import { hostTaskQueue } from '../common/names.js';
@@ -76,6 +77,8 @@ export function createHostActivities({ host, driver }: HostActivityDeps) {
         message: `host ${host.name} is busy: ${busy.length} migration(s) in flight (${busy.map((v) => v.name).join(', ')}), limit ${limit}; waiting for a slot`,
         type: 'HostBusy',
         nextRetryDelay: HOST_BUSY_RETRY,
+        // Waiting is expected, not an error: the SDK logs it at debug, not a warning per attempt.
+        category: ApplicationFailureCategory.BENIGN,
       });
     }
   };
