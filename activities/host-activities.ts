@@ -13,7 +13,7 @@ import { mintGrantToken } from '../dataplane/endpoint.js';
 import { decide } from '../workflows/decide.js';
 
 /** How soon a move refused by a full host (HostBusy) asks again. */
-export const HOST_BUSY_RETRY = '500 ms';
+const HOST_BUSY_RETRY = '500 ms';
 
 export interface CutoverArgs { migrationId: string; vm: string; destination: string; verify: MigrationPolicy['verify']; releaseSource?: boolean }
 

@@ -60,8 +60,10 @@ export interface CaseResult {
 
 export interface EvacuationRun { from: string; to: string; concurrency: number; vms: number; memoryBytes: number; totalMs: number; completed: number; failed: number; maxDowntimeMs: number; meanDowntimeMs: number; vmsPerMinute: number; error?: string }
 
-/** bench/engine.ts in the same run: the data movement without the control plane. */
-/** The engine alone, its best run: its rate, and the faster of the pumps just before and after it. */
+/**
+ * bench/engine.ts in the same run, the data movement without the control plane: its best run's
+ * rate, and the faster of the pumps just before and after that run.
+ */
 export interface EngineAlone { streams: number; bytesPerSec: number; pumpBytesPerSec: number; ratio: number }
 
 export interface Target { name: string; value: number | string | null; target: string; pass: boolean }

@@ -38,14 +38,14 @@ const ENGINE_STREAMS: number = 1;
 const PARALLEL_STREAMS = 2;
 /** The bandwidth-cap case's --max-bandwidth. */
 const BANDWIDTH_CAP = 64 * 2 ** 20;
-/** Policy of every case unless a case says otherwise; recorded in the results. */
 /**
  * Runs of the judged idle configurations; the throughput verdict is their median. Single runs
- * on this shared VM spread over 35-97% of the pump around them, so the median of 5 still
- * flipped between runs of the same code (session 20: 66.7% one run, 85.4% the one before);
- * 9 narrow it by about a quarter (1/sqrt(9/5)) for ~25 s more per configuration.
+ * on this shared VM spread over 35-121% of the pump around them, so the median of 5 still
+ * flipped between runs of the same engine (66.7% in session 20's first run, 85.4% in session
+ * 19's last); 9 narrow it by about a quarter (1/sqrt(9/5)) for ~25 s more per configuration.
  */
 const JUDGED_RUNS = 9;
+/** Policy of every case unless a case says otherwise; recorded in the results. */
 const BENCH_POLICY: Partial<MigrationPolicy> = { downtimeLimitMs: 40 };
 
 const say = (m: string): void => { process.stderr.write(`[bench ${new Date().toISOString().slice(11, 19)}] ${m}\n`); };

@@ -41,9 +41,11 @@ function tryBind(port: number, host: string): Promise<number | string> {
   });
 }
 
-/** A TCP port free on `host` right now (for servers that cannot report the port they picked). */
-export async function freePort(host = '127.0.0.1'): Promise<number> {
-  const range = freePortRange();
+/**
+ * A TCP port free on `host` right now (for servers that cannot report the port they picked),
+ * drawn from `range` (default: below the ephemeral range; tests pass a small one).
+ */
+export async function freePort(host = '127.0.0.1', range = freePortRange()): Promise<number> {
   if (range) {
     for (let i = 0; i < 200; i++) {
       const port = range[0] + Math.floor(Math.random() * (range[1] - range[0] + 1));
