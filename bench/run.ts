@@ -13,6 +13,7 @@ import { VmferryClient, startMigrationSchema } from '../client/index.js';
 import { Prober, type ProbeStats } from '../client/probe.js';
 import type { MigrationPolicy, MigrationResult } from '../common/types.js';
 import { ORCHESTRATOR_TASK_QUEUE } from '../common/names.js';
+import { eventMs } from '../common/temporal.js';
 import { loopbackThroughput, meminfo, memoryWork, storageThroughput, touchHugePagePool, waitForQuiet } from './baselines.js';
 import { withHugetlb } from '../drivers/sim/sim-driver.js';
 import { onHugePagesOf } from '../drivers/sim/prefault.js';
@@ -607,11 +608,6 @@ async function temporalStep(client: VmferryClient, host: string): Promise<number
 
 type Times = { scheduled?: number; started?: number; completed?: number };
 
-/** A history event's timestamp, ms since the epoch (0 when absent). */
-function eventMs(t: unknown): number {
-  const ts = t as { seconds?: unknown; nanos?: number } | null | undefined;
-  return ts ? Number(ts.seconds ?? 0) * 1000 + (ts.nanos ?? 0) / 1e6 : 0;
-}
 
 /** Per activity type: its first and last attempt's times, and how often it was scheduled. */
 async function activityTimes(client: VmferryClient, id: string): Promise<{ wfStart: number; wfEnd: number; first: Record<string, Times>; last: Record<string, Times>; count: Record<string, number> }> {

@@ -20,8 +20,9 @@ export function ephemeralRange(): [number, number] {
  */
 export function freePortRange(): [number, number] | null {
   const [lo, hi] = ephemeralRange();
-  if (lo - 1 >= 10000 + 1000) return [10000, lo - 1];
-  if (hi + 1 <= 65535 - 1000) return [hi + 1, 65535];
+  // At least 1000 ports on either side, else nothing.
+  if (lo > 11000) return [10000, lo - 1];
+  if (hi < 64535) return [hi + 1, 65535];
   return null;
 }
 

@@ -13,3 +13,9 @@ export function temporalConfig(fallbackAddress?: string): Required<ClientConnect
   c.connectionOptions.address ??= 'localhost:7233';
   return { connectionOptions: c.connectionOptions, namespace: c.namespace ?? DEFAULT_NAMESPACE };
 }
+
+/** A history event's timestamp (`eventTime`), ms since the epoch (0 when absent). */
+export function eventMs(t: unknown): number {
+  const ts = t as { seconds?: unknown; nanos?: number } | null | undefined;
+  return ts ? Number(ts.seconds ?? 0) * 1000 + (ts.nanos ?? 0) / 1e6 : 0;
+}

@@ -2,6 +2,7 @@
 // beyond it waits for a slot, visibly, and goes ahead when one frees up.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startTestLab, sleep, type TestLab } from './helpers/lab.js';
+import { eventMs } from '../common/temporal.js';
 
 let lab: TestLab;
 let A: string;
@@ -14,11 +15,6 @@ beforeAll(async () => {
 afterAll(async () => {
   await lab?.down();
 });
-
-function eventMs(t: unknown): number {
-  const ts = t as { seconds?: unknown; nanos?: number } | null | undefined;
-  return ts ? Number(ts.seconds ?? 0) * 1000 + (ts.nanos ?? 0) / 1e6 : 0;
-}
 
 async function closeMs(id: string): Promise<number> {
   return (await lab.client.client.workflow.getHandle(id).describe()).closeTime!.getTime();
